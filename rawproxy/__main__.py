@@ -1,0 +1,5 @@
+import sys
+
+from rawproxy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,135 @@
+"""Configuration values and the parsers for listener and backend addresses.
+
+Pure functions: no sockets, no name resolution. Errors are `ConfigError` with a
+message that says what is wrong and what a valid value looks like.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
+TLS_SCHEMES = frozenset({"https", "wss"})
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message is meant for the user."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """Where to accept clients. host None means every interface (IPv4 and IPv6)."""
+
+    host: str | None
+    port: int
+
+    def __str__(self) -> str:
+        if self.host is None:
+            return f"*:{self.port}"
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Backend:
+    """Where requests go. `tls` says whether we speak TLS to it."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme in TLS_SCHEMES
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    listen: tuple[ListenAddress, ...]
+    backend: Backend
+    header_timeout: float = 10.0
+    connect_timeout: float = 5.0
+    response_timeout: float = 60.0
+    idle_timeout: float = 60.0
+    tunnel_idle_timeout: float | None = None
+    tcp_keepalive: int = 60
+    max_header_size: int = 64 * 1024
+    max_connections: int = 10000
+    log_level: str = "info"
+
+
+def _split_host_port(text: str, what: str, example: str) -> tuple[str, str | None]:
+    """Split `host:port`, `[v6]:port`, `host` or `[v6]` into (host, port-or-None)."""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ConfigError(f"{what} {text!r}: missing ']' after an IPv6 address; {example}")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest == "":
+            return host, None
+        if not rest.startswith(":"):
+            raise ConfigError(f"{what} {text!r}: expected ':PORT' after ']'; {example}")
+        return host, rest[1:]
+    if text.count(":") > 1:
+        raise ConfigError(f"{what} {text!r}: put an IPv6 address in brackets; {example}")
+    host, sep, port = text.partition(":")
+    return host, (port if sep else None)
+
+
+def _parse_port(port: str, what: str, text: str, example: str, lowest: int = 1) -> int:
+    if not port.isdigit() or not lowest <= int(port) < 65536:
+        raise ConfigError(
+            f"{what} {text!r}: port must be a number from {lowest} to 65535; {example}"
+        )
+    return int(port)
+
+
+def parse_listen(text: str) -> ListenAddress:
+    """Parse `--listen [HOST]:PORT`; `:PORT` means every interface."""
+    example = "use [HOST]:PORT, e.g. :8080, 127.0.0.1:8080 or [::1]:8080"
+    text = text.strip()
+    host, port = _split_host_port(text, "--listen", example)
+    if port is None:
+        raise ConfigError(f"--listen {text!r}: a port is required; {example}")
+    # Port 0 asks the kernel for a free port; the proxy logs the one it got.
+    return ListenAddress(host or None, _parse_port(port, "--listen", text, example, lowest=0))
+
+
+def parse_backend(text: str) -> Backend:
+    """Parse `--backend [SCHEME://]HOST[:PORT]`.
+
+    Without a scheme, port 443 means https and anything else http. The path part of a URL, if
+    any, must be empty or "/": rawproxy forwards the client's request target unchanged.
+    """
+    example = "use [SCHEME://]HOST[:PORT], e.g. 127.0.0.1:9000 or https://app.internal:443"
+    original = text
+    text = text.strip()
+    scheme: str | None = None
+    if "://" in text:
+        scheme, _, text = text.partition("://")
+        scheme = scheme.lower()
+        if scheme not in DEFAULT_PORTS:
+            raise ConfigError(
+                f"--backend {original!r}: unknown scheme {scheme!r} (use http, https, ws or wss)"
+            )
+    authority, slash, path = text.partition("/")
+    if slash and path:
+        raise ConfigError(
+            f"--backend {original!r}: a path is not supported here; the client's path is "
+            f"forwarded unchanged; {example}"
+        )
+    host, port_text = _split_host_port(authority, "--backend", example)
+    if not host:
+        raise ConfigError(f"--backend {original!r}: a host is required; {example}")
+    if port_text is None:
+        port = DEFAULT_PORTS[scheme or "http"]
+    else:
+        port = _parse_port(port_text, "--backend", original, example)
+    if scheme is None:
+        scheme = "https" if port == 443 else "http"
+    return Backend(scheme, host, port)

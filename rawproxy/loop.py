@@ -1,0 +1,178 @@
+"""The event loop: one selector, one timer heap, signal wake-ups, nothing else.
+
+Every file descriptor is registered with a callback taking the ready mask. The loop owns one
+shared read buffer that every reader uses for `recv_into`: bytes leave it before the next
+callback runs, so no connection holds a buffer of its own while it is idle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("rawproxy")
+
+READ = selectors.EVENT_READ
+WRITE = selectors.EVENT_WRITE
+
+READ_BUFFER_SIZE = 256 * 1024
+
+Callback = Callable[[int], None]
+
+
+class Timer:
+    """A pending call; `cancel()` is idempotent and O(1) (the heap entry is dropped lazily)."""
+
+    __slots__ = ("callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Loop:
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self._cancelled_hint = 0
+        self.running = False
+        self.read_buffer = bytearray(READ_BUFFER_SIZE)
+        self.read_view = memoryview(self.read_buffer)
+        self.now = time.monotonic()
+        self._signal_handlers: dict[int, Callable[[int], None]] = {}
+        self._wakeup_r: socket.socket | None = None
+        self._wakeup_w: socket.socket | None = None
+
+    # -- file descriptors -------------------------------------------------------------------
+
+    def add(self, fd: int, events: int, callback: Callback) -> None:
+        self.selector.register(fd, events, callback)
+
+    def modify(self, fd: int, events: int, callback: Callback) -> None:
+        self.selector.modify(fd, events, callback)
+
+    def remove(self, fd: int) -> None:
+        # Unregister before close: epoll tracks the open file description, not the number, and
+        # a closed fd whose number is reused must not inherit stale interest.
+        self.selector.unregister(fd)
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        timer = Timer(time.monotonic() + delay, callback)
+        heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
+        return timer
+
+    def _run_timers(self) -> None:
+        now = self.now = time.monotonic()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, timer = heapq.heappop(timers)
+            if timer.cancelled:
+                continue
+            timer.cancelled = True
+            self._guarded(timer.callback)
+        # Cancelled timers are normally popped when due; when many are cancelled early (every
+        # finished request cancels one) rebuild the heap so it does not grow with traffic.
+        if len(timers) > 1024:
+            live = [entry for entry in timers if not entry[2].cancelled]
+            if len(live) < len(timers) // 2:
+                heapq.heapify(live)
+                self._timers = live
+
+    def _next_timeout(self) -> float | None:
+        timers = self._timers
+        while timers and timers[0][2].cancelled:
+            heapq.heappop(timers)
+        if not timers:
+            return None
+        return max(0.0, timers[0][0] - time.monotonic())
+
+    # -- signals ---------------------------------------------------------------------------
+
+    def add_signal_handler(self, signum: int, handler: Callable[[int], None]) -> None:
+        """Run `handler(signum)` from the loop (not from the signal handler) when it arrives."""
+        if self._wakeup_r is None:
+            self._wakeup_r, self._wakeup_w = socket.socketpair()
+            self._wakeup_r.setblocking(False)
+            self._wakeup_w.setblocking(False)
+            signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
+            self.add(self._wakeup_r.fileno(), READ, self._on_wakeup)
+        self._signal_handlers[signum] = handler
+        signal.signal(signum, lambda _signum, _frame: None)
+
+    def _on_wakeup(self, _mask: int) -> None:
+        assert self._wakeup_r is not None
+        try:
+            data = self._wakeup_r.recv(4096)
+        except BlockingIOError:
+            return
+        for signum in data:
+            handler = self._signal_handlers.get(signum)
+            if handler is not None:
+                handler(signum)
+
+    # -- running ---------------------------------------------------------------------------
+
+    def _guarded(self, callback: Callable[[], None]) -> None:
+        try:
+            callback()
+        except Exception:
+            _abort_owner(callback)
+
+    def run(self) -> None:
+        self.running = True
+        select = self.selector.select
+        while self.running:
+            events = select(self._next_timeout())
+            self.now = time.monotonic()
+            for key, mask in events:
+                callback = key.data
+                try:
+                    callback(mask)
+                except Exception:
+                    _abort_owner(callback)
+            if self._timers:
+                self._run_timers()
+
+    def stop(self) -> None:
+        self.running = False
+
+    def close(self) -> None:
+        if self._wakeup_r is not None:
+            signal.set_wakeup_fd(-1)
+            self.remove(self._wakeup_r.fileno())
+            self._wakeup_r.close()
+            assert self._wakeup_w is not None
+            self._wakeup_w.close()
+        self.selector.close()
+
+
+def _abort_owner(callback: Callable[..., None]) -> None:
+    """A bug in one connection's handling must not take the proxy down with it: log it with its
+    traceback (nothing is hidden) and abort the object whose method raised."""
+    log.exception("internal error; closing the affected connection")
+    abort = getattr(getattr(callback, "__self__", None), "abort", None)
+    if abort is not None:
+        try:
+            abort()
+        except Exception:
+            log.exception("internal error while closing a connection")
+
+
+def close_fd(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)

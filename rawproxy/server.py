@@ -1,0 +1,273 @@
+"""Listeners, accepting with limits, and the proxy's start and stop.
+
+Start-up problems (a port in use, a backend name that does not resolve) raise `StartupError`
+with a message for the admin; the CLI prints it as one line.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from typing import Protocol
+
+from rawproxy.config import Backend, Config, ListenAddress
+from rawproxy.loop import READ, Loop, Timer
+from rawproxy.session import Session
+from rawproxy.tunnel import PipePool
+
+log = logging.getLogger("rawproxy")
+
+ACCEPTS_PER_EVENT = 64
+# When the process runs out of file descriptors, accepting stops for this long: the pending
+# connections wait in the kernel's backlog instead of the loop spinning on EMFILE.
+FD_EXHAUSTED_PAUSE = 0.5
+LISTEN_BACKLOG = 1024
+
+
+class StartupError(Exception):
+    """The proxy cannot start; the message says what is wrong and how to fix it."""
+
+
+class Connection(Protocol):
+    def shutdown(self) -> None: ...
+
+
+def resolve_backend(backend: Backend) -> list[tuple[int, tuple[str, int]]]:
+    try:
+        infos = socket.getaddrinfo(backend.host, backend.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise StartupError(
+            f"cannot resolve the --backend host {backend.host!r}: {e.strerror}; check the name "
+            "or give an IP address"
+        ) from e
+    seen: list[tuple[int, tuple[str, int]]] = []
+    for family, _, _, _, address in infos:
+        entry = (int(family), (str(address[0]), int(address[1])))
+        if entry not in seen:
+            seen.append(entry)
+    return seen
+
+
+def _listen_error(where: ListenAddress, e: OSError) -> StartupError:
+    if e.errno == errno.EADDRINUSE:
+        hint = (
+            "the address is already in use; stop the program holding it or choose another "
+            "--listen port"
+        )
+    elif e.errno == errno.EACCES:
+        hint = (
+            "permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE "
+            "(for example AmbientCapabilities= in a systemd unit), or choose a port above 1023"
+        )
+    elif e.errno == errno.EADDRNOTAVAIL:
+        hint = "no interface of this machine has that address; check the --listen host"
+    else:
+        hint = e.strerror or str(e)
+    return StartupError(f"cannot listen on {where}: {hint}")
+
+
+def open_listener(where: ListenAddress) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for one --listen address."""
+    candidates: list[tuple[int, tuple[str, int]]] = []
+    if where.host is None:
+        if socket.has_ipv6:
+            candidates.append((int(socket.AF_INET6), ("::", where.port)))
+        candidates.append((int(socket.AF_INET), ("0.0.0.0", where.port)))
+    else:
+        try:
+            infos = socket.getaddrinfo(
+                where.host, where.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+        except socket.gaierror as e:
+            raise StartupError(
+                f"cannot listen on {where}: cannot resolve {where.host!r}: {e.strerror}"
+            ) from e
+        for info in infos:
+            entry = (int(info[0]), (str(info[4][0]), int(info[4][1])))
+            if entry not in candidates:
+                candidates.append(entry)
+    sockets: list[socket.socket] = []
+    for family, address in candidates:
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as e:
+            if where.host is None and e.errno == errno.EAFNOSUPPORT:
+                continue  # no IPv6 on this machine: IPv4 alone serves ":PORT"
+            raise _listen_error(where, e) from e
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # ":PORT" is one dual-stack socket; an explicit IPv6 host is IPv6 only.
+                sock.setsockopt(
+                    socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if where.host is None else 1
+                )
+            sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+        except OSError as e:
+            sock.close()
+            if (
+                where.host is None
+                and family == socket.AF_INET6
+                and e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
+            ):
+                continue
+            for other in sockets:
+                other.close()
+            raise _listen_error(where, e) from e
+        sockets.append(sock)
+        if where.host is None and family == socket.AF_INET6:
+            break  # the dual-stack socket already takes IPv4
+    if not sockets:
+        raise StartupError(f"cannot listen on {where}: no usable address")
+    return sockets
+
+
+def _shown(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Server:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.loop = Loop()
+        self.pipes = PipePool()
+        self.splice = hasattr(os, "splice")
+        self.connections: set[Connection] = set()
+        self.listeners: list[socket.socket] = []
+        self.accepting = False
+        self.resume_timer: Timer | None = None
+        backend = config.backend
+        if backend.tls:
+            raise StartupError(
+                f"TLS to the backend is not implemented yet (--backend {backend}); "
+                "use an http:// backend"
+            )
+        self.backend_addresses = resolve_backend(backend)
+        self.backend_name = str(backend)
+        default_port = 443 if backend.tls else 80
+        host = f"[{backend.host}]" if ":" in backend.host else backend.host
+        if backend.port != default_port:
+            host = f"{host}:{backend.port}"
+        self.backend_authority = host.encode("idna")
+
+    # -- listeners -------------------------------------------------------------------------
+
+    def open(self) -> None:
+        try:
+            for where in self.config.listen:
+                self.listeners.extend(open_listener(where))
+        except StartupError:
+            self.close_listeners()
+            raise
+        self._accept_on()
+
+    def _accept_on(self) -> None:
+        if not self.accepting:
+            for sock in self.listeners:
+                self.loop.add(sock.fileno(), READ, self._make_acceptor(sock))
+            self.accepting = True
+
+    def _accept_off(self) -> None:
+        if self.accepting:
+            for sock in self.listeners:
+                self.loop.remove(sock.fileno())
+            self.accepting = False
+
+    def _make_acceptor(self, listener: socket.socket) -> Callable[[int], None]:
+        def on_ready(_mask: int) -> None:
+            self._accept(listener)
+
+        return on_ready
+
+    def _accept(self, listener: socket.socket) -> None:
+        limit = self.config.max_connections
+        for _ in range(ACCEPTS_PER_EVENT):
+            if len(self.connections) >= limit:
+                log.warning(
+                    "%d connections open (--max-connections); new clients wait in the "
+                    "listen backlog",
+                    limit,
+                )
+                self._accept_off()
+                return
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error(
+                        "cannot accept: %s; pausing accepts for %gs (raise the file "
+                        "descriptor limit, e.g. LimitNOFILE=, or lower --max-connections)",
+                        e.strerror,
+                        FD_EXHAUSTED_PAUSE,
+                    )
+                    self._accept_off()
+                    self.resume_timer = self.loop.call_later(FD_EXHAUSTED_PAUSE, self._resume)
+                    return
+                # ECONNABORTED and friends: that client gave up already; take the next one.
+                continue
+            sock.setblocking(False)
+            self.connections.add(Session(self, sock, address))
+
+    def _resume(self) -> None:
+        self.resume_timer = None
+        if self.loop.running and len(self.connections) < self.config.max_connections:
+            self._accept_on()
+
+    # -- connection registry ---------------------------------------------------------------
+
+    def remember(self, connection: Connection) -> None:
+        self.connections.add(connection)
+
+    def forget(self, connection: Connection) -> None:
+        self.connections.discard(connection)
+        if (
+            not self.accepting
+            and self.resume_timer is None
+            and self.loop.running
+            and len(self.connections) < self.config.max_connections
+        ):
+            self._accept_on()
+
+    # -- running ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.loop.add_signal_handler(sig, self._on_stop_signal)
+        for sock in self.listeners:
+            log.info("listening on %s", _shown(sock))
+        log.info(
+            "ready: %d listener(s), backend %s (%s)",
+            len(self.listeners),
+            self.backend_name,
+            ", ".join(f"{a[0]}:{a[1]}" for _, a in self.backend_addresses),
+        )
+        try:
+            self.loop.run()
+        finally:
+            self.stop()
+
+    def _on_stop_signal(self, signum: int) -> None:
+        log.info("%s received; stopping", signal.Signals(signum).name)
+        self.loop.stop()
+
+    def close_listeners(self) -> None:
+        self._accept_off()
+        for sock in self.listeners:
+            sock.close()
+        self.listeners.clear()
+
+    def stop(self) -> None:
+        self.close_listeners()
+        for connection in list(self.connections):
+            connection.shutdown()
+        self.connections.clear()
+        self.pipes.close()
+        self.loop.close()

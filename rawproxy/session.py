@@ -1,0 +1,694 @@
+"""One client connection's life: request heads, backend connection, relay, keep-alive, and the
+hand-off to a tunnel after a 101.
+
+Two h11 state machines drive it: `client_h11` (server role, toward the client) and
+`backend_h11` (client role, toward the backend). Every header decision is asked of
+rawproxy.http; this module only moves bytes and keeps time.
+
+Phases:
+    HEAD        waiting for (the rest of) a request head; header timeout running
+    IDLE        between requests on a kept-alive connection; idle timeout running
+    CONNECTING  request head parsed, backend connection under way; connect timeout running
+    EXCHANGE    request forwarded (body streaming), response expected or streaming;
+                an inactivity timer (--response-timeout) running
+    CLOSING     an error answer or a last response written; draining the client so that
+                close() does not turn into a reset that destroys the answer in flight
+    DONE        closed, or handed to a tunnel
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING
+
+import h11
+
+from rawproxy.http import (
+    UpgradeDecision,
+    backend_request_headers,
+    client_response_headers,
+    decide_upgrade,
+    error_response,
+    framing_error,
+    head_error,
+)
+from rawproxy.loop import READ, WRITE, Timer
+from rawproxy.transport import Leg, set_nodelay
+from rawproxy.tunnel import Tunnel
+
+if TYPE_CHECKING:
+    from rawproxy.server import Server
+
+log = logging.getLogger("rawproxy")
+access_log = logging.getLogger("rawproxy.access")
+
+HEAD, IDLE, CONNECTING, EXCHANGE, CLOSING, DONE = range(6)
+
+# How long a closing connection keeps reading (and discarding) what the client still sends,
+# so that our last answer is not destroyed by a reset.
+LINGER_SECONDS = 2.0
+
+_NO_MORE = (h11.NEED_DATA, h11.PAUSED)
+
+
+def format_peer(address: tuple[str, int] | tuple[str, int, int, int] | str) -> tuple[str, str]:
+    """(address for X-Forwarded-For, address:port for logs), IPv4-mapped IPv6 shown as IPv4."""
+    if isinstance(address, str):
+        return address or "unix", address or "unix"
+    host, port = address[0], address[1]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host, shown
+
+
+class Session:
+    __slots__ = (
+        "backend",
+        "backend_connected",
+        "backend_h11",
+        "backend_request",
+        "backend_reused",
+        "body_sent",
+        "client",
+        "client_h11",
+        "client_ip",
+        "config",
+        "decision",
+        "exchange_start",
+        "head_bytes",
+        "loop",
+        "next_address",
+        "peer",
+        "phase",
+        "progress",
+        "request",
+        "request_done",
+        "response_bytes",
+        "response_started",
+        "response_status",
+        "server",
+        "timer",
+    )
+
+    def __init__(self, server: Server, sock: socket.socket, address: tuple[str, int]) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.config = server.config
+        self.client_ip, self.peer = format_peer(address)
+        self.client = Leg(self.loop, sock, self._on_client)
+        self.client_h11 = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=self.config.max_header_size
+        )
+        set_nodelay(sock)
+        self.backend: Leg | None = None
+        self.backend_h11: h11.Connection | None = None
+        self.backend_connected = False
+        self.backend_reused = False
+        self.next_address = 0
+        self.timer: Timer | None = None
+        self.request: h11.Request | None = None
+        self.backend_request: h11.Request | None = None
+        self.decision: UpgradeDecision | None = None
+        self.request_done = False
+        self.body_sent = 0
+        self.response_started = False
+        self.response_status = 0
+        self.response_bytes = 0
+        self.exchange_start = self.loop.now
+        self.progress = self.loop.now
+        self.phase = HEAD
+        self.head_bytes: bytearray | None = bytearray()
+        self._arm(self.config.header_timeout, self._on_timeout)
+        self.client.want(READ)
+
+    def __repr__(self) -> str:
+        return f"<Session {self.peer} phase={self.phase} backend={self.backend is not None}>"
+
+    # -- small helpers ---------------------------------------------------------------------
+
+    def _arm(self, delay: float, callback: object) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(delay, callback)  # type: ignore[arg-type]
+
+    def _describe(self) -> str:
+        request = self.request
+        if request is None:
+            return self.peer
+        return (
+            f'{self.peer} "{request.method.decode("latin-1")} '
+            f'{request.target.decode("latin-1")} HTTP/{request.http_version.decode()}"'
+        )
+
+    def _update_interest(self) -> None:
+        """Derive what each socket must be watched for from the state; the legs touch the
+        selector only when that differs from what is registered."""
+        phase = self.phase
+        if phase == DONE:
+            return
+        backend = self.backend
+        client_events = 0
+        if phase in (HEAD, IDLE, CLOSING) or (
+            phase == EXCHANGE
+            and self.client_h11.their_state is h11.SEND_BODY
+            and backend is not None
+            and backend.backlog is None
+        ):
+            client_events = READ
+        if self.client.backlog is not None:
+            client_events |= WRITE
+        self.client.want(client_events)
+        if backend is not None:
+            if not self.backend_connected:
+                backend_events = WRITE
+            else:
+                # Outside an exchange the backend is idle: read to notice it closing.
+                backend_events = READ if (phase != EXCHANGE or self.client.backlog is None) else 0
+                if backend.backlog is not None:
+                    backend_events |= WRITE
+            backend.want(backend_events)
+
+    # -- client side -----------------------------------------------------------------------
+
+    def _on_client(self, mask: int) -> None:
+        try:
+            if mask & WRITE and self.client.flush():
+                self._client_drained()
+            if mask & READ and self.phase != DONE:
+                self._read_client()
+        except OSError as e:
+            self._client_lost(e)
+        self._update_interest()
+
+    def _read_client(self) -> None:
+        data = self.client.receive()
+        if data is None:
+            return
+        phase = self.phase
+        if phase == CLOSING:
+            if not data:
+                self._close()
+            return
+        if phase == IDLE:
+            if not data:
+                self._close()
+                return
+            self.phase = HEAD
+            self.head_bytes = bytearray()
+            self.exchange_start = self.loop.now
+            self._arm(self.config.header_timeout, self._on_timeout)
+        elif phase == HEAD and not data and not self.head_bytes:
+            # The client left (or a browser's spare connection closed) before a request.
+            self._close()
+            return
+        if self.head_bytes is not None:
+            self.head_bytes += data
+        self.progress = self.loop.now
+        # h11 copies what it is given (its annotation says bytes; any bytes-like works).
+        self.client_h11.receive_data(data)  # type: ignore[arg-type]
+        self._pump_client()
+
+    def _pump_client(self) -> None:
+        """Turn what h11 holds from the client into actions, until it needs more bytes, the
+        backend cannot take more (backpressure), or the exchange waits for the backend."""
+        client_h11 = self.client_h11
+        while self.phase in (HEAD, EXCHANGE):
+            if self.phase == EXCHANGE and self.backend is not None and self.backend.backlog:
+                return
+            try:
+                event = client_h11.next_event()
+            except h11.RemoteProtocolError as e:
+                status = 431 if e.error_status_hint == 431 else 400
+                if status == 431:
+                    detail = (
+                        f"request head larger than {self.config.max_header_size} bytes "
+                        "(--max-header-size)"
+                    )
+                elif self.phase == EXCHANGE:
+                    detail = f"malformed request body: {e}"
+                else:
+                    detail = f"malformed request: {e}"
+                self._fail(status, detail)
+                return
+            if event in _NO_MORE:
+                return
+            kind = type(event)
+            if kind is h11.Data:
+                self._to_backend(h11.Data(data=event.data))  # type: ignore[union-attr]
+                self.body_sent += len(event.data)  # type: ignore[union-attr]
+            elif kind is h11.EndOfMessage:
+                self.request_done = True
+                self._to_backend(h11.EndOfMessage(headers=event.headers))  # type: ignore[union-attr]
+            elif kind is h11.Request:
+                self._on_request(event)  # type: ignore[arg-type]
+            elif kind is h11.ConnectionClosed:
+                self._close()
+                return
+
+    def _on_request(self, request: h11.Request) -> None:
+        self.request = request
+        self.request_done = False
+        self.body_sent = 0
+        self.response_started = False
+        self.response_status = 0
+        self.response_bytes = 0
+        head = self.head_bytes
+        self.head_bytes = None
+        problem = (head_error(head) if head is not None else None) or framing_error(request.headers)
+        if problem is not None:
+            self._fail(400, problem)
+            return
+        decision = self.decision = decide_upgrade(request.headers)
+        if decision.considered and log.isEnabledFor(logging.DEBUG):
+            log.debug("%s upgrade decision: %s", self._describe(), decision.reason)
+        headers = backend_request_headers(
+            request.headers.raw_items(),
+            decision,
+            self.client_ip,
+            "http",
+            self.server.backend_authority,
+        )
+        try:
+            self.backend_request = h11.Request(
+                method=request.method, target=request.target, headers=headers
+            )
+        except h11.LocalProtocolError as e:
+            self._fail(400, f"request cannot be forwarded: {e}")
+            return
+        self.phase = CONNECTING
+        if self.backend is None:
+            self._connect()
+        else:
+            self.backend_reused = True
+            self._send_request_head()
+
+    def _client_drained(self) -> None:
+        if self.phase == CLOSING:
+            self._shutdown_client()
+        elif self.phase == EXCHANGE:
+            self._pump_backend()
+
+    def _to_client(self, event: h11.Event) -> None:
+        self.client.send_parts(self.client_h11.send_with_data_passthrough(event) or ())
+
+    def _client_lost(self, error: OSError) -> None:
+        if self.phase in (HEAD, IDLE, CLOSING) and self.request is None:
+            log.debug("%s client connection ended: %s", self.peer, error.strerror or error)
+        else:
+            log.info("%s client went away: %s", self._describe(), error.strerror or error)
+        self._close(reset=True)
+
+    # -- backend side ----------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        family, address = self.server.backend_addresses[self.next_address]
+        self.next_address += 1
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as e:
+            self._fail(502, f"cannot open a socket to the backend: {e.strerror or e}")
+            return
+        sock.setblocking(False)
+        err = sock.connect_ex(address)
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self._connect_failed(os.strerror(err))
+            return
+        self.backend = Leg(self.loop, sock, self._on_backend)
+        self.backend_h11 = h11.Connection(
+            h11.CLIENT, max_incomplete_event_size=self.config.max_header_size
+        )
+        self.backend_connected = False
+        self.backend_reused = False
+        self._arm(self.config.connect_timeout, self._on_timeout)
+
+    def _connect_failed(self, reason: str) -> None:
+        self._drop_backend()
+        if self.next_address < len(self.server.backend_addresses):
+            self._connect()
+            return
+        self._fail(502, f"cannot connect to backend {self.server.backend_name}: {reason}")
+
+    def _on_backend(self, mask: int) -> None:
+        backend = self.backend
+        assert backend is not None
+        try:
+            if not self.backend_connected:
+                err = backend.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    self._connect_failed(os.strerror(err))
+                else:
+                    self.backend_connected = True
+                    self.next_address = 0
+                    set_nodelay(backend.sock)
+                    self._send_request_head()
+            else:
+                if mask & WRITE and backend.flush():
+                    self._pump_client()
+                if mask & READ and self.backend is backend:
+                    self._read_backend()
+        except OSError as e:
+            self._backend_lost(f"connection error: {e.strerror or e}")
+        self._update_interest()
+
+    def _send_request_head(self) -> None:
+        assert self.backend_request is not None
+        self.phase = EXCHANGE
+        self.progress = self.loop.now
+        self._arm(self.config.response_timeout, self._on_timeout)
+        self._to_backend(self.backend_request)
+        if self.request_done:
+            # A retry on a fresh connection of a request that had no body (see _backend_lost).
+            self._to_backend(h11.EndOfMessage())
+        self._pump_client()
+
+    def _to_backend(self, event: h11.Event) -> None:
+        assert self.backend is not None
+        assert self.backend_h11 is not None
+        self.backend.send_parts(self.backend_h11.send_with_data_passthrough(event) or ())
+
+    def _read_backend(self) -> None:
+        backend = self.backend
+        assert backend is not None
+        assert self.backend_h11 is not None
+        data = backend.receive()
+        if data is None:
+            return
+        if self.phase != EXCHANGE:
+            # An idle kept-alive backend connection closed, or sent bytes nobody asked for.
+            log.debug(
+                "%s idle backend connection %s",
+                self.peer,
+                "closed" if not data else "sent unexpected bytes; dropped",
+            )
+            self._drop_backend()
+            return
+        self.progress = self.loop.now
+        self.backend_h11.receive_data(data)  # type: ignore[arg-type]
+        self._pump_backend()
+
+    def _pump_backend(self) -> None:
+        backend_h11 = self.backend_h11
+        while self.phase == EXCHANGE and self.client.backlog is None:
+            assert backend_h11 is not None
+            try:
+                event = backend_h11.next_event()
+            except h11.RemoteProtocolError as e:
+                if not self.response_started and backend_h11.trailing_data == (b"", True):
+                    self._backend_lost("closed the connection before answering")
+                else:
+                    self._backend_invalid(str(e))
+                return
+            if event in _NO_MORE:
+                return
+            kind = type(event)
+            if kind is h11.Data:
+                self.response_bytes += len(event.data)  # type: ignore[union-attr]
+                self._to_client(h11.Data(data=event.data))  # type: ignore[union-attr]
+            elif kind is h11.Response:
+                self._on_response(event)  # type: ignore[arg-type]
+            elif kind is h11.EndOfMessage:
+                self._to_client(h11.EndOfMessage(headers=event.headers))  # type: ignore[union-attr]
+                self._exchange_done()
+            elif kind is h11.InformationalResponse:
+                if event.status_code == 101:  # type: ignore[union-attr]
+                    self._switch(event)  # type: ignore[arg-type]
+                    return
+                self._to_client(
+                    h11.InformationalResponse(
+                        status_code=event.status_code,  # type: ignore[union-attr]
+                        headers=client_response_headers(event.headers.raw_items(), False),  # type: ignore[union-attr]
+                        reason=event.reason,  # type: ignore[union-attr]
+                    )
+                )
+            elif kind is h11.ConnectionClosed:
+                self._backend_lost("closed the connection before answering")
+                return
+
+    def _on_response(self, response: h11.Response) -> None:
+        self.response_started = True
+        self.response_status = response.status_code
+        self._to_client(
+            h11.Response(
+                status_code=response.status_code,
+                headers=client_response_headers(response.headers.raw_items(), False),
+                reason=response.reason,
+            )
+        )
+
+    def _backend_invalid(self, detail: str) -> None:
+        if self.response_started:
+            log.warning(
+                "%s backend %s sent an invalid response body: %s; connection closed",
+                self._describe(),
+                self.server.backend_name,
+                detail,
+            )
+            self._close(reset=True)
+            return
+        self._fail(502, f"backend {self.server.backend_name} sent an invalid response: {detail}")
+
+    def _backend_lost(self, detail: str) -> None:
+        """The backend connection failed or closed in the middle of an exchange."""
+        if self.phase != EXCHANGE:
+            self._drop_backend()
+            return
+        if (
+            self.backend_reused
+            and not self.response_started
+            and self.request_done
+            and self.body_sent == 0
+        ):
+            # A kept-alive connection the backend closed just as we reused it: the request
+            # never reached the application, and having no body it can be sent again.
+            log.debug(
+                "%s reused backend connection %s; retrying on a new one", self._describe(), detail
+            )
+            self._drop_backend()
+            self.phase = CONNECTING
+            self._connect()
+            return
+        if self.response_started:
+            log.warning(
+                "%s backend %s %s in the middle of the response; connection closed",
+                self._describe(),
+                self.server.backend_name,
+                detail,
+            )
+            self._close(reset=True)
+            return
+        self._fail(502, f"backend {self.server.backend_name} {detail}")
+
+    def _drop_backend(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+            self.backend_h11 = None
+            self.backend_connected = False
+            self.backend_reused = False
+
+    # -- end of an exchange ----------------------------------------------------------------
+
+    def _log_access(self, status: int) -> None:
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "%s %d %d %.3fs",
+                self._describe(),
+                status,
+                self.response_bytes,
+                self.loop.now - self.exchange_start,
+            )
+
+    def _exchange_done(self) -> None:
+        self._log_access(self.response_status)
+        backend_h11 = self.backend_h11
+        assert backend_h11 is not None
+        if backend_h11.our_state is h11.DONE and backend_h11.their_state is h11.DONE:
+            backend_h11.start_next_cycle()
+        else:
+            self._drop_backend()
+        client_h11 = self.client_h11
+        self.request = None
+        if client_h11.our_state is not h11.DONE or client_h11.their_state is not h11.DONE:
+            # The client asked to close, spoke HTTP/1.0, or is still sending a body the
+            # backend did not wait for: finish the answer, then close.
+            self._close_gracefully()
+            return
+        client_h11.start_next_cycle()
+        self._next_request()
+
+    def _next_request(self) -> None:
+        pending, closed = self.client_h11.trailing_data
+        self.exchange_start = self.loop.now
+        if pending:
+            # A pipelined request is already here.
+            self.phase = HEAD
+            self.head_bytes = bytearray(pending)
+            self._arm(self.config.header_timeout, self._on_timeout)
+            self._pump_client()
+        elif closed:
+            self._close()
+        else:
+            self.phase = IDLE
+            self._arm(self.config.idle_timeout, self._on_timeout)
+
+    def _switch(self, answer: h11.InformationalResponse) -> None:
+        """The backend said 101: write its head to the client and become a tunnel."""
+        decision = self.decision
+        if decision is None or not decision.is_upgrade:
+            self._fail(502, f"backend {self.server.backend_name} switched protocols unasked")
+            return
+        # MIGHT_SWITCH_PROTOCOL is a documented h11 state, just missing from its __all__.
+        if self.client_h11.their_state is not h11.MIGHT_SWITCH_PROTOCOL:  # type: ignore[attr-defined]
+            self._fail(
+                502,
+                f"backend {self.server.backend_name} switched protocols before the "
+                "request body was complete",
+            )
+            return
+        backend = self.backend
+        backend_h11 = self.backend_h11
+        assert backend is not None
+        assert backend_h11 is not None
+        head = self.client_h11.send(
+            h11.InformationalResponse(
+                status_code=101,
+                headers=client_response_headers(answer.headers.raw_items(), True),
+                reason=answer.reason,
+            )
+        )
+        assert head is not None
+        client_rest, client_eof = self.client_h11.trailing_data
+        backend_rest, backend_eof = backend_h11.trailing_data
+        to_client = bytes(self.client.backlog or b"") + head + backend_rest
+        to_backend = bytes(backend.backlog or b"") + client_rest
+        self._log_access(101)
+        describe = f"{self._describe()} -> {self.server.backend_name}"
+        if self.timer is not None:
+            self.timer.cancel()
+        self.phase = DONE
+        client_sock = self.client.detach()
+        backend_sock = backend.detach()
+        self.backend = None
+        server = self.server
+        server.forget(self)
+        tunnel = Tunnel(
+            self.loop,
+            server.pipes,
+            client_sock,
+            backend_sock,
+            to_backend,
+            to_client,
+            client_eof,
+            backend_eof,
+            splice=server.splice,
+            idle_timeout=self.config.tunnel_idle_timeout,
+            keepalive=self.config.tcp_keepalive,
+            describe=describe,
+            on_close=lambda: server.forget(tunnel),
+        )
+        if tunnel.client_fd >= 0:
+            server.remember(tunnel)
+
+    # -- errors, timeouts and closing ------------------------------------------------------
+
+    def _fail(self, status: int, detail: str) -> None:
+        """Answer `status` ourselves (one log line), then close the client connection."""
+        log.warning("%s -> %d: %s", self._describe(), status, detail)
+        if self.response_started:
+            self._close(reset=True)
+            return
+        self._drop_backend()
+        head_only = self.request is not None and self.request.method == b"HEAD"
+        try:
+            self.client.send(error_response(status, detail, head_only))
+        except OSError:
+            self._close(reset=True)
+            return
+        self._close_gracefully()
+
+    def _close_gracefully(self) -> None:
+        self._drop_backend()
+        self.phase = CLOSING
+        self._arm(LINGER_SECONDS, self._close)
+        if self.client.backlog is None:
+            self._shutdown_client()
+
+    def _shutdown_client(self) -> None:
+        try:
+            self.client.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close()
+
+    def _on_timeout(self) -> None:
+        phase = self.phase
+        config = self.config
+        if phase == HEAD:
+            if self.head_bytes:
+                self._fail(
+                    408,
+                    f"request head not complete within {config.header_timeout:g}s "
+                    "(--header-timeout)",
+                )
+            else:
+                log.debug("%s closed: no request within %gs", self.peer, config.header_timeout)
+                self._close()
+        elif phase == IDLE:
+            log.debug(
+                "%s kept-alive connection idle for %gs; closed", self.peer, config.idle_timeout
+            )
+            self._close()
+        elif phase == CONNECTING:
+            self._fail(
+                502,
+                f"backend {self.server.backend_name} did not accept the connection "
+                f"within {config.connect_timeout:g}s (--connect-timeout)",
+            )
+        elif phase == EXCHANGE:
+            quiet = self.loop.now - self.progress
+            if quiet < config.response_timeout:
+                self._arm(config.response_timeout - quiet, self._on_timeout)
+                return
+            if self.response_started:
+                log.warning(
+                    "%s no progress for %gs while relaying the response "
+                    "(--response-timeout); connection closed",
+                    self._describe(),
+                    config.response_timeout,
+                )
+                self._close(reset=True)
+            elif not self.request_done:
+                self._fail(
+                    408, f"client sent no request body bytes for {config.response_timeout:g}s"
+                )
+            else:
+                self._fail(
+                    504,
+                    f"backend {self.server.backend_name} sent no response within "
+                    f"{config.response_timeout:g}s (--response-timeout)",
+                )
+        elif phase == CLOSING:
+            self._close()
+        self._update_interest()
+
+    def abort(self) -> None:
+        self._close(reset=True)
+
+    def shutdown(self) -> None:
+        """The proxy is stopping."""
+        self._close()
+
+    def _close(self, reset: bool = False) -> None:
+        if self.phase == DONE:
+            return
+        self.phase = DONE
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self._drop_backend()
+        self.client.close(reset=reset)
+        self.server.forget(self)

@@ -1,0 +1,390 @@
+"""The opaque two-way byte pump that a connection becomes after a 101.
+
+Two directions, client->backend and backend->client, each moved by one symmetric function.
+When both legs are plain TCP the bytes go socket -> pipe -> socket with `os.splice` and never
+enter Python; otherwise (or where the kernel refuses splice) they are copied through the
+loop's shared buffer. Either way a direction holds at most one pipe or one backlog of
+unsent bytes, and reads nothing more until that is delivered: that is the backpressure, and
+it bounds memory per tunnel by construction.
+
+End states, per direction: end of stream (EOF from the source, carried over as a
+shutdown(SHUT_WR) of the destination once everything before it was delivered: half-close), or
+error (a reset on either socket ends the whole tunnel and resets the other leg too). The
+tunnel ends when both directions reached end of stream, on an error, on the idle timeout, or
+when the proxy shuts down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+
+from rawproxy.loop import READ, WRITE, Loop, Timer
+from rawproxy.transport import abort_on_close, set_keepalive, set_nodelay
+
+log = logging.getLogger("rawproxy")
+access_log = logging.getLogger("rawproxy.access")
+
+PIPE_SIZE = 1024 * 1024
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+# How many read/write rounds one readiness event may run before other connections get a turn.
+ROUNDS = 16
+
+# What a direction waits for.
+WANT_READ = 1
+WANT_WRITE = 2
+FINISHED = 0
+
+
+class PipePool:
+    """Pipes for splice, lent to a direction only while it has bytes in flight.
+
+    An idle tunnel holds no pipe; the pool keeps a few empty ones for reuse so that a busy
+    tunnel does not pay pipe2()+fcntl() per chunk.
+    """
+
+    def __init__(self, keep: int = 64, size: int = PIPE_SIZE) -> None:
+        self.keep = keep
+        self.size = size
+        self.free: list[tuple[int, int]] = []
+        self.lent = 0
+
+    def take(self) -> tuple[int, int]:
+        self.lent += 1
+        if self.free:
+            return self.free.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Over the per-user pipe budget the default size still works.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, self.size)
+        return r, w
+
+    def give_back(self, pipe: tuple[int, int], empty: bool = True) -> None:
+        self.lent -= 1
+        if empty and len(self.free) < self.keep:
+            self.free.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def close(self) -> None:
+        for r, w in self.free:
+            os.close(r)
+            os.close(w)
+        self.free.clear()
+
+
+class Direction:
+    """One half of a tunnel: bytes from `src` to `dst`."""
+
+    __slots__ = ("backlog", "dst", "eof", "in_pipe", "moved", "name", "pipe", "src", "want")
+
+    def __init__(
+        self, name: str, src: socket.socket, dst: socket.socket, first: bytes, eof: bool
+    ) -> None:
+        self.name = name
+        self.src = src
+        self.dst = dst
+        self.backlog: memoryview | None = memoryview(first) if first else None
+        self.pipe: tuple[int, int] | None = None
+        self.in_pipe = 0
+        self.eof = eof
+        self.moved = 0
+        self.want = WANT_WRITE if first or eof else WANT_READ
+
+
+class TunnelError(Exception):
+    """A socket of the tunnel failed; `side` names which one."""
+
+    def __init__(self, side: str, error: OSError) -> None:
+        super().__init__(side, error)
+        self.side = side
+        self.error = error
+
+
+class Tunnel:
+    __slots__ = (
+        "b2c",
+        "backend",
+        "backend_fd",
+        "backend_interest",
+        "c2b",
+        "client",
+        "client_fd",
+        "client_interest",
+        "describe",
+        "ended",
+        "idle_timeout",
+        "last_active",
+        "loop",
+        "on_close",
+        "pipes",
+        "splice",
+        "started",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        loop: Loop,
+        pipes: PipePool,
+        client: socket.socket,
+        backend: socket.socket,
+        to_backend: bytes,
+        to_client: bytes,
+        client_eof: bool,
+        backend_eof: bool,
+        *,
+        splice: bool,
+        idle_timeout: float | None,
+        keepalive: int,
+        describe: str,
+        on_close: Callable[[], None],
+    ) -> None:
+        self.loop = loop
+        self.pipes = pipes
+        self.client = client
+        self.backend = backend
+        self.client_fd = client.fileno()
+        self.backend_fd = backend.fileno()
+        self.client_interest = 0
+        self.backend_interest = 0
+        self.splice = splice
+        self.describe = describe
+        self.on_close = on_close
+        self.started = time.monotonic()
+        self.ended: str | None = None
+        self.c2b = Direction("client", client, backend, to_backend, client_eof)
+        self.b2c = Direction("backend", backend, client, to_client, backend_eof)
+        for sock in (client, backend):
+            set_nodelay(sock)
+            set_keepalive(sock, keepalive)
+        self.idle_timeout = idle_timeout
+        self.last_active = loop.now
+        self.timer: Timer | None = None
+        if idle_timeout:
+            self.timer = loop.call_later(idle_timeout, self._on_idle_timer)
+        # Deliver what was read past the heads before anything else.
+        self._run(self.c2b)
+        if self.client_fd >= 0:
+            self._run(self.b2c)
+
+    # -- events ----------------------------------------------------------------------------
+
+    def _on_client(self, mask: int) -> None:
+        if mask & READ and self.c2b.want == WANT_READ:
+            self._run(self.c2b)
+        if mask & WRITE and self.b2c.want == WANT_WRITE and self.client_fd >= 0:
+            self._run(self.b2c)
+
+    def _on_backend(self, mask: int) -> None:
+        if mask & READ and self.b2c.want == WANT_READ:
+            self._run(self.b2c)
+        if mask & WRITE and self.c2b.want == WANT_WRITE and self.client_fd >= 0:
+            self._run(self.c2b)
+
+    def _run(self, d: Direction) -> None:
+        self.last_active = self.loop.now
+        try:
+            if self.splice:
+                self._pump_splice(d)
+            else:
+                self._pump_copy(d)
+        except TunnelError as e:
+            how = "reset" if e.error.errno in (errno.ECONNRESET, errno.EPIPE) else str(e.error)
+            self.close(f"{e.side} {how}", reset=True)
+            return
+        if self.c2b.want == FINISHED and self.b2c.want == FINISHED:
+            self.close(self.ended or "both sides closed")
+            return
+        self._update_interest()
+
+    def _update_interest(self) -> None:
+        c2b, b2c = self.c2b.want, self.b2c.want
+        client = (READ if c2b == WANT_READ else 0) | (WRITE if b2c == WANT_WRITE else 0)
+        backend = (READ if b2c == WANT_READ else 0) | (WRITE if c2b == WANT_WRITE else 0)
+        if client != self.client_interest:
+            self._set(self.client_fd, self.client_interest, client, self._on_client)
+            self.client_interest = client
+        if backend != self.backend_interest:
+            self._set(self.backend_fd, self.backend_interest, backend, self._on_backend)
+            self.backend_interest = backend
+
+    def _set(self, fd: int, old: int, new: int, callback: Callable[[int], None]) -> None:
+        if old == 0:
+            self.loop.add(fd, new, callback)
+        elif new == 0:
+            self.loop.remove(fd)
+        else:
+            self.loop.modify(fd, new, callback)
+
+    # -- pumps -----------------------------------------------------------------------------
+
+    def _finish(self, d: Direction) -> None:
+        """End of stream from d.src, and everything before it delivered: half-close."""
+        d.want = FINISHED
+        if self.ended is None:
+            self.ended = f"{d.name} closed"
+        try:
+            d.dst.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            if e.errno != errno.ENOTCONN:
+                raise TunnelError(self._other(d), e) from e
+
+    def _other(self, d: Direction) -> str:
+        return "backend" if d is self.c2b else "client"
+
+    def _send_backlog(self, d: Direction) -> bool:
+        backlog = d.backlog
+        assert backlog is not None
+        try:
+            sent = d.dst.send(backlog)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as e:
+            raise TunnelError(self._other(d), e) from e
+        if sent < len(backlog):
+            d.backlog = backlog[sent:]
+            d.want = WANT_WRITE
+            return False
+        d.backlog = None
+        return True
+
+    def _pump_splice(self, d: Direction) -> None:
+        src_fd = d.src.fileno()
+        dst_fd = d.dst.fileno()
+        for _ in range(ROUNDS):
+            if d.backlog is not None and not self._send_backlog(d):
+                return
+            if d.in_pipe:
+                assert d.pipe is not None
+                try:
+                    n = os.splice(d.pipe[0], dst_fd, d.in_pipe, flags=SPLICE_FLAGS)
+                except (BlockingIOError, InterruptedError):
+                    d.want = WANT_WRITE
+                    return
+                except OSError as e:
+                    raise TunnelError(self._other(d), e) from e
+                d.in_pipe -= n
+                if d.in_pipe:
+                    d.want = WANT_WRITE
+                    return
+            if d.eof:
+                self._release_pipe(d)
+                self._finish(d)
+                return
+            if d.pipe is None:
+                d.pipe = self.pipes.take()
+            try:
+                n = os.splice(src_fd, d.pipe[1], self.pipes.size, flags=SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                # The pipe is empty here, so EAGAIN means the socket is: give the pipe back.
+                self._release_pipe(d)
+                d.want = WANT_READ
+                return
+            except OSError as e:
+                if e.errno in (errno.EINVAL, errno.ENOSYS) and not self.c2b.moved + self.b2c.moved:
+                    # This kernel or socket type does not splice: copy instead, for good.
+                    self._release_pipe(d)
+                    self.splice = False
+                    self._pump_copy(d)
+                    return
+                raise TunnelError(d.name, e) from e
+            if n == 0:
+                d.eof = True
+            else:
+                d.in_pipe = n
+                d.moved += n
+        d.want = WANT_WRITE if d.in_pipe else WANT_READ
+
+    def _release_pipe(self, d: Direction) -> None:
+        if d.pipe is not None:
+            self.pipes.give_back(d.pipe, empty=d.in_pipe == 0)
+            d.pipe = None
+            d.in_pipe = 0
+
+    def _pump_copy(self, d: Direction) -> None:
+        buffer = self.loop.read_buffer
+        view = self.loop.read_view
+        for _ in range(ROUNDS):
+            if d.backlog is not None and not self._send_backlog(d):
+                return
+            if d.eof:
+                self._finish(d)
+                return
+            try:
+                n = d.src.recv_into(buffer)
+            except (BlockingIOError, InterruptedError):
+                d.want = WANT_READ
+                return
+            except OSError as e:
+                raise TunnelError(d.name, e) from e
+            if n == 0:
+                d.eof = True
+                continue
+            d.moved += n
+            try:
+                sent = d.dst.send(view[:n])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as e:
+                raise TunnelError(self._other(d), e) from e
+            if sent < n:
+                # The one copy a direction may hold: what the destination did not take.
+                d.backlog = memoryview(bytes(view[sent:n]))
+                d.want = WANT_WRITE
+                return
+        d.want = WANT_READ
+
+    # -- timeouts and closing --------------------------------------------------------------
+
+    def _on_idle_timer(self) -> None:
+        assert self.idle_timeout is not None
+        idle = self.loop.now - self.last_active
+        if idle < self.idle_timeout:
+            self.timer = self.loop.call_later(self.idle_timeout - idle, self._on_idle_timer)
+            return
+        self.close(f"idle for {self.idle_timeout:g}s (--tunnel-idle-timeout)")
+
+    def abort(self) -> None:
+        self.close("internal error", reset=True)
+
+    def shutdown(self) -> None:
+        self.close("proxy shutting down")
+
+    def close(self, how: str, reset: bool = False) -> None:
+        if self.client_fd < 0:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        for fd, interest in (
+            (self.client_fd, self.client_interest),
+            (self.backend_fd, self.backend_interest),
+        ):
+            if interest:
+                self.loop.remove(fd)
+        self.client_interest = self.backend_interest = 0
+        for d in (self.c2b, self.b2c):
+            self._release_pipe(d)
+        for sock in (self.client, self.backend):
+            if reset:
+                abort_on_close(sock)
+            sock.close()
+        self.client_fd = self.backend_fd = -1
+        duration = time.monotonic() - self.started
+        access_log.info(
+            "%s tunnel closed after %.3fs: client->backend %d bytes, backend->client %d bytes, "
+            "ended by %s",
+            self.describe,
+            duration,
+            self.c2b.moved,
+            self.b2c.moved,
+            how,
+        )
+        self.on_close()

@@ -1,0 +1,73 @@
+"""Unit tests of the address parsers in rawproxy.config."""
+
+from __future__ import annotations
+
+import pytest
+
+from rawproxy.config import Backend, ConfigError, ListenAddress, parse_backend, parse_listen
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (":8080", ListenAddress(None, 8080)),
+        ("127.0.0.1:8080", ListenAddress("127.0.0.1", 8080)),
+        ("[::1]:443", ListenAddress("::1", 443)),
+        ("[::]:80", ListenAddress("::", 80)),
+        ("localhost:0", ListenAddress("localhost", 0)),
+    ],
+)
+def test_parse_listen(text: str, expected: ListenAddress) -> None:
+    assert parse_listen(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["8080", "127.0.0.1", ":", ":http", ":70000", "::1:80", "[::1", "[::1]80", "[::1]"]
+)
+def test_parse_listen_errors(text: str) -> None:
+    with pytest.raises(ConfigError, match="--listen"):
+        parse_listen(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:9000", Backend("http", "127.0.0.1", 9000)),
+        ("http://app.internal:9000", Backend("http", "app.internal", 9000)),
+        ("http://app.internal", Backend("http", "app.internal", 80)),
+        ("ws://app/", Backend("ws", "app", 80)),
+        ("https://app", Backend("https", "app", 443)),
+        ("WSS://app:8443", Backend("wss", "app", 8443)),
+        ("openqa-backend01:443", Backend("https", "openqa-backend01", 443)),
+        ("app", Backend("http", "app", 80)),
+        ("[::1]:9000", Backend("http", "::1", 9000)),
+        ("http://[::1]", Backend("http", "::1", 80)),
+    ],
+)
+def test_parse_backend(text: str, expected: Backend) -> None:
+    assert parse_backend(text) == expected
+
+
+def test_backend_tls_flag_and_str() -> None:
+    assert parse_backend("https://a").tls
+    assert parse_backend("wss://a").tls
+    assert not parse_backend("ws://a").tls
+    assert str(parse_backend("[::1]:9000")) == "http://[::1]:9000"
+    assert str(ListenAddress(None, 80)) == "*:80"
+    assert str(ListenAddress("::1", 80)) == "[::1]:80"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("ftp://a", "unknown scheme"),
+        ("http://a/app", "path is not supported"),
+        ("http://:80", "host is required"),
+        ("a:0", "port must be"),
+        ("a:b", "port must be"),
+        ("::1:80", "brackets"),
+    ],
+)
+def test_parse_backend_errors(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_backend(text)

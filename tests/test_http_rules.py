@@ -1,0 +1,320 @@
+"""Unit tests of the sans-IO rules in rawproxy.http: no sockets, no clock."""
+
+from __future__ import annotations
+
+import pathlib
+
+import h11
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rawproxy.http import (
+    backend_request_headers,
+    client_response_headers,
+    comma_tokens,
+    decide_upgrade,
+    error_response,
+    framing_error,
+    head_error,
+)
+
+HANDSHAKES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "handshakes"
+
+
+def H(*pairs: tuple[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode(), v.encode()) for k, v in pairs]
+
+
+def names(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    return [k.lower() for k, _ in headers]
+
+
+def value(headers: list[tuple[bytes, bytes]], name: str) -> bytes | None:
+    found = [v for k, v in headers if k.lower() == name.encode()]
+    assert len(found) <= 1, found
+    return found[0] if found else None
+
+
+# -- the upgrade rule -------------------------------------------------------------------------
+
+UPGRADES = [
+    # Chrome
+    H(("Connection", "Upgrade"), ("Upgrade", "websocket")),
+    # Firefox for years
+    H(("Connection", "keep-alive, Upgrade"), ("Upgrade", "websocket")),
+    # curl --http1.1 with h2c fallback shape, plus a websocket we keep
+    H(("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", "websocket")),
+    # Connection split over two lines
+    H(("Connection", "keep-alive"), ("Upgrade", "websocket"), ("Connection", "Upgrade")),
+    # any case, stray whitespace and empty elements
+    H(("connection", " ,UPGRADE ,"), ("upgrade", "WebSocket")),
+    H(("CONNECTION", "close,\tuPgRaDe"), ("UPGRADE", "WEBSOCKET")),
+    # any protocol, not only websocket
+    H(("Connection", "Upgrade"), ("Upgrade", "TLS/1.2")),
+    H(("Connection", "Upgrade"), ("Upgrade", "my-proto/2, websocket")),
+]
+
+
+@pytest.mark.parametrize("headers", UPGRADES)
+def test_upgrade_detected(headers: list[tuple[bytes, bytes]]) -> None:
+    decision = decide_upgrade(headers)
+    assert decision.is_upgrade
+    assert decision.considered
+    # The value forwarded is the client's own, not normalised.
+    upgrade_values = [v for k, v in headers if k.lower() == b"upgrade"]
+    assert decision.upgrade == b", ".join(upgrade_values).replace(b" ,", b",")
+
+
+NOT_UPGRADES = [
+    ("no headers", H()),
+    ("upgrade without connection token", H(("Upgrade", "websocket"))),
+    ("connection keep-alive only", H(("Connection", "keep-alive"), ("Upgrade", "websocket"))),
+    ("token without upgrade header", H(("Connection", "Upgrade"))),
+    ("token as substring", H(("Connection", "upgrades, x-upgrade"), ("Upgrade", "websocket"))),
+    ("h2c only", H(("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", "h2c"))),
+    ("h2 only", H(("Connection", "Upgrade"), ("Upgrade", "H2"))),
+    ("h2c with version", H(("Connection", "Upgrade"), ("Upgrade", "h2c/1.0, h2"))),
+    ("empty upgrade", H(("Connection", "Upgrade"), ("Upgrade", " , "))),
+]
+
+
+@pytest.mark.parametrize(("why", "headers"), NOT_UPGRADES, ids=[n for n, _ in NOT_UPGRADES])
+def test_not_an_upgrade(why: str, headers: list[tuple[bytes, bytes]]) -> None:
+    decision = decide_upgrade(headers)
+    assert not decision.is_upgrade, why
+    assert decision.upgrade is None
+
+
+def test_h2c_dropped_but_other_protocols_kept() -> None:
+    decision = decide_upgrade(H(("Connection", "Upgrade"), ("Upgrade", "h2c, websocket")))
+    assert decision.upgrade == b"websocket"
+
+
+def test_decision_reason_names_the_deciding_values() -> None:
+    decision = decide_upgrade(H(("Connection", "keep-alive, Upgrade"), ("Upgrade", "websocket")))
+    assert "'keep-alive, Upgrade'" in decision.reason
+    assert "'websocket'" in decision.reason
+    refused = decide_upgrade(H(("Connection", "keep-alive"), ("Upgrade", "websocket")))
+    assert "does not list 'upgrade'" in refused.reason
+    assert not decide_upgrade(H(("Accept", "*/*"))).considered
+
+
+def _handshake(name: str) -> list[tuple[bytes, bytes]]:
+    text = (HANDSHAKES / name).read_text()
+    lines = text.strip("\n").split("\n")[1:]
+    return [tuple(part.encode() for part in line.split(": ", 1)) for line in lines]  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "name", ["chromium-156.txt", "firefox-esr-153.txt", "firefox-128-legacy.txt"]
+)
+def test_captured_browser_handshakes_upgrade(name: str) -> None:
+    headers = _handshake(name)
+    decision = decide_upgrade(headers)
+    assert decision.upgrade == b"websocket"
+    out = backend_request_headers(headers, decision, "192.0.2.7", "http", b"backend")
+    # Every end-to-end header the browser sent reaches the backend, byte for byte, in order.
+    end_to_end = [(k, v) for k, v in headers if k.lower() not in (b"connection", b"upgrade")]
+    assert [(k, v) for k, v in out if (k, v) in end_to_end] == end_to_end
+    assert value(out, "connection") == b"upgrade"
+    assert value(out, "upgrade") == b"websocket"
+
+
+@given(
+    st.lists(
+        st.sampled_from(["keep-alive", "Upgrade", "upgrade", "close", "HTTP2-Settings", "x", ""]),
+        max_size=6,
+    ),
+    st.booleans(),
+    st.booleans(),
+)
+def test_upgrade_rule_property(tokens: list[str], with_upgrade: bool, split: bool) -> None:
+    """However the tokens are spread over lines, the answer depends on the token being
+    there and an Upgrade header being present, nothing else."""
+    if split and len(tokens) > 1:
+        headers = H(("Connection", ", ".join(tokens[:1])), ("Connection", ", ".join(tokens[1:])))
+    else:
+        headers = H(("Connection", ", ".join(tokens)))
+    if with_upgrade:
+        headers += H(("Upgrade", "websocket"))
+    expected = with_upgrade and any(t.lower() == "upgrade" for t in tokens)
+    assert decide_upgrade(headers).is_upgrade == expected
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([b"connection", b"upgrade", b"x"]), st.binary(max_size=30)),
+        max_size=6,
+    )
+)
+def test_upgrade_rule_never_crashes(headers: list[tuple[bytes, bytes]]) -> None:
+    decision = decide_upgrade(headers)
+    if decision.upgrade is not None:
+        assert decision.upgrade
+        assert b"h2c" not in [t.lower() for t in comma_tokens([(b"u", decision.upgrade)], b"u")]
+
+
+# -- headers toward the backend ----------------------------------------------------------------
+
+
+def test_hop_by_hop_stripped_and_forwarded_headers_added() -> None:
+    headers = H(
+        ("Host", "example.org:8080"),
+        ("Connection", "keep-alive, X-Secret, Content-Length, Host"),
+        ("Keep-Alive", "timeout=5"),
+        ("Proxy-Connection", "keep-alive"),
+        ("TE", "trailers"),
+        ("Trailer", "X-Checksum"),
+        ("Upgrade", "websocket"),
+        ("X-Secret", "1"),
+        ("Content-Length", "3"),
+        ("Cookie", "a=b"),
+        ("X-Forwarded-For", "203.0.113.1"),
+        ("X-Forwarded-Proto", "https"),
+        ("X-Forwarded-Host", "evil"),
+    )
+    decision = decide_upgrade(headers)
+    assert not decision.is_upgrade
+    out = backend_request_headers(headers, decision, "192.0.2.7", "http", b"backend")
+    assert names(out) == [
+        b"host",
+        b"content-length",
+        b"cookie",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+    ]
+    assert value(out, "host") == b"example.org:8080"
+    assert value(out, "content-length") == b"3"  # framing headers are never nominated away
+    assert value(out, "x-forwarded-for") == b"203.0.113.1, 192.0.2.7"
+    assert value(out, "x-forwarded-proto") == b"http"
+    assert value(out, "x-forwarded-host") == b"example.org:8080"
+
+
+def test_upgrade_request_headers() -> None:
+    headers = H(
+        ("Host", "h"),
+        ("Connection", "keep-alive, Upgrade"),
+        ("Upgrade", "WebSocket"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("Sec-WebSocket-Protocol", "chat.v1, chat.v0"),
+        ("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits"),
+        ("Origin", "http://h"),
+    )
+    out = backend_request_headers(headers, decide_upgrade(headers), "::1", "http", b"b")
+    assert value(out, "connection") == b"upgrade"
+    assert value(out, "upgrade") == b"WebSocket"
+    for header in headers[3:]:
+        assert header in out
+
+
+def test_multiple_forwarded_for_lines_merged() -> None:
+    headers = H(("Host", "h"), ("X-Forwarded-For", "1.1.1.1"), ("x-forwarded-for", " 2.2.2.2 "))
+    out = backend_request_headers(headers, decide_upgrade(headers), "3.3.3.3", "http", b"b")
+    assert value(out, "x-forwarded-for") == b"1.1.1.1, 2.2.2.2, 3.3.3.3"
+
+
+def test_missing_host_gets_the_backend_authority() -> None:
+    out = backend_request_headers(
+        H(("Accept", "*/*")), decide_upgrade([]), "1.2.3.4", "http", b"app:9000"
+    )
+    assert out[0] == (b"Host", b"app:9000")
+    assert value(out, "x-forwarded-host") is None
+    # h11 accepts what we produce
+    h11.Request(method=b"GET", target=b"/", headers=out)
+
+
+# -- headers toward the client -----------------------------------------------------------------
+
+
+def test_response_hop_by_hop_stripped() -> None:
+    headers = H(
+        ("Connection", "close, X-Internal"),
+        ("Keep-Alive", "timeout=1"),
+        ("X-Internal", "1"),
+        ("Content-Length", "5"),
+        ("Set-Cookie", "a=b"),
+        ("Upgrade", "h2c"),
+    )
+    out = client_response_headers(headers, switching=False)
+    assert out == H(("Content-Length", "5"), ("Set-Cookie", "a=b"))
+
+
+def test_response_with_both_framings_loses_content_length() -> None:
+    headers = H(("Content-Length", "5"), ("Transfer-Encoding", "chunked"))
+    assert client_response_headers(headers, switching=False) == H(("Transfer-Encoding", "chunked"))
+
+
+def test_switching_response_keeps_upgrade() -> None:
+    headers = H(
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+    )
+    out = client_response_headers(headers, switching=True)
+    assert out == H(
+        ("Upgrade", "websocket"),
+        ("Sec-WebSocket-Accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        ("Connection", "upgrade"),
+    )
+
+
+# -- framing and head checks -------------------------------------------------------------------
+
+
+def test_content_length_with_transfer_encoding_refused() -> None:
+    assert framing_error(H(("Content-Length", "5"), ("Transfer-Encoding", "chunked")))
+    assert framing_error(H(("transfer-encoding", "chunked"), ("CONTENT-LENGTH", "0")))
+    assert framing_error(H(("Content-Length", "5"))) is None
+    assert framing_error(H(("Transfer-Encoding", "chunked"))) is None
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n\tb\r\n\r\n",
+        b"GET / HTTP/1.1\nHost: a\nX: a\n b\n\n",
+        b"GET / HTTP/1.1\r\n Host: a\r\n\r\n",
+    ],
+)
+def test_obs_fold_refused(head: bytes) -> None:
+    assert head_error(head) == "obsolete line folding in a header"
+
+
+def test_head_check_ignores_the_body() -> None:
+    assert head_error(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\n\n \n ") is None
+    assert head_error(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n") is None
+    assert head_error(b"GET / HTTP/1.1\nHost: a\n\nGET /\n x") is None
+
+
+@given(st.binary(max_size=200))
+def test_head_check_never_crashes(data: bytes) -> None:
+    result = head_error(data)
+    assert result is None or "folding" in result
+
+
+# -- error answers -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [400, 408, 431, 502, 504])
+def test_error_response_is_valid_http(status: int) -> None:
+    raw = error_response(status, "something precise")
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method=b"GET", target=b"/", headers=[(b"host", b"x")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(raw)
+    response = conn.next_event()
+    assert isinstance(response, h11.Response)
+    assert response.status_code == status
+    assert (b"connection", b"close") in list(response.headers)
+    body = conn.next_event()
+    assert isinstance(body, h11.Data)
+    assert b"something precise" in body.data
+
+
+def test_error_response_for_head_has_no_body() -> None:
+    raw = error_response(502, "x", head_only=True)
+    assert raw.endswith(b"\r\n\r\n")
+    assert b"Content-Length: " in raw
