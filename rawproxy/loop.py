@@ -45,6 +45,8 @@ class Timer:
 class Loop:
     def __init__(self) -> None:
         self.selector = selectors.DefaultSelector()
+        # fd -> the callback registered now; see run() for why it is kept beside the selector.
+        self.callbacks: dict[int, Callback] = {}
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
         self._cancelled_hint = 0
@@ -60,14 +62,17 @@ class Loop:
 
     def add(self, fd: int, events: int, callback: Callback) -> None:
         self.selector.register(fd, events, callback)
+        self.callbacks[fd] = callback
 
     def modify(self, fd: int, events: int, callback: Callback) -> None:
         self.selector.modify(fd, events, callback)
+        self.callbacks[fd] = callback
 
     def remove(self, fd: int) -> None:
         # Unregister before close: epoll tracks the open file description, not the number, and
         # a closed fd whose number is reused must not inherit stale interest.
         self.selector.unregister(fd)
+        del self.callbacks[fd]
 
     # -- timers ----------------------------------------------------------------------------
 
@@ -136,11 +141,16 @@ class Loop:
     def run(self) -> None:
         self.running = True
         select = self.selector.select
+        callbacks = self.callbacks
         while self.running:
             events = select(self._next_timeout())
             self.now = time.monotonic()
             for key, mask in events:
-                callback = key.data
+                callback: Callback = key.data
+                # An earlier callback of this round may have closed this fd, and even opened a
+                # new socket that got the same number: its event belongs to the old owner.
+                if callbacks.get(key.fd) is not callback:
+                    continue
                 try:
                     callback(mask)
                 except Exception:

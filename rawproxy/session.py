@@ -54,6 +54,16 @@ LINGER_SECONDS = 2.0
 _NO_MORE = (h11.NEED_DATA, h11.PAUSED)
 
 
+class _Broken(Exception):
+    """A send to `side` failed; raised through the handler of the other side's event so
+    that the failure is blamed on the socket that failed."""
+
+    def __init__(self, side: str, error: OSError) -> None:
+        super().__init__(side, error)
+        self.side = side
+        self.error = error
+
+
 def format_peer(address: tuple[str, int] | tuple[str, int, int, int] | str) -> tuple[str, str]:
     """(address for X-Forwarded-For, address:port for logs), IPv4-mapped IPv6 shown as IPv4."""
     if isinstance(address, str):
@@ -180,9 +190,17 @@ class Session:
                 self._client_drained()
             if mask & READ and self.phase != DONE:
                 self._read_client()
+        except _Broken as e:
+            self._on_broken(e.side, e.error)
         except OSError as e:
-            self._client_lost(e)
+            self._on_broken("client", e)
         self._update_interest()
+
+    def _on_broken(self, side: str, error: OSError) -> None:
+        if side == "client":
+            self._client_lost(error)
+        else:
+            self._backend_lost(f"connection error: {error.strerror or error}")
 
     def _read_client(self) -> None:
         data = self.client.receive()
@@ -236,16 +254,15 @@ class Session:
                 return
             if event in _NO_MORE:
                 return
-            kind = type(event)
-            if kind is h11.Data:
-                self._to_backend(h11.Data(data=event.data))  # type: ignore[union-attr]
-                self.body_sent += len(event.data)  # type: ignore[union-attr]
-            elif kind is h11.EndOfMessage:
+            if isinstance(event, h11.Data):
+                self._to_backend(h11.Data(data=event.data))
+                self.body_sent += len(event.data)
+            elif isinstance(event, h11.EndOfMessage):
                 self.request_done = True
-                self._to_backend(h11.EndOfMessage(headers=event.headers))  # type: ignore[union-attr]
-            elif kind is h11.Request:
-                self._on_request(event)  # type: ignore[arg-type]
-            elif kind is h11.ConnectionClosed:
+                self._to_backend(h11.EndOfMessage(headers=event.headers))
+            elif isinstance(event, h11.Request):
+                self._on_request(event)
+            elif isinstance(event, h11.ConnectionClosed):
                 self._close()
                 return
 
@@ -293,7 +310,11 @@ class Session:
             self._pump_backend()
 
     def _to_client(self, event: h11.Event) -> None:
-        self.client.send_parts(self.client_h11.send_with_data_passthrough(event) or ())
+        parts = self.client_h11.send_with_data_passthrough(event) or ()
+        try:
+            self.client.send_parts(parts)
+        except OSError as e:
+            raise _Broken("client", e) from e
 
     def _client_lost(self, error: OSError) -> None:
         if self.phase in (HEAD, IDLE, CLOSING) and self.request is None:
@@ -335,7 +356,8 @@ class Session:
 
     def _on_backend(self, mask: int) -> None:
         backend = self.backend
-        assert backend is not None
+        if backend is None:
+            return
         try:
             if not self.backend_connected:
                 err = backend.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -351,8 +373,10 @@ class Session:
                     self._pump_client()
                 if mask & READ and self.backend is backend:
                     self._read_backend()
+        except _Broken as e:
+            self._on_broken(e.side, e.error)
         except OSError as e:
-            self._backend_lost(f"connection error: {e.strerror or e}")
+            self._on_broken("backend", e)
         self._update_interest()
 
     def _send_request_head(self) -> None:
@@ -405,29 +429,40 @@ class Session:
                 return
             if event in _NO_MORE:
                 return
-            kind = type(event)
-            if kind is h11.Data:
-                self.response_bytes += len(event.data)  # type: ignore[union-attr]
-                self._to_client(h11.Data(data=event.data))  # type: ignore[union-attr]
-            elif kind is h11.Response:
-                self._on_response(event)  # type: ignore[arg-type]
-            elif kind is h11.EndOfMessage:
-                self._to_client(h11.EndOfMessage(headers=event.headers))  # type: ignore[union-attr]
-                self._exchange_done()
-            elif kind is h11.InformationalResponse:
-                if event.status_code == 101:  # type: ignore[union-attr]
-                    self._switch(event)  # type: ignore[arg-type]
+            try:
+                if not self._relay_response_event(event):
                     return
-                self._to_client(
-                    h11.InformationalResponse(
-                        status_code=event.status_code,  # type: ignore[union-attr]
-                        headers=client_response_headers(event.headers.raw_items(), False),  # type: ignore[union-attr]
-                        reason=event.reason,  # type: ignore[union-attr]
-                    )
-                )
-            elif kind is h11.ConnectionClosed:
-                self._backend_lost("closed the connection before answering")
+            except h11.LocalProtocolError as e:
+                # h11 refuses to send on what it parsed (a header it cannot write back).
+                self._backend_invalid(str(e))
                 return
+
+    def _relay_response_event(self, event: object) -> bool:
+        """Relay one event of the backend's answer; False when the exchange is over."""
+        if isinstance(event, h11.Data):
+            self.response_bytes += len(event.data)
+            self._to_client(h11.Data(data=event.data))
+        elif isinstance(event, h11.Response):
+            self._on_response(event)
+        elif isinstance(event, h11.EndOfMessage):
+            self._to_client(h11.EndOfMessage(headers=event.headers))
+            self._exchange_done()
+            return False
+        elif isinstance(event, h11.InformationalResponse):
+            if event.status_code == 101:
+                self._switch(event)
+                return False
+            # 100 Continue, 103 Early Hints: passed on, the real answer follows.
+            headers = client_response_headers(event.headers.raw_items(), False)
+            self._to_client(
+                h11.InformationalResponse(
+                    status_code=event.status_code, headers=headers, reason=event.reason
+                )
+            )
+        elif isinstance(event, h11.ConnectionClosed):
+            self._backend_lost("closed the connection before answering")
+            return False
+        return True
 
     def _on_response(self, response: h11.Response) -> None:
         self.response_started = True
@@ -564,8 +599,10 @@ class Session:
         assert head is not None
         client_rest, client_eof = self.client_h11.trailing_data
         backend_rest, backend_eof = backend_h11.trailing_data
-        to_client = bytes(self.client.backlog or b"") + head + backend_rest
-        to_backend = bytes(backend.backlog or b"") + client_rest
+        head = bytes(self.client.backlog or b"") + head
+        request_rest = bytes(backend.backlog or b"")
+        to_client = head + backend_rest
+        to_backend = request_rest + client_rest
         self._log_access(101)
         describe = f"{self._describe()} -> {self.server.backend_name}"
         if self.timer is not None:
@@ -583,6 +620,7 @@ class Session:
             backend_sock,
             to_backend,
             to_client,
+            (len(request_rest), len(head)),
             client_eof,
             backend_eof,
             splice=server.splice,

@@ -123,6 +123,8 @@ class Tunnel:
         "idle_timeout",
         "last_active",
         "loop",
+        "on_backend",
+        "on_client",
         "on_close",
         "pipes",
         "splice",
@@ -138,6 +140,7 @@ class Tunnel:
         backend: socket.socket,
         to_backend: bytes,
         to_client: bytes,
+        uncounted: tuple[int, int],
         client_eof: bool,
         backend_eof: bool,
         *,
@@ -155,6 +158,9 @@ class Tunnel:
         self.backend_fd = backend.fileno()
         self.client_interest = 0
         self.backend_interest = 0
+        # Bound once: the loop recognises a registration by its callback's identity.
+        self.on_client = self._on_client
+        self.on_backend = self._on_backend
         self.splice = splice
         self.describe = describe
         self.on_close = on_close
@@ -162,6 +168,10 @@ class Tunnel:
         self.ended: str | None = None
         self.c2b = Direction("client", client, backend, to_backend, client_eof)
         self.b2c = Direction("backend", backend, client, to_client, backend_eof)
+        # Bytes read past the heads count as tunnelled; `uncounted` is how much at the front of
+        # to_backend and to_client is HTTP (a request head not sent yet, the 101 head).
+        self.c2b.moved = len(to_backend) - uncounted[0]
+        self.b2c.moved = len(to_client) - uncounted[1]
         for sock in (client, backend):
             set_nodelay(sock)
             set_keepalive(sock, keepalive)
@@ -210,10 +220,10 @@ class Tunnel:
         client = (READ if c2b == WANT_READ else 0) | (WRITE if b2c == WANT_WRITE else 0)
         backend = (READ if b2c == WANT_READ else 0) | (WRITE if c2b == WANT_WRITE else 0)
         if client != self.client_interest:
-            self._set(self.client_fd, self.client_interest, client, self._on_client)
+            self._set(self.client_fd, self.client_interest, client, self.on_client)
             self.client_interest = client
         if backend != self.backend_interest:
-            self._set(self.backend_fd, self.backend_interest, backend, self._on_backend)
+            self._set(self.backend_fd, self.backend_interest, backend, self.on_backend)
             self.backend_interest = backend
 
     def _set(self, fd: int, old: int, new: int, callback: Callable[[int], None]) -> None:
@@ -289,7 +299,7 @@ class Tunnel:
                 d.want = WANT_READ
                 return
             except OSError as e:
-                if e.errno in (errno.EINVAL, errno.ENOSYS) and not self.c2b.moved + self.b2c.moved:
+                if e.errno in (errno.EINVAL, errno.ENOSYS):
                     # This kernel or socket type does not splice: copy instead, for good.
                     self._release_pipe(d)
                     self.splice = False
