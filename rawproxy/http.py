@@ -129,21 +129,28 @@ def framing_error(headers: Iterable[Header]) -> str | None:
 _OBS_FOLD = re.compile(rb"\n[ \t]")
 
 
-def head_error(data: bytes | bytearray) -> str | None:
-    """Why the raw bytes of a request head are refused, or None.
+def head_error(data: bytes | bytearray, max_size: int) -> tuple[int, str] | None:
+    """Why the raw bytes of a request head are refused, as (status, reason), or None.
 
-    `data` starts at the request line and holds at least the whole head (what follows it is
-    ignored). h11 unfolds obsolete line folding (a header line starting with a space or tab)
-    silently; a backend may instead treat the folded line as a header of its own, so a
-    proxy must refuse it (RFC 9112 5.2).
+    `data` starts where the request starts and holds at least the whole head (what follows it
+    is ignored). Two checks h11 does not make:
+    - size: h11 limits only heads that arrive in pieces; one that arrives whole in a single
+      read is parsed whatever its size. Any head over `max_size` gets 431.
+    - obsolete line folding (a header line starting with a space or tab): h11 unfolds it
+      silently, a backend may instead read the folded line as a header of its own, so a proxy
+      must refuse it (RFC 9112 5.2).
     """
-    end = data.find(b"\n\r\n")
-    end2 = data.find(b"\n\n")
-    if end < 0 or (0 <= end2 < end):
-        end = end2
-    head = data if end < 0 else data[: end + 1]
-    if _OBS_FOLD.search(head):
-        return "obsolete line folding in a header"
+    start = len(data) - len(data.lstrip(b"\r\n"))  # empty lines before a request are allowed
+    crlf = data.find(b"\n\r\n", start)
+    bare = data.find(b"\n\n", start)
+    if bare >= 0 and (crlf < 0 or bare < crlf):
+        end = bare + 2
+    else:
+        end = len(data) if crlf < 0 else crlf + 3
+    if end - start > max_size:
+        return 431, f"request head of {end - start} bytes is over the limit of {max_size}"
+    if _OBS_FOLD.search(data, start, end):
+        return 400, "obsolete line folding in a header"
     return None
 
 

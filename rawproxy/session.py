@@ -275,7 +275,14 @@ class Session:
         self.response_bytes = 0
         head = self.head_bytes
         self.head_bytes = None
-        problem = (head_error(head) if head is not None else None) or framing_error(request.headers)
+        refused = head_error(head, self.config.max_header_size) if head is not None else None
+        if refused is not None:
+            status, detail = refused
+            if status == 431:
+                detail += " (--max-header-size)"
+            self._fail(status, detail)
+            return
+        problem = framing_error(request.headers)
         if problem is not None:
             self._fail(400, problem)
             return

@@ -280,19 +280,30 @@ def test_content_length_with_transfer_encoding_refused() -> None:
     ],
 )
 def test_obs_fold_refused(head: bytes) -> None:
-    assert head_error(head) == "obsolete line folding in a header"
+    assert head_error(head, 1024) == (400, "obsolete line folding in a header")
 
 
 def test_head_check_ignores_the_body() -> None:
-    assert head_error(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\n\n \n ") is None
-    assert head_error(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n") is None
-    assert head_error(b"GET / HTTP/1.1\nHost: a\n\nGET /\n x") is None
+    assert head_error(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\n\n \n ", 99) is None
+    assert head_error(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 99) is None
+    assert head_error(b"GET / HTTP/1.1\nHost: a\n\nGET /\n x", 99) is None
+    # empty lines before the request line are not a fold, nor the end of the head
+    assert head_error(b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", 99) is None
+    assert head_error(b"\r\nGET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n 2\r\n\r\n", 99) is not None
+
+
+def test_head_size_limit_counts_the_whole_head_only() -> None:
+    head = b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"x" * 100 + b"\r\n\r\n"
+    assert head_error(head + b"body" * 1000, len(head)) is None
+    refused = head_error(head, len(head) - 1)
+    assert refused is not None
+    assert refused[0] == 431
 
 
 @given(st.binary(max_size=200))
 def test_head_check_never_crashes(data: bytes) -> None:
-    result = head_error(data)
-    assert result is None or "folding" in result
+    result = head_error(data, 100)
+    assert result is None or result[0] in (400, 431)
 
 
 # -- error answers -----------------------------------------------------------------------------
