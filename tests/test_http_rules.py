@@ -19,7 +19,7 @@ from rawproxy.http import (
     head_error,
 )
 
-HANDSHAKES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "handshakes"
+HANDSHAKES = pathlib.Path(__file__).resolve().parent / "data" / "handshakes"
 
 
 def H(*pairs: tuple[str, str]) -> list[tuple[bytes, bytes]]:
