@@ -214,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="client connections (tunnels included) open at once; more wait "
         "in the kernel's listen backlog (default: 10000)",
     )
+    limits.add_argument(
+        "--no-splice",
+        dest="splice",
+        action="store_false",
+        help="copy tunnel bytes through a buffer instead of moving them with "
+        "splice(2) between plain TCP sockets (slower; for troubleshooting)",
+    )
     logs = parser.add_argument_group("logging")
     logs.add_argument(
         "--log-level",
@@ -239,6 +246,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_header_size=args.max_header_size,
         max_connections=args.max_connections,
         log_level=args.log_level,
+        splice=args.splice,
     )
 
 

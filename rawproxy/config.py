@@ -61,6 +61,7 @@ class Config:
     max_header_size: int = 64 * 1024
     max_connections: int = 10000
     log_level: str = "info"
+    splice: bool = True
 
 
 def _split_host_port(text: str, what: str, example: str) -> tuple[str, str | None]:

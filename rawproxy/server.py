@@ -137,7 +137,7 @@ class Server:
         self.config = config
         self.loop = Loop()
         self.pipes = PipePool()
-        self.splice = hasattr(os, "splice")
+        self.splice = config.splice and hasattr(os, "splice")
         self.connections: set[Connection] = set()
         self.listeners: list[socket.socket] = []
         self.accepting = False

@@ -636,8 +636,8 @@ class Session:
             describe=describe,
             on_close=lambda: server.forget(tunnel),
         )
-        if tunnel.client_fd >= 0:
-            server.remember(tunnel)
+        server.remember(tunnel)
+        tunnel.start()
 
     # -- errors, timeouts and closing ------------------------------------------------------
 

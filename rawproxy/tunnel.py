@@ -180,7 +180,10 @@ class Tunnel:
         self.timer: Timer | None = None
         if idle_timeout:
             self.timer = loop.call_later(idle_timeout, self._on_idle_timer)
-        # Deliver what was read past the heads before anything else.
+
+    def start(self) -> None:
+        """Deliver what was read past the heads, then pump. Separate from __init__ so that
+        the owner holds the tunnel before `on_close` can possibly be called."""
         self._run(self.c2b)
         if self.client_fd >= 0:
             self._run(self.b2c)
