@@ -1,0 +1,128 @@
+"""Fixtures for the end-to-end tests: the proxy as a real process, the backends, clients.
+
+The proxy is started exactly as a user starts it, `python -m rawproxy --listen 127.0.0.1:0
+--backend ...`; the fixture reads its stderr until `ready`, takes the port from the
+`listening on` line, and keeps collecting stderr lines for the test to assert on.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator
+
+import peers
+import pytest
+
+
+@pytest.fixture
+def start_proxy() -> Iterator[Callable[..., peers.ProxyProcess]]:
+    """`start_proxy(backend_port, *flags)` starts a proxy; all are stopped at teardown, and a
+    Python traceback anywhere in their stderr fails the test."""
+    procs: list[peers.ProxyProcess] = []
+
+    def start(backend_port: int, *extra: str, listen: str = "127.0.0.1:0") -> peers.ProxyProcess:
+        proc = peers.ProxyProcess(peers.proxy_args(backend_port, *extra, listen=listen))
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop()
+    for proc in procs:
+        log = proc.log_text()
+        assert "Traceback" not in log, f"a traceback in the proxy's log:\n{log}"
+
+
+@pytest.fixture
+def http_backend() -> Iterator[peers.HttpBackend]:
+    backend = peers.HttpBackend()
+    yield backend
+    backend.gate.set()
+    backend.stop()
+    bad = [e for e in backend.protocol_errors if not e.startswith("incomplete:")]
+    assert not bad, f"the backend received malformed HTTP from the proxy: {bad}"
+
+
+@pytest.fixture
+def ws_backend() -> Iterator[peers.WsBackend]:
+    backend = peers.WsBackend()
+    yield backend
+    backend.stop()
+
+
+@pytest.fixture
+def scripted_backend() -> Iterator[Callable[..., peers.ScriptedBackend]]:
+    """`scripted_backend(script)` starts a ScriptedBackend; all are stopped at teardown."""
+    backends: list[peers.ScriptedBackend] = []
+
+    def start(script: Callable[[peers.ScriptedConn], object]) -> peers.ScriptedBackend:
+        backend = peers.ScriptedBackend(script)
+        backends.append(backend)
+        return backend
+
+    yield start
+    for backend in backends:
+        backend.stop()
+
+
+@pytest.fixture
+def proxy(
+    start_proxy: Callable[..., peers.ProxyProcess], http_backend: peers.HttpBackend
+) -> peers.ProxyProcess:
+    """A proxy with default settings in front of the HTTP backend."""
+    return start_proxy(http_backend.port)
+
+
+@pytest.fixture
+def client() -> Iterator[Callable[..., peers.HttpClient]]:
+    """`client(port)` opens an HttpClient; every one is closed at teardown."""
+    clients: list[peers.HttpClient] = []
+
+    def open_client(port: int, timeout: float = peers.DEFAULT_TIMEOUT) -> peers.HttpClient:
+        c = peers.HttpClient(port, timeout)
+        clients.append(c)
+        return c
+
+    yield open_client
+    for c in clients:
+        c.close()
+
+
+@pytest.fixture
+def sockets() -> Iterator[list[socket.socket]]:
+    """A list to register raw sockets in; each is closed at teardown."""
+    socks: list[socket.socket] = []
+    yield socks
+    for s in socks:
+        s.close()
+
+
+@pytest.fixture
+def background(sockets: list[socket.socket]) -> Iterator[Callable[..., peers.Background]]:
+    """`background(fn, *args)` runs fn in a daemon thread. At teardown the registered sockets
+    are closed first (which unblocks any thread stuck on one), then every thread is joined."""
+    tasks: list[peers.Background] = []
+
+    def start(fn: Callable[..., object], *args: object) -> peers.Background:
+        task = peers.Background(fn, *args)
+        tasks.append(task)
+        return task
+
+    yield start
+    for s in sockets:
+        s.close()
+    for task in tasks:
+        task.thread.join(10)
+    assert not [t for t in tasks if t.thread.is_alive()], "a background thread did not finish"
+
+
+@pytest.fixture(scope="session")
+def blob() -> memoryview:
+    """64 MiB of random bytes, made once per session."""
+    return memoryview(os.urandom(peers.BLOB_SIZE))
+
+
+@pytest.fixture(scope="session")
+def blob_sha(blob: memoryview) -> str:
+    return peers.sha256(blob)

@@ -1,0 +1,1034 @@
+"""The peers of the proxy in the end-to-end tests, all on real loopback sockets:
+
+- clients: `HttpClient` (any bytes out, a strict response parser in), `WsClient` (WebSocket
+  framing after a handshake the test sent itself), and socket helpers;
+- backends: `HttpBackend` (h11, records requests), `WsBackend` (wsproto echo, records
+  handshakes), `ScriptedBackend` (runs a test's script after the request head),
+  `BlackholeBackend` (connects hang) and `refused_port()`;
+- `ProxyProcess`: `python -m rawproxy` as a user runs it, with its stderr collected.
+
+Backends listen on 127.0.0.1, port 0 (the kernel picks; read back with `.port`), and run an
+accept thread plus one daemon thread per connection. `stop()` shuts every socket down, which
+unblocks every thread, and joins them; the conftest fixtures call it at teardown.
+
+Nothing here raises from a thread: what a peer saw (requests, errors) is recorded and read by
+the test in the main thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import hashlib
+import os
+import queue
+import random
+import re
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import h11
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection as WsFrameConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Message,
+    Ping,
+    Request,
+    TextMessage,
+)
+
+LOOPBACK = "127.0.0.1"
+DEFAULT_TIMEOUT = 10.0
+HEAD_LIMIT = 1024 * 1024
+BLOB_SIZE = 64 * 1024 * 1024  # the random data the tunnel tests move
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+Header = tuple[bytes, bytes]
+
+
+# --- small socket helpers (used by backends and clients alike) ------------------------------
+
+
+def connect(port: int, timeout: float = DEFAULT_TIMEOUT) -> socket.socket:
+    sock = socket.create_connection((LOOPBACK, port), timeout=timeout)
+    sock.settimeout(timeout)
+    return sock
+
+
+def recv_exact(sock: socket.socket, n: int, buf: bytearray | None = None) -> bytes:
+    """Exactly n bytes, taking first from `buf` (consumed) and then the socket."""
+    out = bytearray()
+    if buf:
+        take = min(n, len(buf))
+        out += buf[:take]
+        del buf[:take]
+    while len(out) < n:
+        chunk = sock.recv(min(n - len(out), 1 << 20))
+        if not chunk:
+            raise EOFError(f"EOF after {len(out)} of {n} bytes")
+        out += chunk
+    return bytes(out)
+
+
+def recv_until(
+    sock: socket.socket, buf: bytearray, marker: bytes, limit: int = HEAD_LIMIT
+) -> bytes:
+    """Everything up to and including `marker`; what follows stays in `buf`."""
+    start = 0
+    while True:
+        idx = buf.find(marker, start)
+        if idx >= 0:
+            end = idx + len(marker)
+            out = bytes(buf[:end])
+            del buf[:end]
+            return out
+        if len(buf) > limit:
+            raise ValueError(f"no {marker!r} within {limit} bytes")
+        start = max(0, len(buf) - len(marker) + 1)
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError(f"EOF before {marker!r}; got {bytes(buf[:200])!r}")
+        buf += chunk
+
+
+def read_to_eof(sock: socket.socket, buf: bytearray | None = None) -> tuple[int, str]:
+    """Read until EOF; return (byte count, sha256 hex). A reset raises."""
+    hasher = hashlib.sha256()
+    total = 0
+    if buf:
+        hasher.update(buf)
+        total += len(buf)
+        buf.clear()
+    chunk = bytearray(1 << 20)
+    view = memoryview(chunk)
+    while True:
+        n = sock.recv_into(view)
+        if n == 0:
+            return total, hasher.hexdigest()
+        hasher.update(view[:n])
+        total += n
+
+
+def send_blob(sock: socket.socket, data: bytes | memoryview, chunk: int = 256 * 1024) -> None:
+    view = memoryview(data)
+    for start in range(0, len(view), chunk):
+        sock.sendall(view[start : start + chunk])
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0: the peer gets a TCP RST instead of a FIN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        sock.close()
+
+
+def wait_closed(sock: socket.socket, timeout: float) -> tuple[str, bytes]:
+    """Wait until the peer closes: ("eof" | "reset", bytes received meanwhile).
+
+    Raises TimeoutError if the socket is still open after `timeout` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    got = bytearray()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"socket still open after {timeout} s (got {bytes(got[:200])!r})")
+        readable, _, _ = select.select([sock], [], [], left)
+        if not readable:
+            continue
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return "reset", bytes(got)
+        if not chunk:
+            return "eof", bytes(got)
+        got += chunk
+
+
+def sha256(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def pattern_bytes(n: int) -> bytes:
+    """n deterministic pseudo-random bytes (the same n gives the same bytes everywhere).
+
+    The repeated block has an odd length so repeats never line up with buffer sizes."""
+    block = _pattern_block()
+    reps = n // len(block) + 1
+    return (block * reps)[:n]
+
+
+_BLOCK: list[bytes] = []
+
+
+def _pattern_block() -> bytes:
+    if not _BLOCK:
+        _BLOCK.append(random.Random(20240611).randbytes((1 << 20) + 7))
+    return _BLOCK[0]
+
+
+class Background:
+    """Run `fn(*args)` in a daemon thread; `join()` returns its result or raises its error."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any, name: str = "background") -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn, args), name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            self.result = fn(*args)
+        except BaseException as exc:  # handed to join(), never raised in the thread
+            self.error = exc
+
+    def join(self, timeout: float = 30.0) -> Any:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise TimeoutError(f"{self.thread.name} still running after {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+# --- header helpers -------------------------------------------------------------------------
+
+
+def header_values(headers: Iterable[Header], name: str | bytes) -> list[bytes]:
+    """The values of every line named `name` (case-insensitive), in order."""
+    lname = (name.encode() if isinstance(name, str) else name).lower()
+    return [v for k, v in headers if k.lower() == lname]
+
+
+def header_value(headers: Iterable[Header], name: str | bytes) -> bytes | None:
+    values = header_values(headers, name)
+    return values[0] if values else None
+
+
+def header_tokens(headers: Iterable[Header], name: str | bytes) -> list[bytes]:
+    """Comma-separated elements of every `name` line, trimmed and lower-cased."""
+    tokens: list[bytes] = []
+    for value in header_values(headers, name):
+        tokens += [t.strip(b" \t").lower() for t in value.split(b",") if t.strip(b" \t")]
+    return tokens
+
+
+def parse_head(head: bytes) -> tuple[bytes, list[Header]]:
+    """(start line, [(raw name, value)]) from a raw head ending in CRLF CRLF; names keep their
+    case, values are stripped of surrounding whitespace."""
+    lines = head.split(b"\r\n")
+    start, headers = lines[0], []
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise ValueError(f"bad header line {line!r}")
+        headers.append((name, value.strip(b" \t")))
+    return start, headers
+
+
+def request_bytes(
+    method: str, target: str, headers: Iterable[tuple[str, str]] = (), body: bytes = b""
+) -> bytes:
+    """A request exactly as given: nothing is added (not even Host or Content-Length)."""
+    lines = [f"{method} {target} HTTP/1.1"] + [f"{k}: {v}" for k, v in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def simple_get(target: str = "/", host: str = "backend.test", *extra: tuple[str, str]) -> bytes:
+    return request_bytes("GET", target, [("Host", host), *extra])
+
+
+# --- HTTP client ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Response:
+    status: int
+    reason: bytes
+    headers: list[Header]
+    body: bytes
+    raw_head: bytes
+    trailers: list[Header] = dataclasses.field(default_factory=list)
+    chunked: bool = False
+
+    def header(self, name: str) -> bytes | None:
+        return header_value(self.headers, name)
+
+    def values(self, name: str) -> list[bytes]:
+        return header_values(self.headers, name)
+
+
+class HttpClient:
+    """A raw client connection: send any bytes, read responses with a strict parser."""
+
+    def __init__(self, port: int, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.sock = connect(port, timeout)
+        self.buf = bytearray()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> HttpClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def request(self, data: bytes, method: str = "GET") -> Response:
+        self.send(data)
+        return self.read_response(method)
+
+    def read_head(self) -> tuple[int, bytes, list[Header], bytes]:
+        raw = recv_until(self.sock, self.buf, b"\r\n\r\n")
+        start, headers = parse_head(raw)
+        m = re.fullmatch(rb"HTTP/1\.[01] (\d{3})(?: (.*))?", start)
+        assert m, f"bad status line {start!r}"
+        return int(m.group(1)), m.group(2) or b"", headers, raw
+
+    def read_response(self, method: str = "GET", allow_informational: bool = False) -> Response:
+        """One response. 1xx responses are skipped unless `allow_informational`."""
+        while True:
+            status, reason, headers, raw = self.read_head()
+            if 100 <= status < 200 and status != 101:
+                if allow_informational:
+                    return Response(status, reason, headers, b"", raw)
+                continue
+            break
+        resp = Response(status, reason, headers, b"", raw)
+        if method == "HEAD" or status in (101, 204, 304):
+            return resp
+        te = header_tokens(headers, "transfer-encoding")
+        if te:
+            assert te[-1] == b"chunked", f"unexpected Transfer-Encoding {te}"
+            assert not header_values(headers, "content-length"), "both CL and TE in a response"
+            resp.chunked = True
+            resp.body, resp.trailers = self._read_chunked()
+        elif cl := header_values(headers, "content-length"):
+            assert len(set(cl)) == 1, f"conflicting Content-Length {cl}"
+            resp.body = recv_exact(self.sock, int(cl[0]), self.buf)
+        else:
+            data = bytes(self.buf)
+            self.buf.clear()
+            while chunk := self.sock.recv(65536):
+                data += chunk
+            resp.body = data
+        return resp
+
+    def _read_chunked(self) -> tuple[bytes, list[Header]]:
+        body = bytearray()
+        while True:
+            line = recv_until(self.sock, self.buf, b"\r\n", limit=4096)
+            size_text = line[:-2].split(b";", 1)[0].strip()
+            assert re.fullmatch(rb"[0-9a-fA-F]+", size_text), f"bad chunk size line {line!r}"
+            size = int(size_text, 16)
+            if size == 0:
+                break
+            body += recv_exact(self.sock, size, self.buf)
+            assert recv_exact(self.sock, 2, self.buf) == b"\r\n", "chunk not followed by CRLF"
+        trailers: list[Header] = []
+        while (line := recv_until(self.sock, self.buf, b"\r\n", limit=65536)) != b"\r\n":
+            name, _, value = line[:-2].partition(b":")
+            trailers.append((name, value.strip()))
+        return bytes(body), trailers
+
+    def wait_closed(self, timeout: float = 5.0) -> tuple[str, bytes]:
+        """("eof" | "reset", leftover bytes) once the proxy closes this connection."""
+        kind, got = wait_closed(self.sock, timeout)
+        return kind, bytes(self.buf) + got
+
+
+# --- WebSocket client (after a raw handshake) -----------------------------------------------
+
+
+def ws_key() -> str:
+    return base64.b64encode(os.urandom(16)).decode()
+
+
+def ws_accept(key: str | bytes) -> bytes:
+    key = key.encode() if isinstance(key, str) else key
+    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+
+
+class WsClient:
+    """The framing half of a WebSocket client, used after the test did the handshake itself
+    (so that it can send exactly the bytes a browser sends)."""
+
+    def __init__(self, sock: socket.socket, leftover: bytes = b"") -> None:
+        self.sock = sock
+        self.conn = WsFrameConnection(ConnectionType.CLIENT, extensions=[], trailing_data=leftover)
+
+    def send(self, message: str | bytes) -> None:
+        event: Message[Any] = (
+            TextMessage(data=message) if isinstance(message, str) else BytesMessage(data=message)
+        )
+        self.sock.sendall(self.conn.send(event))
+
+    def recv(self) -> str | bytes | CloseConnection:
+        parts: list[Any] = []
+        while True:
+            for event in self.conn.events():
+                if isinstance(event, Ping):
+                    self.sock.sendall(self.conn.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    return event
+                elif isinstance(event, Message):
+                    parts.append(event.data)
+                    if event.message_finished:
+                        return "".join(parts) if isinstance(event, TextMessage) else b"".join(parts)
+            data = self.sock.recv(1 << 20)
+            self.conn.receive_data(data or None)
+
+    def close(self) -> CloseConnection:
+        self.sock.sendall(self.conn.send(CloseConnection(code=1000, reason="bye")))
+        while True:
+            got = self.recv()
+            if isinstance(got, CloseConnection):
+                return got
+
+
+# --- backends -------------------------------------------------------------------------------
+
+
+class Server:
+    """A loopback listener with an accept thread and one daemon thread per connection."""
+
+    name = "server"
+
+    def __init__(self, backlog: int = 128) -> None:
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((LOOPBACK, 0))
+        self.listener.listen(backlog)
+        self.port: int = self.listener.getsockname()[1]
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.accepts = 0
+        self.errors: list[str] = []
+        self._conns: set[socket.socket] = set()
+        self._threads: list[threading.Thread] = []
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name=f"{self.name}-accept", daemon=True
+        )
+        self._accept_thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                if self.stopping.is_set():
+                    conn.close()
+                    return
+                self.accepts += 1
+                conn_id = self.accepts
+                self._conns.add(conn)
+                thread = threading.Thread(
+                    target=self._run_conn,
+                    args=(conn, conn_id),
+                    name=f"{self.name}-conn{conn_id}",
+                    daemon=True,
+                )
+                self._threads.append(thread)
+            thread.start()
+
+    def _run_conn(self, conn: socket.socket, conn_id: int) -> None:
+        try:
+            conn.settimeout(None)
+            self.handle(conn, conn_id)
+        except Exception as exc:  # recorded, never raised from a thread
+            if not self.stopping.is_set():
+                with self.lock:
+                    self.errors.append(f"conn {conn_id}: {exc!r}")
+        finally:
+            with self.lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def handle(self, conn: socket.socket, conn_id: int) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept() on Linux
+        self._accept_thread.join(5)
+        self.listener.close()
+        with self.lock:
+            conns = list(self._conns)
+            threads = list(self._threads)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for thread in threads:
+            thread.join(5)
+        stuck = [t.name for t in threads if t.is_alive()]
+        assert not stuck, f"{self.name} threads did not stop: {stuck}"
+
+
+@dataclasses.dataclass
+class ReceivedRequest:
+    conn_id: int
+    method: bytes
+    target: bytes
+    headers: list[Header]  # raw names as received, in order
+    body: bytes = b""
+    complete: bool = False
+
+    @property
+    def path(self) -> str:
+        return urllib.parse.urlsplit(self.target.decode()).path
+
+    def header(self, name: str) -> bytes | None:
+        return header_value(self.headers, name)
+
+    def values(self, name: str) -> list[bytes]:
+        return header_values(self.headers, name)
+
+
+class HttpBackend(Server):
+    """An HTTP/1.1 origin (h11, server role) that records what it receives.
+
+    Routes (by path):
+      /echo            200, the request body back (sends 100 Continue first when asked)
+      /big?n=N[&cl=1]  N bytes of `pattern_bytes(N)`, chunked (or Content-Length with cl=1)
+      /stream          chunked: "first-part", then waits for `gate`, then "second-part"
+      /stream-in       answers after the whole body; `first_data` is set at its first piece
+      /status/NNN      that status, no body (304 carries ETag and a Content-Length)
+      /slow            never answers
+      /close           200 with Connection: close, then closes
+      /unrequested-101 a 101 Switching Protocols, whatever the request
+      /refuse/NNN      NNN (e.g. 200, 426) with a body, whatever the request asked
+      anything else    200, body "METHOD TARGET"
+    Every response carries `X-Backend-CaSe: MiXeD` plus the hop-by-hop headers `Keep-Alive`
+    and `X-Backend-Hop` (named by Connection), which a proxy must not pass on.
+    """
+
+    name = "http-backend"
+
+    def __init__(self) -> None:
+        self.received: list[ReceivedRequest] = []
+        self.protocol_errors: list[str] = []
+        self.gate = threading.Event()
+        self.first_data = threading.Event()
+        self._changed = threading.Condition()
+        super().__init__()
+
+    # what tests read
+
+    @property
+    def requests(self) -> list[ReceivedRequest]:
+        """Requests whose whole body arrived."""
+        with self.lock:
+            return [r for r in self.received if r.complete]
+
+    @property
+    def heads(self) -> list[ReceivedRequest]:
+        """Every request whose head arrived, complete or not."""
+        with self.lock:
+            return list(self.received)
+
+    def wait_for_requests(self, n: int, timeout: float = 5.0) -> list[ReceivedRequest]:
+        """The complete requests, once there are at least n."""
+        self._wait(lambda: len(self.requests) >= n, f"{n} complete requests", timeout)
+        return self.requests
+
+    def wait_for_heads(self, n: int, timeout: float = 5.0) -> list[ReceivedRequest]:
+        """The requests whose head arrived, once there are at least n."""
+        self._wait(lambda: len(self.heads) >= n, f"{n} request heads", timeout)
+        return self.heads
+
+    def _wait(self, predicate: Callable[[], bool], what: str, timeout: float) -> None:
+        with self._changed:
+            if not self._changed.wait_for(predicate, timeout):
+                raise TimeoutError(f"the backend did not get {what}: {self.heads}")
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    # serving
+
+    def handle(self, conn: socket.socket, conn_id: int) -> None:
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_LIMIT)
+        while True:
+            req = self._next_request(conn, conn_id, h)
+            if req is None:
+                return
+            if not self._respond(conn, h, req):
+                return
+            if h.our_state is h11.MUST_CLOSE or h.their_state is h11.MUST_CLOSE:
+                return
+            try:
+                h.start_next_cycle()
+            except h11.ProtocolError:
+                return
+
+    def _event(self, conn: socket.socket, h: h11.Connection) -> Any:
+        """The next h11 event, reading as needed; None after a protocol error (recorded)."""
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                # An error right after EOF is a message cut short (the proxy aborted it);
+                # anything else is bad HTTP from the proxy.
+                eof = getattr(h, "_test_eof", False)
+                with self.lock:
+                    self.protocol_errors.append(("incomplete: " if eof else "") + str(exc))
+                return None
+            if event is not h11.NEED_DATA:
+                return event
+            data = conn.recv(1 << 20)
+            h._test_eof = not data  # type: ignore[attr-defined]
+            h.receive_data(data)
+
+    def _next_request(
+        self, conn: socket.socket, conn_id: int, h: h11.Connection
+    ) -> ReceivedRequest | None:
+        event = self._event(conn, h)
+        if not isinstance(event, h11.Request):
+            return None
+        req = ReceivedRequest(conn_id, event.method, event.target, list(event.headers.raw_items()))
+        with self.lock:
+            self.received.append(req)
+        self._notify()
+        if req.path == "/slow":
+            self.stopping.wait()
+            return None
+        if req.path == "/echo" and h.they_are_waiting_for_100_continue:
+            conn.sendall(
+                h.send(
+                    h11.InformationalResponse(
+                        status_code=100, headers=[("X-Continue-From", "backend")]
+                    )
+                )
+            )
+        body = bytearray()
+        while True:
+            event = self._event(conn, h)
+            if event is None or isinstance(event, h11.ConnectionClosed):
+                return None
+            if isinstance(event, h11.Data):
+                body += event.data
+                if req.path == "/stream-in":
+                    self.first_data.set()
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        with self.lock:
+            req.body = bytes(body)
+            req.complete = True
+        self._notify()
+        return req
+
+    def _respond(self, conn: socket.socket, h: h11.Connection, req: ReceivedRequest) -> bool:
+        path = req.path
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(req.target.decode()).query)
+        common = [
+            ("X-Backend-CaSe", "MiXeD"),
+            ("Keep-Alive", "timeout=30"),
+            ("X-Backend-Hop", "secret"),
+            ("Connection", "X-Backend-Hop"),
+        ]
+
+        def send(
+            status: int,
+            body: bytes = b"",
+            headers: list[tuple[str, str]] | None = None,
+            reason: str = "",
+        ) -> None:
+            hdrs = [*common, *(headers or [])]
+            if status not in (204, 304) and not any(
+                k.lower() in ("content-length", "transfer-encoding") for k, _ in hdrs
+            ):
+                hdrs.append(("Content-Length", str(len(body))))
+            out = h.send(h11.Response(status_code=status, headers=hdrs, reason=reason or "OK"))
+            if body and req.method != b"HEAD":
+                out += h.send(h11.Data(data=body))
+            out += h.send(h11.EndOfMessage())
+            conn.sendall(out)
+
+        if path == "/echo":
+            send(200, req.body, [("Content-Type", "application/octet-stream")])
+        elif path == "/big":
+            n = int(query.get("n", ["0"])[0])
+            data = pattern_bytes(n)
+            if query.get("cl") == ["1"]:
+                conn.sendall(
+                    h.send(
+                        h11.Response(status_code=200, headers=[*common, ("Content-Length", str(n))])
+                    )
+                )
+            else:
+                conn.sendall(
+                    h.send(
+                        h11.Response(
+                            status_code=200, headers=[*common, ("Transfer-Encoding", "chunked")]
+                        )
+                    )
+                )
+            if req.method != b"HEAD":
+                view = memoryview(data)
+                for start in range(0, n, 256 * 1024):
+                    conn.sendall(h.send(h11.Data(data=view[start : start + 256 * 1024])))
+            conn.sendall(h.send(h11.EndOfMessage()))
+        elif path == "/stream":
+            conn.sendall(
+                h.send(
+                    h11.Response(
+                        status_code=200, headers=[*common, ("Transfer-Encoding", "chunked")]
+                    )
+                )
+                + h.send(h11.Data(data=b"first-part"))
+            )
+            if not self.gate.wait(DEFAULT_TIMEOUT):
+                return False
+            conn.sendall(h.send(h11.Data(data=b"second-part")) + h.send(h11.EndOfMessage()))
+        elif path == "/stream-in":
+            send(200, f"{len(req.body)} {sha256(req.body)}".encode())
+        elif m := re.fullmatch(r"/status/(\d{3})", path):
+            status = int(m.group(1))
+            extra = [("ETag", '"v1"'), ("Content-Length", "1234")] if status == 304 else []
+            send(status, b"", extra)
+        elif path == "/close":
+            send(200, b"closing", [("Connection", "close")])
+            return False
+        elif path == "/unrequested-101":
+            conn.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                b"Upgrade: websocket\r\n\r\nraw-bytes-after-101"
+            )
+            while conn.recv(65536):
+                pass
+            return False
+        elif m := re.fullmatch(r"/refuse/(\d{3})", path):
+            status = int(m.group(1))
+            extra = [("Upgrade", "websocket")] if status == 426 else []
+            send(status, b"upgrade refused", extra)
+        else:
+            send(200, req.method + b" " + req.target, [("Content-Type", "text/plain")])
+        return True
+
+
+class WsBackend(Server):
+    """A WebSocket echo server (wsproto, server role) that records each raw handshake head.
+
+    It accepts the first offered subprotocol and no extensions, then echoes every text and
+    binary message (fragment by fragment) and answers pings and closes."""
+
+    name = "ws-backend"
+
+    def __init__(self) -> None:
+        self.handshakes: list[bytes] = []
+        self.handshake_seen = threading.Condition()
+        super().__init__()
+
+    def wait_handshakes(self, n: int = 1, timeout: float = 5.0) -> list[bytes]:
+        with self.handshake_seen:
+            if not self.handshake_seen.wait_for(lambda: len(self.handshakes) >= n, timeout):
+                raise TimeoutError(f"ws backend saw {len(self.handshakes)} handshakes")
+            return list(self.handshakes)
+
+    def handle(self, conn: socket.socket, conn_id: int) -> None:
+        buf = bytearray()
+        head = recv_until(conn, buf, b"\r\n\r\n")
+        with self.handshake_seen:
+            self.handshakes.append(head)
+            self.handshake_seen.notify_all()
+        ws = WSConnection(ConnectionType.SERVER)
+        ws.receive_data(head + bytes(buf))
+        while True:
+            for event in ws.events():
+                if isinstance(event, Request):
+                    proto = event.subprotocols[0] if event.subprotocols else None
+                    conn.sendall(ws.send(AcceptConnection(subprotocol=proto)))
+                elif isinstance(event, Message):
+                    conn.sendall(
+                        ws.send(
+                            type(event)(data=event.data, message_finished=event.message_finished)
+                        )
+                    )
+                elif isinstance(event, Ping):
+                    conn.sendall(ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    if ws.state.name != "CLOSED":
+                        conn.sendall(ws.send(event.response()))
+                    return
+                else:
+                    with self.lock:
+                        self.errors.append(f"conn {conn_id}: unexpected {event!r}")
+                    return
+            data = conn.recv(1 << 20)
+            if not data:
+                return
+            ws.receive_data(data)
+
+
+RESPONSE_101 = (
+    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: rawtest\r\n\r\n"
+)
+
+
+def tunnel_request(host: str = "tunnel.test", target: str = "/tunnel") -> bytes:
+    return request_bytes(
+        "GET", target, [("Host", host), ("Connection", "Upgrade"), ("Upgrade", "rawtest")]
+    )
+
+
+class ScriptedConn:
+    """What a scripted backend's script works with: the socket, the request head it read, and
+    the bytes that came after the head in the same reads (`extra`)."""
+
+    def __init__(self, sock: socket.socket, head: bytes, extra: bytearray) -> None:
+        self.sock = sock
+        self.head = head
+        self.extra = extra
+
+    def recv_exact(self, n: int) -> bytes:
+        return recv_exact(self.sock, n, self.extra)
+
+    def read_to_eof(self) -> tuple[int, str]:
+        return read_to_eof(self.sock, self.extra)
+
+
+class ScriptedBackend(Server):
+    """Accepts, reads one request head, then runs `script(ScriptedConn)` in the connection's
+    thread. Each script's return value (or exception) is queued for `result()`."""
+
+    name = "scripted-backend"
+
+    def __init__(self, script: Callable[[ScriptedConn], Any]) -> None:
+        self.script = script
+        self.results: queue.Queue[tuple[bool, Any]] = queue.Queue()
+        super().__init__()
+
+    def handle(self, conn: socket.socket, conn_id: int) -> None:
+        buf = bytearray()
+        try:
+            head = recv_until(conn, buf, b"\r\n\r\n")
+            result = self.script(ScriptedConn(conn, head, buf))
+        except BaseException as exc:
+            self.results.put((False, exc))
+            return
+        self.results.put((True, result))
+
+    def result(self, timeout: float = DEFAULT_TIMEOUT) -> Any:
+        try:
+            ok, value = self.results.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError("the scripted backend produced no result") from None
+        if not ok:
+            raise value
+        return value
+
+
+class BlackholeBackend:
+    """A port where connecting hangs: a listener with a full accept queue (backlog 0, one
+    connection never accepted), so the kernel drops further SYNs."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind((LOOPBACK, 0))
+        self.listener.listen(0)
+        self.port = self.listener.getsockname()[1]
+        self.fillers: list[socket.socket] = []
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            self.fillers.append(filler)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect((LOOPBACK, self.port))
+
+    def connect_hangs(self, timeout: float = 0.3) -> bool:
+        probe = socket.socket()
+        probe.settimeout(timeout)
+        try:
+            probe.connect((LOOPBACK, self.port))
+        except TimeoutError:
+            return True
+        except OSError:
+            return False
+        finally:
+            probe.close()
+        return False
+
+    def stop(self) -> None:
+        for filler in self.fillers:
+            filler.close()
+        self.listener.close()
+
+
+def refused_port() -> tuple[socket.socket, int]:
+    """A socket bound to a port but not listening: connecting to the port is refused (RST).
+    Keep the socket open while the port is in use so that nobody else takes it."""
+    sock = socket.socket()
+    sock.bind((LOOPBACK, 0))
+    return sock, sock.getsockname()[1]
+
+
+# --- the proxy process -----------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+
+
+class ProxyProcess:
+    """A running `python -m rawproxy` with its stderr collected line by line."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._eof = False
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rawproxy", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+        )
+        self.pid = self.proc.pid
+        self._reader = threading.Thread(target=self._read_stderr, name="proxy-stderr", daemon=True)
+        self._reader.start()
+        self.ports: list[int] = []
+        try:
+            ready = self.wait_for_log(r"\bready\b", timeout=START_TIMEOUT)
+        except TimeoutError:
+            self.stop(signal.SIGKILL)
+            raise RuntimeError(
+                f"rawproxy did not log 'ready' within {START_TIMEOUT} s; stderr:\n{self.log_text()}"
+            ) from None
+        with self._cond:
+            before_ready = self.lines[: self.lines.index(ready)]
+        for line in before_ready:
+            if m := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+                self.ports.append(int(m.group(1)))
+        if not self.ports:
+            self.stop(signal.SIGKILL)
+            raise RuntimeError(
+                f"no 'listening on 127.0.0.1:PORT' line before 'ready'; stderr:\n{self.log_text()}"
+            )
+        self.port = self.ports[0]
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            with self._cond:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip("\r\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    # logs
+
+    def mark(self) -> int:
+        """A position in the log; pass it as `since` to look only at later lines."""
+        with self._cond:
+            return len(self.lines)
+
+    def log_text(self, since: int = 0) -> str:
+        with self._cond:
+            return "\n".join(self.lines[since:])
+
+    def logs_matching(self, pattern: str, since: int = 0) -> list[str]:
+        rx = re.compile(pattern, re.IGNORECASE)
+        with self._cond:
+            return [line for line in self.lines[since:] if rx.search(line)]
+
+    def wait_for_log(self, pattern: str, since: int = 0, timeout: float = 5.0) -> str:
+        """The first line since `since` matching `pattern`, waiting for it if need be."""
+        return self.wait_for_logs(pattern, 1, since, timeout)[0]
+
+    def wait_for_logs(
+        self, pattern: str, count: int, since: int = 0, timeout: float = 5.0
+    ) -> list[str]:
+        """Once at least `count` lines since `since` match `pattern`: those lines."""
+        rx = re.compile(pattern, re.IGNORECASE)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [line for line in self.lines[since:] if rx.search(line)]
+                if len(found) >= count:
+                    return found
+                left = deadline - time.monotonic()
+                if self._eof or left <= 0:
+                    raise TimeoutError(
+                        f"{len(found)} of {count} log lines matching {pattern!r} within "
+                        f"{timeout} s; log since mark:\n{self.log_text(since)}"
+                    )
+                self._cond.wait(left)
+
+    # process
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmRSS line")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int | None:
+        """Send `sig`, wait for the exit; returns the exit code, or None if it had to be killed."""
+        code: int | None
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout)
+            code = None
+        self._reader.join(timeout)
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+        return code
+
+
+def proxy_args(backend_port: int, *extra: str, listen: str = "127.0.0.1:0") -> list[str]:
+    return ["--listen", listen, "--backend", f"127.0.0.1:{backend_port}", *extra]
+
+
+def assert_serves(
+    proxy: ProxyProcess, http_backend: HttpBackend | None = None, target: str = "/still-ok"
+) -> None:
+    """A fresh client gets a normal answer through `proxy` (other clients are unaffected)."""
+    with HttpClient(proxy.port, timeout=5) as c:
+        resp = c.request(simple_get(target))
+    assert resp.status == 200, resp
+    if http_backend is not None:
+        assert resp.body == b"GET " + target.encode()
+
+
+def run_rawproxy(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run `python -m rawproxy ARGS` to completion (for flags that exit)."""
+    return subprocess.run(
+        [sys.executable, "-m", "rawproxy", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )

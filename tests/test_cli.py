@@ -1,0 +1,157 @@
+"""The command line as a user meets it: --version, --help, start-up errors (one line, no
+traceback, non-zero exit), several listeners, and a clean exit 0 on SIGTERM and SIGINT."""
+
+from __future__ import annotations
+
+import signal
+import socket
+
+import pytest
+from peers import (
+    HttpClient,
+    WsClient,
+    request_bytes,
+    run_rawproxy,
+    simple_get,
+    wait_closed,
+    ws_key,
+)
+
+import rawproxy
+
+FLAGS = [
+    "--listen",
+    "--backend",
+    "--header-timeout",
+    "--connect-timeout",
+    "--response-timeout",
+    "--idle-timeout",
+    "--tunnel-idle-timeout",
+    "--tcp-keepalive",
+    "--max-header-size",
+    "--max-connections",
+    "--log-level",
+    "--version",
+    "--help",
+]
+
+
+def test_version():
+    done = run_rawproxy("--version")
+    assert done.returncode == 0, done.stderr
+    assert rawproxy.__version__ in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_help_mentions_every_flag():
+    done = run_rawproxy("--help")
+    assert done.returncode == 0, done.stderr
+    missing = [flag for flag in FLAGS if flag not in done.stdout]
+    assert not missing, f"--help does not mention {missing}"
+
+
+def assert_one_line_error(done) -> None:
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode != 0, f"exit 0 for a bad start-up; stderr: {done.stderr}"
+    assert "Traceback" not in done.stderr, done.stderr
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{done.stderr}"
+
+
+GOOD = ["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [*GOOD, "--bogus"],
+        [*GOOD, "--header-timeout", "soon"],
+        [*GOOD, "--max-header-size", "lots"],
+        [*GOOD, "--max-connections", "many"],
+        [*GOOD, "--log-level", "chatty"],
+        ["--listen", "nonsense", "--backend", "127.0.0.1:9"],
+        ["--listen", "127.0.0.1", "--backend", "127.0.0.1:9"],
+        ["--listen", "127.0.0.1:99999", "--backend", "127.0.0.1:9"],
+        ["--listen", "[::1:8080", "--backend", "127.0.0.1:9"],
+        ["--listen", "127.0.0.1:0", "--backend", "ftp://127.0.0.1:21"],
+        ["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:http"],
+        ["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:0"],
+        ["--listen", "127.0.0.1:0", "--backend", "http://127.0.0.1:9/some/path"],
+        ["--listen", "127.0.0.1:0", "--backend", "no-such-host.invalid:80"],
+    ],
+    ids=[
+        "unknown-flag",
+        "bad-duration",
+        "bad-size",
+        "bad-count",
+        "bad-log-level",
+        "listen-nonsense",
+        "listen-without-port",
+        "listen-port-out-of-range",
+        "listen-unclosed-bracket",
+        "backend-unknown-scheme",
+        "backend-port-not-a-number",
+        "backend-port-zero",
+        "backend-with-path",
+        "backend-unresolvable",
+    ],
+)
+def test_start_up_error_is_one_line(args):
+    assert_one_line_error(run_rawproxy(*args))
+
+
+def test_port_in_use_is_one_line():
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        assert_one_line_error(
+            run_rawproxy("--listen", f"127.0.0.1:{port}", "--backend", "127.0.0.1:9")
+        )
+    finally:
+        holder.close()
+
+
+def test_several_listeners(start_proxy, http_backend):
+    proxy = start_proxy(http_backend.port, "--listen", "127.0.0.1:0")
+    assert len(set(proxy.ports)) == 2, proxy.log_text()
+    for port in proxy.ports:
+        with HttpClient(port, timeout=5) as c:
+            assert c.request(simple_get(f"/via/{port}")).status == 200
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_exits_zero(start_proxy, http_backend, sig):
+    proxy = start_proxy(http_backend.port)
+    with HttpClient(proxy.port, timeout=5) as idle:
+        assert idle.request(simple_get("/")).status == 200  # a kept-alive connection is open
+        assert proxy.stop(sig) == 0
+        assert "Traceback" not in proxy.log_text()
+        kind, _ = wait_closed(idle.sock, timeout=5)
+        assert kind in ("eof", "reset")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_exits_zero_with_open_websocket(start_proxy, ws_backend, sig):
+    proxy = start_proxy(ws_backend.port)
+    key = ws_key()
+    with HttpClient(proxy.port, timeout=5) as c:
+        c.send(
+            request_bytes(
+                "GET",
+                "/ws",
+                [
+                    ("Host", "b.test"),
+                    ("Connection", "Upgrade"),
+                    ("Upgrade", "websocket"),
+                    ("Sec-WebSocket-Key", key),
+                    ("Sec-WebSocket-Version", "13"),
+                ],
+            )
+        )
+        assert c.read_head()[0] == 101
+        ws = WsClient(c.sock, bytes(c.buf))
+        ws.send("hello")
+        assert ws.recv() == "hello"
+        assert proxy.stop(sig) == 0
+        assert "Traceback" not in proxy.log_text()

@@ -1,0 +1,332 @@
+"""Errors the proxy answers itself: malformed and smuggling-shaped requests (400, nothing
+reaches the backend), oversized heads (431), backends that refuse, hang or misbehave (502,
+504), slow heads (closed after --header-timeout). Each is one log line, and other clients go
+on unaffected."""
+
+from __future__ import annotations
+
+import re
+import select
+import time
+
+import pytest
+from peers import (
+    BlackholeBackend,
+    HttpClient,
+    ScriptedConn,
+    assert_serves,
+    refused_port,
+    request_bytes,
+    simple_get,
+)
+
+OTHER = "/still-ok"  # the target assert_serves uses; its access line is not the error's
+
+
+def status_pattern(status: int) -> str:
+    return rf"(?<![\w.]){status}(?![\w.])"
+
+
+def assert_logged_once(proxy, since: int, pattern: str, count: int = 1) -> None:
+    """Exactly `count` log lines since `since` match `pattern` (ignoring the lines about
+    requests to OTHER). Call after a request to OTHER went through, and the log line of that
+    request is used to know that every earlier line has been read."""
+    proxy.wait_for_log(re.escape(OTHER), since=since)
+    lines = [line for line in proxy.logs_matching(pattern, since) if OTHER not in line]
+    assert len(lines) == count, f"expected {count} line(s) matching {pattern!r}:\n" + (
+        proxy.log_text(since)
+    )
+
+
+def assert_answer_then_close(c: HttpClient, status: int, method: str = "GET") -> None:
+    resp = c.read_response(method)
+    assert resp.status == status, resp
+    _, rest = c.wait_closed(timeout=5)
+    assert rest == b"", f"bytes after the error response: {rest[:200]!r}"
+
+
+def nothing_reached_backend(http_backend) -> None:
+    heads = [r for r in http_backend.heads if r.target != OTHER.encode()]
+    assert heads == [], f"the backend received: {heads}"
+
+
+# --- malformed and ambiguous requests -> 400 ------------------------------------------------
+
+SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: b.test\r\n\r\n"
+
+BAD_HEADS = {
+    "garbage-request-line": b"GARBAGE\r\n\r\n",
+    "header-without-colon": b"GET / HTTP/1.1\r\nHost: b.test\r\nNoColonHere\r\n\r\n",
+    "space-before-colon": b"GET / HTTP/1.1\r\nHost : b.test\r\n\r\n",
+    "missing-host": b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n",
+    "cl-not-a-number": b"POST /echo HTTP/1.1\r\nHost: b.test\r\nContent-Length: abc\r\n\r\n",
+    "cl-negative": b"POST /echo HTTP/1.1\r\nHost: b.test\r\nContent-Length: -1\r\n\r\n",
+    "cl-and-te": b"POST /echo HTTP/1.1\r\nHost: b.test\r\nContent-Length: 5\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + SMUGGLED,
+    "te-and-cl": b"POST /echo HTTP/1.1\r\nHost: b.test\r\nTransfer-Encoding: chunked\r\n"
+    b"Content-Length: 40\r\n\r\n0\r\n\r\n" + SMUGGLED,
+    "differing-duplicate-cl": b"POST /echo HTTP/1.1\r\nHost: b.test\r\nContent-Length: 5\r\n"
+    b"Content-Length: 6\r\n\r\nhello!" + SMUGGLED,
+    "cl-list": b"POST /echo HTTP/1.1\r\nHost: b.test\r\nContent-Length: 5, 6\r\n\r\nhello!",
+    "te-xchunked": b"POST /echo HTTP/1.1\r\nHost: b.test\r\nTransfer-Encoding: xchunked\r\n\r\n"
+    b"0\r\n\r\n" + SMUGGLED,
+    "obs-fold-space": b"GET / HTTP/1.1\r\nHost: b.test\r\nX-Folded: a\r\n b\r\n\r\n",
+    "obs-fold-tab": b"GET / HTTP/1.1\r\nHost: b.test\r\nX-Folded: a\r\n\tb\r\n\r\n",
+    "obs-fold-hides-te": b"POST /echo HTTP/1.1\r\nHost: b.test\r\nX-Note: a\r\n"
+    b" Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\nhello",
+    "nul-in-value": b"GET / HTTP/1.1\r\nHost: b.test\r\nX-Nul: a\x00b\r\n\r\n",
+    "cr-in-value": b"GET / HTTP/1.1\r\nHost: b.test\r\nX-Cr: a\rb\r\n\r\n",
+    "cr-in-value-smuggles-header": b"GET / HTTP/1.1\r\nHost: b.test\r\n"
+    b"X-Cr: a\rTransfer-Encoding: chunked\r\n\r\n",
+}
+
+CHUNKED_HEAD = b"POST /echo HTTP/1.1\r\nHost: b.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+BAD_BODIES = {
+    "bad-chunk-size": b"zz\r\nhello\r\n0\r\n\r\n",
+    "bad-chunk-size-after-valid-chunk": b"5\r\nhello\r\nzz\r\nworld\r\n0\r\n\r\n",
+    "negative-chunk-size": b"5\r\nhello\r\n-5\r\nworld\r\n0\r\n\r\n",
+    "chunk-data-overruns-size": b"5\r\nhelloEXTRA\r\n0\r\n\r\n",
+    "chunk-size-overflow": b"5\r\nhello\r\nffffffffffffffffffffffff\r\nx\r\n0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_HEADS))
+def test_bad_request_head_gets_400(proxy, http_backend, client, name):
+    mark = proxy.mark()
+    c = client(proxy.port, timeout=5)
+    c.send(BAD_HEADS[name])
+    assert_answer_then_close(c, 400)
+    assert_serves(proxy, http_backend)
+    nothing_reached_backend(http_backend)
+    assert_logged_once(proxy, mark, status_pattern(400))
+
+
+@pytest.mark.parametrize("name", list(BAD_BODIES))
+def test_bad_chunked_body_gets_400(proxy, http_backend, client, name):
+    """The head is fine and may already be on its way; the body is not: the backend must not
+    get a complete request (nor the one smuggled after it), and the client gets 400."""
+    mark = proxy.mark()
+    c = client(proxy.port, timeout=5)
+    c.send(CHUNKED_HEAD + BAD_BODIES[name] + SMUGGLED)
+    assert_answer_then_close(c, 400)
+    assert_serves(proxy, http_backend)
+    done = [r for r in http_backend.requests if r.target != OTHER.encode()]
+    assert done == [], f"a complete request reached the backend: {done}"
+    assert_logged_once(proxy, mark, status_pattern(400))
+
+
+# --- oversized heads -> 431 -----------------------------------------------------------------
+
+LIMIT = 4096
+
+
+@pytest.fixture
+def small_head_proxy(start_proxy, http_backend):
+    return start_proxy(http_backend.port, "--max-header-size", str(LIMIT))
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        simple_get("/", "b.test", ("X-Big", "a" * 2 * LIMIT)),
+        simple_get("/", "b.test", *[(f"X-Many-{i}", "v" * 50) for i in range(200)]),
+        simple_get("/" + "p" * 2 * LIMIT, "b.test"),
+    ],
+    ids=["one-big-header", "many-headers", "long-target"],
+)
+def test_head_too_large_gets_431(small_head_proxy, http_backend, client, head):
+    proxy = small_head_proxy
+    mark = proxy.mark()
+    c = client(proxy.port, timeout=5)
+    c.send(head)
+    assert_answer_then_close(c, 431)
+    assert_serves(proxy, http_backend)
+    nothing_reached_backend(http_backend)
+    assert_logged_once(proxy, mark, status_pattern(431))
+
+
+def test_unfinished_head_over_limit_gets_431_without_waiting(
+    small_head_proxy, http_backend, client
+):
+    """Bytes keep coming and the head never ends: 431 as soon as the limit is passed, not a
+    wait for --header-timeout (default 10 s) while buffering."""
+    proxy = small_head_proxy
+    c = client(proxy.port, timeout=5)
+    start = time.monotonic()
+    c.send(b"GET / HTTP/1.1\r\nHost: b.test\r\nX-Endless: " + b"a" * (3 * LIMIT))
+    resp = c.read_response()
+    assert resp.status == 431
+    assert time.monotonic() - start < 3
+    nothing_reached_backend(http_backend)
+
+
+def test_head_under_limit_passes(small_head_proxy, http_backend, client):
+    c = client(small_head_proxy.port, timeout=5)
+    resp = c.request(simple_get("/", "b.test", ("X-Big", "a" * (LIMIT - 1000))))
+    assert resp.status == 200
+    [req] = http_backend.wait_for_requests(1)
+    assert req.values("x-big") == [b"a" * (LIMIT - 1000)]
+
+
+# --- backend trouble ------------------------------------------------------------------------
+
+
+def test_backend_refused_gets_502(start_proxy, client):
+    holder, port = refused_port()
+    try:
+        proxy = start_proxy(port, "--connect-timeout", "5")
+        mark = proxy.mark()
+        for i in (1, 2):  # a second client gets the same prompt answer: the proxy goes on
+            c = client(proxy.port, timeout=5)
+            start = time.monotonic()
+            resp = c.request(simple_get("/refused"))
+            assert resp.status == 502
+            assert time.monotonic() - start < 2, "a refused connection is not a timeout"
+            proxy.wait_for_logs(status_pattern(502), i, since=mark)
+        assert len(proxy.logs_matching(status_pattern(502), mark)) == 2, proxy.log_text(mark)
+    finally:
+        holder.close()
+
+
+def test_backend_unreachable_gets_502_after_connect_timeout(start_proxy, client):
+    blackhole = BlackholeBackend()
+    try:
+        assert blackhole.connect_hangs(), "could not make a port whose connect hangs"
+        proxy = start_proxy(blackhole.port, "--connect-timeout", "1")
+        mark = proxy.mark()
+        start = time.monotonic()
+        first = client(proxy.port, timeout=5)
+        first.send(simple_get("/unreachable/1"))
+        second = client(proxy.port, timeout=5)  # waits alongside, not behind, the first
+        second.send(simple_get("/unreachable/2"))
+        assert first.read_response().status == 502
+        elapsed = time.monotonic() - start
+        assert 0.8 <= elapsed <= 3, f"502 after {elapsed:.2f} s with --connect-timeout 1"
+        assert second.read_response().status == 502
+        assert time.monotonic() - start < 1.9, "the second client waited behind the first"
+        proxy.wait_for_logs(status_pattern(502), 2, since=mark)
+        assert len(proxy.logs_matching(status_pattern(502), mark)) == 2, proxy.log_text(mark)
+    finally:
+        blackhole.stop()
+
+
+def test_backend_silent_gets_504_after_response_timeout(start_proxy, http_backend, client):
+    proxy = start_proxy(http_backend.port, "--response-timeout", "1")
+    mark = proxy.mark()
+    c = client(proxy.port, timeout=5)
+    start = time.monotonic()
+    c.send(simple_get("/slow"))
+    http_backend.wait_for_heads(1)
+    assert_serves(proxy, http_backend)  # during: another client is served meanwhile
+    resp = c.read_response()
+    elapsed = time.monotonic() - start
+    assert resp.status == 504
+    assert 0.8 <= elapsed <= 4, f"504 after {elapsed:.2f} s with --response-timeout 1"
+    mark_after = proxy.mark()
+    assert_serves(proxy, http_backend)  # and after
+    proxy.wait_for_log(re.escape(OTHER), since=mark_after)
+    lines = [ln for ln in proxy.logs_matching(status_pattern(504), mark) if OTHER not in ln]
+    assert len(lines) == 1, proxy.log_text(mark)
+
+
+def misbehaving(action: bytes | None):
+    """A scripted backend that answers OTHER normally and every other request with `action`:
+    raw bytes to send before closing, or None to close without a word."""
+
+    def script(sc: ScriptedConn):
+        if f" {OTHER} ".encode() in sc.head.split(b"\r\n", 1)[0]:
+            body = f"GET {OTHER}".encode()
+            sc.sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            sc.sock.recv(1)  # until the proxy closes or reuses (then it gets EOF at stop)
+            return "ok"
+        if action is not None:
+            sc.sock.sendall(action)
+        return "misbehaved"
+
+    return script
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        simple_get("/unrequested-101"),
+        request_bytes("GET", "/unrequested-101", [("Host", "b.test"), ("Upgrade", "websocket")]),
+        request_bytes(
+            "GET",
+            "/unrequested-101",
+            [
+                ("Host", "b.test"),
+                ("Connection", "Upgrade, HTTP2-Settings"),
+                ("Upgrade", "h2c"),
+                ("HTTP2-Settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+            ],
+        ),
+    ],
+    ids=["plain-get", "upgrade-without-connection-token", "h2c"],
+)
+def test_unrequested_101_gets_502(proxy, http_backend, client, request_head):
+    mark = proxy.mark()
+    c = client(proxy.port, timeout=5)
+    resp = c.request(request_head)
+    assert resp.status == 502
+    assert b"raw-bytes-after-101" not in resp.body
+    assert_serves(proxy, http_backend)
+    assert_logged_once(proxy, mark, status_pattern(502))
+
+
+@pytest.mark.parametrize(
+    "action",
+    [None, b"NOT HTTP AT ALL\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"],
+    ids=["closes-without-answer", "garbage-answer", "closes-mid-head"],
+)
+def test_backend_misbehaving_gets_502(scripted_backend, start_proxy, client, action):
+    backend = scripted_backend(misbehaving(action))
+    proxy = start_proxy(backend.port)
+    mark = proxy.mark()
+    c = client(proxy.port, timeout=5)
+    resp = c.request(simple_get("/misbehave"))
+    assert resp.status == 502
+    assert_serves(proxy)
+    assert_logged_once(proxy, mark, status_pattern(502))
+
+
+# --- slow heads -----------------------------------------------------------------------------
+
+
+def test_slowloris_head_closed_after_header_timeout(start_proxy, http_backend, client):
+    """A head trickled a line every 0.2 s and never finished is closed about --header-timeout
+    after it started (trickling does not extend it); a 408 may come first."""
+    proxy = start_proxy(http_backend.port, "--header-timeout", "1")
+    mark = proxy.mark()
+    c = client(proxy.port, timeout=5)
+    start = time.monotonic()
+    c.send(b"GET / HTTP/1.1\r\nHost: b.test\r\n")
+    assert_serves(proxy, http_backend)  # during
+    got = b""
+    closed_by = None
+    i = 0
+    while closed_by is None:
+        assert time.monotonic() - start < 6, "the slow head was never cut off"
+        readable, _, _ = select.select([c.sock], [], [], 0.2)
+        if readable:
+            try:
+                chunk = c.sock.recv(65536)
+            except ConnectionResetError:
+                closed_by = "reset"
+                break
+            if not chunk:
+                closed_by = "eof"
+            got += chunk
+            continue
+        try:
+            c.sock.sendall(b"X-Slow-%d: y\r\n" % i)
+        except (BrokenPipeError, ConnectionResetError):
+            closed_by = "send failed"
+        i += 1
+    elapsed = time.monotonic() - start
+    assert 0.8 <= elapsed <= 3.5, f"closed after {elapsed:.2f} s with --header-timeout 1"
+    if got:
+        assert got.startswith(b"HTTP/1.1 408 "), got[:200]
+    assert_serves(proxy, http_backend)  # after
+    nothing_reached_backend(http_backend)
+    assert_logged_once(proxy, mark, rf"{status_pattern(408)}|header.timeout|timed out")

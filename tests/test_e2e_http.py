@@ -1,0 +1,342 @@
+"""Plain HTTP through the proxy: bodies both ways, keep-alive, pipelining, HEAD/204/304,
+100-continue, and what happens to headers on the way."""
+
+from __future__ import annotations
+
+import hashlib
+import select
+import time
+
+import pytest
+from peers import (
+    header_tokens,
+    header_values,
+    pattern_bytes,
+    request_bytes,
+    sha256,
+    simple_get,
+)
+
+
+def chunked(*pieces: bytes, extension: bytes = b"") -> bytes:
+    out = b""
+    for piece in pieces:
+        out += b"%x%s\r\n%s\r\n" % (len(piece), extension, piece)
+    return out + b"0\r\n\r\n"
+
+
+def test_get(proxy, http_backend, client):
+    c = client(proxy.port)
+    resp = c.request(simple_get("/hello?x=1"))
+    assert resp.status == 200
+    assert resp.body == b"GET /hello?x=1"
+    [req] = http_backend.wait_for_requests(1)
+    assert (req.method, req.target, req.body) == (b"GET", b"/hello?x=1", b"")
+
+
+@pytest.mark.parametrize("size", [0, 1, 100_000, 3_000_000])
+def test_post_content_length(proxy, http_backend, client, size):
+    body = pattern_bytes(size)
+    c = client(proxy.port)
+    resp = c.request(
+        request_bytes("POST", "/echo", [("Host", "b.test"), ("Content-Length", str(size))], body)
+    )
+    assert resp.status == 200
+    assert len(resp.body) == size
+    assert resp.body == body
+    [req] = http_backend.wait_for_requests(1)
+    assert req.body == body
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [b"hello", b" ", b"world"],
+        [b"x" * 70_000, b"y", b"z" * 300_000],
+        [pattern_bytes(8 * 1024 * 1024)],
+    ],
+    ids=["small", "uneven", "8MiB"],
+)
+def test_post_chunked_body_arrives_intact(proxy, http_backend, client, pieces):
+    body = b"".join(pieces)
+    c = client(proxy.port)
+    resp = c.request(
+        request_bytes(
+            "POST",
+            "/echo",
+            [("Host", "b.test"), ("Transfer-Encoding", "chunked")],
+            chunked(*pieces),
+        )
+    )
+    assert resp.status == 200
+    assert sha256(resp.body) == sha256(body)
+    [req] = http_backend.wait_for_requests(1)
+    assert len(req.body) == len(body)
+    assert sha256(req.body) == sha256(body)
+
+
+def test_chunk_extensions_are_accepted(proxy, http_backend, client):
+    c = client(proxy.port)
+    resp = c.request(
+        request_bytes(
+            "POST",
+            "/echo",
+            [("Host", "b.test"), ("Transfer-Encoding", "chunked")],
+            chunked(b"abc", b"def", extension=b";name=value"),
+        )
+    )
+    assert resp.status == 200
+    assert resp.body == b"abcdef"
+
+
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+def test_10mb_response_streamed(proxy, client, framing):
+    n = 10_000_000
+    target = f"/big?n={n}" + ("&cl=1" if framing == "content-length" else "")
+    c = client(proxy.port)
+    resp = c.request(simple_get(target))
+    assert resp.status == 200
+    assert len(resp.body) == n
+    assert hashlib.sha256(resp.body).digest() == hashlib.sha256(pattern_bytes(n)).digest()
+
+
+def test_response_is_streamed_not_buffered(proxy, http_backend, client):
+    """The backend sends part of its body and waits for the client to have it: a proxy that
+    holds the response until it is complete never delivers the first part."""
+    c = client(proxy.port, timeout=5)
+    c.send(simple_get("/stream"))
+    status, _, _headers, _ = c.read_head()
+    assert status == 200
+    got = bytearray(c.buf)
+    c.buf.clear()
+    while b"first-part" not in got:
+        chunk = c.sock.recv(65536)
+        assert chunk, "EOF before the first part of the body"
+        got += chunk
+    http_backend.gate.set()
+    while not got.endswith(b"0\r\n\r\n"):
+        chunk = c.sock.recv(65536)
+        assert chunk, "EOF before the end of the body"
+        got += chunk
+    assert b"second-part" in got
+
+
+def test_request_body_is_streamed_not_buffered(proxy, http_backend, client):
+    """The client sends the first chunk of a body and then waits until the backend has it."""
+    c = client(proxy.port, timeout=5)
+    c.send(
+        request_bytes("POST", "/stream-in", [("Host", "b.test"), ("Transfer-Encoding", "chunked")])
+        + b"5\r\nfirst\r\n"
+    )
+    assert http_backend.first_data.wait(5), "the backend never saw the first chunk"
+    c.send(b"6\r\nsecond\r\n0\r\n\r\n")
+    resp = c.read_response()
+    assert resp.status == 200
+    assert resp.body == f"11 {sha256(b'firstsecond')}".encode()
+
+
+def test_keep_alive_reuses_one_backend_connection(proxy, http_backend, client):
+    c = client(proxy.port)
+    for i in range(5):
+        resp = c.request(simple_get(f"/ka/{i}"))
+        assert resp.status == 200
+        assert resp.body == f"GET /ka/{i}".encode()
+    resp = c.request(
+        request_bytes("POST", "/echo", [("Host", "b.test"), ("Content-Length", "4")], b"last")
+    )
+    assert resp.body == b"last"
+    reqs = http_backend.wait_for_requests(6)
+    assert [r.target for r in reqs][:5] == [f"/ka/{i}".encode() for i in range(5)]
+    assert http_backend.accepts == 1, "the backend connection was not reused"
+    assert len({r.conn_id for r in reqs}) == 1
+
+
+def test_pipelined_requests_answered_in_order(proxy, http_backend, client):
+    reqs = [
+        simple_get("/p/1"),
+        request_bytes("POST", "/echo", [("Host", "b.test"), ("Content-Length", "7")], b"payload"),
+        simple_get("/p/3"),
+        request_bytes(
+            "POST",
+            "/echo",
+            [("Host", "b.test"), ("Transfer-Encoding", "chunked")],
+            chunked(b"chunk", b"ed"),
+        ),
+        request_bytes("HEAD", "/big?n=50&cl=1", [("Host", "b.test")]),
+        simple_get("/p/6"),
+    ]
+    c = client(proxy.port)
+    c.send(b"".join(reqs))
+    bodies = [c.read_response("HEAD" if i == 4 else "GET").body for i in range(len(reqs))]
+    assert bodies == [b"GET /p/1", b"payload", b"GET /p/3", b"chunked", b"", b"GET /p/6"]
+    got = http_backend.wait_for_requests(len(reqs))
+    assert [r.target for r in got] == [
+        b"/p/1",
+        b"/echo",
+        b"/p/3",
+        b"/echo",
+        b"/big?n=50&cl=1",
+        b"/p/6",
+    ]
+
+
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+def test_head(proxy, client, framing):
+    target = "/big?n=1000" + ("&cl=1" if framing == "content-length" else "")
+    c = client(proxy.port)
+    resp = c.request(request_bytes("HEAD", target, [("Host", "b.test")]), method="HEAD")
+    assert resp.status == 200
+    if framing == "content-length":
+        assert resp.header("content-length") == b"1000"
+    # no body followed: the next response on this connection parses cleanly
+    resp = c.request(simple_get("/after-head"))
+    assert (resp.status, resp.body) == (200, b"GET /after-head")
+
+
+@pytest.mark.parametrize("status", [204, 304])
+def test_bodyless_status(proxy, client, status):
+    c = client(proxy.port)
+    resp = c.request(simple_get(f"/status/{status}"))
+    assert resp.status == status
+    if status == 304:
+        assert resp.header("etag") == b'"v1"'
+    assert not header_values(resp.headers, "transfer-encoding")
+    resp = c.request(simple_get("/after"))
+    assert (resp.status, resp.body) == (200, b"GET /after")
+
+
+def test_expect_100_continue(proxy, http_backend, client):
+    c = client(proxy.port, timeout=5)
+    c.send(
+        request_bytes(
+            "POST",
+            "/echo",
+            [("Host", "b.test"), ("Content-Length", "11"), ("Expect", "100-continue")],
+        )
+    )
+    interim = c.read_response(allow_informational=True)
+    assert interim.status == 100
+    assert interim.header("x-continue-from") == b"backend", "not the backend's 100"
+    c.send(b"hello world")
+    resp = c.read_response()
+    assert (resp.status, resp.body) == (200, b"hello world")
+    [req] = http_backend.wait_for_requests(1)
+    assert req.body == b"hello world"
+
+
+def test_hop_by_hop_stripped_and_forwarded_headers_added(proxy, http_backend, client):
+    c = client(proxy.port)
+    resp = c.request(
+        request_bytes(
+            "GET",
+            "/hop",
+            [
+                ("Host", "Example.COM:8080"),
+                ("Connection", "keep-alive, X-Private"),
+                ("Keep-Alive", "timeout=5"),
+                ("Proxy-Connection", "keep-alive"),
+                ("TE", "trailers"),
+                ("Trailer", "X-Checksum"),
+                ("X-Private", "secret"),
+                ("X-Public", "visible"),
+            ],
+        )
+    )
+    assert resp.status == 200
+    [req] = http_backend.wait_for_requests(1)
+    names = {k.lower() for k, _ in req.headers}
+    for gone in (b"keep-alive", b"proxy-connection", b"te", b"trailer", b"x-private", b"upgrade"):
+        assert gone not in names, f"{gone!r} reached the backend: {req.headers}"
+    assert b"x-private" not in header_tokens(req.headers, "connection")
+    assert req.values("x-public") == [b"visible"]
+    assert req.values("host") == [b"Example.COM:8080"]
+    assert req.values("x-forwarded-for") == [b"127.0.0.1"]
+    assert req.values("x-forwarded-proto") == [b"http"]
+    assert req.values("x-forwarded-host") == [b"Example.COM:8080"]
+
+
+def test_x_forwarded_for_appends_client_address(proxy, http_backend, client):
+    c = client(proxy.port)
+    resp = c.request(simple_get("/xff", "b.test", ("X-Forwarded-For", "203.0.113.7, 10.0.0.1")))
+    assert resp.status == 200
+    [req] = http_backend.wait_for_requests(1)
+    assert header_tokens(req.headers, "x-forwarded-for") == [
+        b"203.0.113.7",
+        b"10.0.0.1",
+        b"127.0.0.1",
+    ]
+
+
+def test_end_to_end_header_case_preserved(proxy, http_backend, client):
+    c = client(proxy.port)
+    resp = c.request(
+        simple_get(
+            "/case",
+            "b.test",
+            ("X-CaSe-TeSt", "MiXeD Value"),
+            ("x-all-lower", "v"),
+            ("X-ALL-UPPER", "V"),
+        )
+    )
+    assert resp.status == 200
+    [req] = http_backend.wait_for_requests(1)
+    sent = {
+        (b"X-CaSe-TeSt", b"MiXeD Value"),
+        (b"x-all-lower", b"v"),
+        (b"X-ALL-UPPER", b"V"),
+        (b"Host", b"b.test"),
+    }
+    assert sent <= set(req.headers), req.headers
+    # and back: the backend's header names reach the client as the backend wrote them
+    assert (b"X-Backend-CaSe", b"MiXeD") in resp.headers
+
+
+def test_response_hop_by_hop_headers_not_passed_to_client(proxy, client):
+    c = client(proxy.port)
+    resp = c.request(simple_get("/"))
+    names = {k.lower() for k, _ in resp.headers}
+    assert b"keep-alive" not in names
+    assert b"x-backend-hop" not in names, "a header the backend's Connection named leaked"
+
+
+def test_backend_closing_after_response(proxy, http_backend, client):
+    c = client(proxy.port)
+    resp = c.request(simple_get("/close"))
+    assert (resp.status, resp.body) == (200, b"closing")
+    # the client's connection keeps working (the proxy opens a new backend connection), or the
+    # proxy closed it cleanly after the response; either way a next request works
+    c.send(simple_get("/after-close"))
+    try:
+        resp = c.read_response()
+    except (EOFError, ConnectionResetError):
+        c = client(proxy.port)
+        resp = c.request(simple_get("/after-close"))
+    assert (resp.status, resp.body) == (200, b"GET /after-close")
+    assert http_backend.accepts == 2
+
+
+# --- connection limits and timeouts (as --help describes them) ------------------------------
+
+
+def test_idle_timeout_closes_kept_alive_connection(start_proxy, http_backend, client):
+    proxy = start_proxy(http_backend.port, "--idle-timeout", "1")
+    c = client(proxy.port, timeout=5)
+    assert c.request(simple_get("/")).status == 200
+    start = time.monotonic()
+    _, rest = c.wait_closed(timeout=5)
+    elapsed = time.monotonic() - start
+    assert 0.8 <= elapsed <= 3.5, f"closed after {elapsed:.2f} s with --idle-timeout 1"
+    assert rest == b""
+
+
+def test_max_connections_holds_extra_clients_until_one_closes(start_proxy, http_backend, client):
+    proxy = start_proxy(http_backend.port, "--max-connections", "1")
+    first = client(proxy.port, timeout=5)
+    assert first.request(simple_get("/first")).status == 200
+    second = client(proxy.port, timeout=5)  # the kernel completes the connect (backlog)
+    second.send(simple_get("/second"))
+    readable, _, _ = select.select([second.sock], [], [], 0.5)
+    assert not readable, "a client beyond --max-connections 1 was served"
+    first.close()
+    resp = second.read_response()
+    assert (resp.status, resp.body) == (200, b"GET /second")

@@ -1,0 +1,399 @@
+"""After a 101 the proxy is an opaque byte tunnel: bulk data both ways (checked by SHA-256),
+bytes that arrive together with the heads, half-close, resets, the idle timeout, and memory
+held flat when one side does not read."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import select
+import socket
+import threading
+import time
+
+import pytest
+from peers import (
+    BLOB_SIZE,
+    RESPONSE_101,
+    ProxyProcess,
+    ScriptedBackend,
+    ScriptedConn,
+    connect,
+    read_to_eof,
+    recv_exact,
+    recv_until,
+    reset_close,
+    send_blob,
+    sha256,
+    tunnel_request,
+    wait_closed,
+)
+
+MiB = 1024 * 1024
+
+
+@dataclasses.dataclass
+class Tunnel:
+    sock: socket.socket
+    buf: bytearray  # bytes the client received after the 101 head
+    backend: ScriptedBackend
+    proxy: ProxyProcess
+
+    def recv_exact(self, n: int) -> bytes:
+        return recv_exact(self.sock, n, self.buf)
+
+    def read_to_eof(self) -> tuple[int, str]:
+        return read_to_eof(self.sock, self.buf)
+
+    def read_all(self) -> bytes:
+        data = bytes(self.buf)
+        self.buf.clear()
+        while chunk := self.sock.recv(65536):
+            data += chunk
+        return data
+
+
+@pytest.fixture(params=["splice", "copy"])
+def open_tunnel(request, scripted_backend, start_proxy, sockets):
+    """`open_tunnel(script, *proxy_flags, early=b"")`: a scripted backend running `script`, a
+    proxy in front of it, and a client whose upgrade request (plus `early` bytes, in the same
+    send) got the backend's 101. Every test runs twice: bytes moved by splice(2), and copied
+    through a buffer (--no-splice), the two pumps of a plain tunnel."""
+    pump_flags = ("--no-splice",) if request.param == "copy" else ()
+
+    def open_(script, *flags: str, early: bytes = b"", timeout: float = 10.0) -> Tunnel:
+        backend = scripted_backend(script)
+        proxy = start_proxy(backend.port, *pump_flags, *flags)
+        sock = connect(proxy.port, timeout)
+        sockets.append(sock)
+        sock.sendall(tunnel_request() + early)
+        buf = bytearray()
+        head = recv_until(sock, buf, b"\r\n\r\n")
+        assert re.match(rb"HTTP/1\.1 101 ", head), head
+        return Tunnel(sock, buf, backend, proxy)
+
+    return open_
+
+
+# --- bulk data ------------------------------------------------------------------------------
+
+
+def test_64mib_client_to_backend(open_tunnel, blob, blob_sha):
+    def sink(sc: ScriptedConn):
+        sc.sock.sendall(RESPONSE_101)
+        n, digest = sc.read_to_eof()
+        # the client half-closed; this side can still answer
+        sc.sock.sendall(f"{n} {digest}".encode())
+        return n, digest
+
+    t = open_tunnel(sink)
+    send_blob(t.sock, blob)
+    t.sock.shutdown(socket.SHUT_WR)
+    assert t.backend.result(30) == (BLOB_SIZE, blob_sha)
+    assert t.read_all() == f"{BLOB_SIZE} {blob_sha}".encode()
+
+
+def test_64mib_backend_to_client(open_tunnel, blob, blob_sha):
+    def source(sc: ScriptedConn):
+        sc.sock.sendall(RESPONSE_101)
+        send_blob(sc.sock, blob)
+        sc.sock.shutdown(socket.SHUT_WR)
+        return sc.read_to_eof()
+
+    t = open_tunnel(source)
+    assert t.read_to_eof() == (BLOB_SIZE, blob_sha)
+    t.sock.shutdown(socket.SHUT_WR)
+    assert t.backend.result(30) == (0, sha256(b""))
+
+
+def test_64mib_both_ways_at_once(open_tunnel, background, blob, blob_sha):
+    def both(sc: ScriptedConn):
+        sc.sock.sendall(RESPONSE_101)
+
+        def send():
+            send_blob(sc.sock, blob)
+            sc.sock.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        try:
+            return sc.read_to_eof()
+        finally:
+            sender.join(30)
+
+    t = open_tunnel(both)
+
+    def client_send():
+        send_blob(t.sock, blob)
+        t.sock.shutdown(socket.SHUT_WR)
+
+    sender = background(client_send)
+    assert t.read_to_eof() == (BLOB_SIZE, blob_sha)
+    sender.join()
+    assert t.backend.result(30) == (BLOB_SIZE, blob_sha)
+
+
+# --- bytes that came with the heads ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "early",
+    [
+        b"CLIENT-EARLY-BYTES",
+        b"GET /smuggled HTTP/1.1\r\nHost: evil.test\r\n\r\n",
+        bytes(range(256)) * 4,
+    ],
+    ids=["text", "looks-like-http", "binary"],
+)
+def test_leftover_bytes_forwarded_first_and_in_order(open_tunnel, early):
+    def script(sc: ScriptedConn):
+        sc.sock.sendall(RESPONSE_101 + b"BACKEND-EARLY")  # one send: head and data together
+        got = sc.recv_exact(len(early) + len(b"CLIENT-LATER"))
+        sc.sock.sendall(b"BACKEND-LATER")
+        return got
+
+    t = open_tunnel(script, early=early)
+    assert t.recv_exact(len(b"BACKEND-EARLY")) == b"BACKEND-EARLY"
+    t.sock.sendall(b"CLIENT-LATER")
+    assert t.recv_exact(len(b"BACKEND-LATER")) == b"BACKEND-LATER"
+    assert t.backend.result() == early + b"CLIENT-LATER"
+
+
+# --- half-close -----------------------------------------------------------------------------
+
+
+def test_half_close_from_client(open_tunnel):
+    answer = b"still talking after your EOF\n" * 5000
+
+    def script(sc: ScriptedConn):
+        sc.sock.sendall(RESPONSE_101)
+        n, digest = sc.read_to_eof()
+        sc.sock.sendall(answer)
+        return n, digest
+
+    t = open_tunnel(script)
+    t.sock.sendall(b"request data")
+    t.sock.shutdown(socket.SHUT_WR)
+    assert t.backend.result() == (len(b"request data"), sha256(b"request data"))
+    assert t.read_to_eof() == (len(answer), sha256(answer))
+
+
+def test_half_close_from_backend(open_tunnel):
+    late = b"client keeps sending after the backend's EOF\n" * 5000
+
+    def script(sc: ScriptedConn):
+        sc.sock.sendall(RESPONSE_101 + b"all I have to say")
+        sc.sock.shutdown(socket.SHUT_WR)
+        return sc.read_to_eof()
+
+    t = open_tunnel(script)
+    assert t.read_to_eof() == (len(b"all I have to say"), sha256(b"all I have to say"))
+    t.sock.sendall(late)
+    t.sock.shutdown(socket.SHUT_WR)
+    assert t.backend.result() == (len(late), sha256(late))
+
+
+# --- resets ---------------------------------------------------------------------------------
+
+
+def test_backend_reset_closes_client(open_tunnel):
+    def script(sc: ScriptedConn):
+        sc.sock.sendall(RESPONSE_101)
+        sc.recv_exact(1)
+        reset_close(sc.sock)
+
+    t = open_tunnel(script)
+    t.sock.sendall(b"x")
+    kind, _ = wait_closed(t.sock, timeout=5)
+    assert kind in ("eof", "reset")
+
+
+def test_client_reset_closes_backend(open_tunnel):
+    def script(sc: ScriptedConn):
+        sc.sock.sendall(RESPONSE_101)
+        return wait_closed(sc.sock, timeout=5)
+
+    t = open_tunnel(script)
+    reset_close(t.sock)
+    kind, _ = t.backend.result()
+    assert kind in ("eof", "reset")
+
+
+def test_client_reset_while_backend_streams(open_tunnel, blob):
+    """The backend is busy writing when the client resets: its writes start failing (or it
+    sees EOF) within a few seconds instead of blocking forever."""
+
+    def script(sc: ScriptedConn):
+        sc.sock.sendall(RESPONSE_101)
+        sc.sock.settimeout(5)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                sc.sock.sendall(blob[: 1 * MiB])
+            except (BrokenPipeError, ConnectionResetError):
+                return "closed"
+        return "still open"
+
+    t = open_tunnel(script)
+    t.recv_exact(1 * MiB)
+    reset_close(t.sock)
+    assert t.backend.result(15) == "closed"
+
+
+def test_client_reset_before_the_101(scripted_backend, start_proxy, sockets):
+    """The client asks to upgrade and resets while the backend is still deciding; the
+    backend's 101 (with data behind it) then has nowhere to go: the backend's connection is
+    closed within a few seconds."""
+    head_seen = threading.Event()
+    client_gone = threading.Event()
+
+    def script(sc: ScriptedConn):
+        head_seen.set()
+        if not client_gone.wait(10):
+            raise TimeoutError("the client never reset")
+        try:
+            sc.sock.sendall(RESPONSE_101 + b"data behind the 101" * 1000)
+        except (BrokenPipeError, ConnectionResetError):
+            return "reset", b""
+        return wait_closed(sc.sock, timeout=5)
+
+    backend = scripted_backend(script)
+    proxy = start_proxy(backend.port)
+    sock = connect(proxy.port)
+    sockets.append(sock)
+    sock.sendall(tunnel_request())
+    assert head_seen.wait(5), "the request never reached the backend"
+    reset_close(sock)
+    client_gone.set()
+    kind, _ = backend.result(10)
+    assert kind in ("eof", "reset")
+
+
+# --- idle timeout ---------------------------------------------------------------------------
+
+
+def echo(sc: ScriptedConn):
+    sc.sock.sendall(RESPONSE_101)
+    if sc.extra:
+        sc.sock.sendall(bytes(sc.extra))
+    while data := sc.sock.recv(65536):
+        sc.sock.sendall(data)
+    return "eof"
+
+
+def test_tunnel_idle_timeout_closes_idle_tunnel(open_tunnel):
+    t = open_tunnel(echo, "--tunnel-idle-timeout", "1")
+    t.sock.sendall(b"ping")
+    assert t.recv_exact(4) == b"ping"
+    start = time.monotonic()
+    kind, _ = wait_closed(t.sock, timeout=5)
+    elapsed = time.monotonic() - start
+    assert kind in ("eof", "reset")
+    assert 0.8 <= elapsed <= 3.5, f"closed after {elapsed:.2f} s with --tunnel-idle-timeout 1"
+    assert t.backend.result(5) == "eof"
+
+
+def test_tunnel_idle_timeout_spares_active_tunnel(open_tunnel):
+    t = open_tunnel(echo, "--tunnel-idle-timeout", "1")
+    start = time.monotonic()
+    i = 0
+    while time.monotonic() - start < 2.5:
+        # wait 0.3 s on the socket: nothing may arrive (no close, no stray bytes)
+        readable, _, _ = select.select([t.sock], [], [], 0.3)
+        assert not readable, "the tunnel closed (or sent something) while in use"
+        message = f"ping {i}".encode()
+        t.sock.sendall(message)
+        assert t.recv_exact(len(message)) == message
+        i += 1
+    kind, _ = wait_closed(t.sock, timeout=5)
+    assert kind in ("eof", "reset")
+
+
+# --- a side that does not read --------------------------------------------------------------
+
+SLOW_TOTAL = 256 * MiB
+STALL_SECONDS = 3.0
+RSS_LIMIT_KIB = 32 * 1024
+
+
+def peak_rss_during(proxy: ProxyProcess, seconds: float) -> int:
+    """The largest VmRSS (KiB) of the proxy over the next `seconds` (the deliberate stall of
+    the test), sampled every 50 ms."""
+    peak = proxy.rss_kib()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)  # the sampling period, not a wait for an event
+        peak = max(peak, proxy.rss_kib())
+    return peak
+
+
+def test_slow_client_reader_keeps_proxy_memory_flat(open_tunnel, blob):
+    """The backend writes 256 MiB as fast as it can; the client reads nothing for 3 s. The
+    proxy must stop reading from the backend instead of buffering: RSS stays within 32 MiB of
+    where it started. Then the client reads everything, intact."""
+    progress = {"sent": 0}
+
+    def source(sc: ScriptedConn):
+        sc.sock.sendall(RESPONSE_101)
+        sc.recv_exact(1)  # the client's go
+        hasher = hashlib.sha256()
+        for i in range(SLOW_TOTAL // MiB):
+            piece = blob[(i % 64) * MiB : (i % 64 + 1) * MiB]
+            sc.sock.sendall(piece)
+            hasher.update(piece)
+            progress["sent"] += MiB
+        sc.sock.shutdown(socket.SHUT_WR)
+        return SLOW_TOTAL, hasher.hexdigest()
+
+    t = open_tunnel(source, timeout=20)
+    baseline = t.proxy.rss_kib()
+    t.sock.sendall(b"g")
+    peak = peak_rss_during(t.proxy, STALL_SECONDS)
+    stalled_at = progress["sent"]
+    assert peak - baseline <= RSS_LIMIT_KIB, (
+        f"proxy RSS grew by {(peak - baseline) / 1024:.1f} MiB while the client did not read "
+        f"(backend had sent {stalled_at / MiB:.0f} MiB)"
+    )
+    assert stalled_at < SLOW_TOTAL, "the backend could send everything: nothing held it back"
+    got = t.read_to_eof()
+    assert got == t.backend.result(30)
+
+
+def test_slow_backend_reader_keeps_proxy_memory_flat(open_tunnel, background, blob):
+    """The mirror image: the client writes 256 MiB, the backend reads nothing for 3 s."""
+    go = threading.Event()
+
+    def sink(sc: ScriptedConn):
+        sc.sock.sendall(RESPONSE_101)
+        if not go.wait(20):
+            raise TimeoutError("never told to read")
+        return sc.read_to_eof()
+
+    t = open_tunnel(sink, timeout=20)
+    baseline = t.proxy.rss_kib()
+    progress = {"sent": 0}
+
+    def client_send():
+        hasher = hashlib.sha256()
+        for i in range(SLOW_TOTAL // MiB):
+            piece = blob[(i % 64) * MiB : (i % 64 + 1) * MiB]
+            t.sock.sendall(piece)
+            hasher.update(piece)
+            progress["sent"] += MiB
+        t.sock.shutdown(socket.SHUT_WR)
+        return SLOW_TOTAL, hasher.hexdigest()
+
+    sender = background(client_send)
+    try:
+        peak = peak_rss_during(t.proxy, STALL_SECONDS)
+        stalled_at = progress["sent"]
+    finally:
+        go.set()
+    assert peak - baseline <= RSS_LIMIT_KIB, (
+        f"proxy RSS grew by {(peak - baseline) / 1024:.1f} MiB while the backend did not read "
+        f"(client had sent {stalled_at / MiB:.0f} MiB)"
+    )
+    assert stalled_at < SLOW_TOTAL, "the client could send everything: nothing held it back"
+    expected = sender.join(30)
+    assert t.backend.result(30) == expected
