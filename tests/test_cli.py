@@ -3,8 +3,12 @@ traceback, non-zero exit), several listeners, and a clean exit 0 on SIGTERM and 
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 from peers import (
@@ -155,3 +159,44 @@ def test_signal_exits_zero_with_open_websocket(start_proxy, ws_backend, sig):
         assert ws.recv() == "hello"
         assert proxy.stop(sig) == 0
         assert "Traceback" not in proxy.log_text()
+
+
+def _unprivileged_prefix() -> list[str]:
+    """How to run the proxy without the right to bind ports below 1024."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: cannot drop the privilege to test it")
+    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run(
+        [*prefix, sys.executable, "-c", "import rawproxy"], capture_output=True, timeout=30, cwd="/"
+    )
+    if probe.returncode != 0:
+        pytest.skip("the unprivileged user cannot run this checkout's Python (a private folder)")
+    return prefix
+
+
+def test_low_port_without_privilege_is_one_line():
+    with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+        if int(f.read()) <= 80:
+            pytest.skip("this kernel lets everyone bind port 80")
+    done = subprocess.run(
+        [
+            *_unprivileged_prefix(),
+            sys.executable,
+            "-m",
+            "rawproxy",
+            "--listen",
+            "127.0.0.1:80",
+            "--backend",
+            "127.0.0.1:9",
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+    )
+    assert_one_line_error(done)
+    assert "permission denied" in done.stderr
+    assert "CAP_NET_BIND_SERVICE" in done.stderr
