@@ -26,6 +26,8 @@ ACCEPTS_PER_EVENT = 64
 # connections wait in the kernel's backlog instead of the loop spinning on EMFILE.
 FD_EXHAUSTED_PAUSE = 0.5
 LISTEN_BACKLOG = 1024
+# While descriptors stay exhausted, say so once a minute, not at every pause.
+ACCEPT_FAILURE_LOG_EVERY = 60.0
 
 
 class StartupError(Exception):
@@ -142,6 +144,8 @@ class Server:
         self.listeners: list[socket.socket] = []
         self.accepting = False
         self.resume_timer: Timer | None = None
+        self.accept_failures = 0
+        self.accept_failure_logged = -ACCEPT_FAILURE_LOG_EVERY
         backend = config.backend
         if backend.tls:
             raise StartupError(
@@ -202,12 +206,17 @@ class Server:
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error(
-                        "cannot accept: %s; pausing accepts for %gs (raise the file "
-                        "descriptor limit, e.g. LimitNOFILE=, or lower --max-connections)",
-                        e.strerror,
-                        FD_EXHAUSTED_PAUSE,
-                    )
+                    self.accept_failures += 1
+                    if self.loop.now >= self.accept_failure_logged + ACCEPT_FAILURE_LOG_EVERY:
+                        self.accept_failure_logged = self.loop.now
+                        log.error(
+                            "cannot accept: %s; pausing accepts for %gs at a time (%d pauses "
+                            "so far; raise the file descriptor limit, e.g. LimitNOFILE=, or "
+                            "lower --max-connections)",
+                            e.strerror,
+                            FD_EXHAUSTED_PAUSE,
+                            self.accept_failures,
+                        )
                     self._accept_off()
                     self.resume_timer = self.loop.call_later(FD_EXHAUSTED_PAUSE, self._resume)
                     return
