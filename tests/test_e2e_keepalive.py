@@ -1,0 +1,52 @@
+"""A kept-alive backend connection that the backend closes just as the proxy reuses it: a
+request without a body is sent again on a new connection (it never reached the application);
+one with a body is not, and the client gets 502."""
+
+from __future__ import annotations
+
+import itertools
+
+from peers import request_bytes, simple_get
+
+FIRST = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst"
+SECOND = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond"
+
+
+def closes_when_reused(counter: itertools.count[int]):
+    """Connection 1 answers one request, then closes on reading the next head unanswered;
+    later connections answer with SECOND."""
+
+    def script(conn) -> None:
+        if next(counter) == 0:
+            conn.sock.sendall(FIRST)
+            while b"\r\n\r\n" not in conn.extra:
+                data = conn.sock.recv(65536)
+                if not data:
+                    return
+                conn.extra += data
+            return  # the handler closes the socket: the second request is dropped unanswered
+        conn.sock.sendall(SECOND)
+
+    return script
+
+
+def test_bodiless_request_retried_on_a_fresh_connection(scripted_backend, start_proxy, client):
+    backend = scripted_backend(closes_when_reused(itertools.count()))
+    proxy = start_proxy(backend.port, "--log-level", "debug")
+    c = client(proxy.port)
+    assert c.request(simple_get("/1")).body == b"first"
+    second = c.request(simple_get("/2"))
+    assert second.status == 200
+    assert second.body == b"second"
+    proxy.wait_for_log(r"retrying on a new one")
+
+
+def test_request_with_body_not_retried(scripted_backend, start_proxy, client):
+    backend = scripted_backend(closes_when_reused(itertools.count()))
+    proxy = start_proxy(backend.port)
+    c = client(proxy.port)
+    assert c.request(simple_get("/1")).body == b"first"
+    post = request_bytes(
+        "POST", "/2", [("Host", "backend.test"), ("Content-Length", "4")], body=b"data"
+    )
+    assert c.request(post, "POST").status == 502
