@@ -13,7 +13,7 @@ import sys
 from typing import NoReturn
 
 from rawproxy import __version__
-from rawproxy.config import Config, ConfigError, parse_backend, parse_listen
+from rawproxy.config import CertPair, Config, ConfigError, parse_backend, parse_listen
 
 DESCRIPTION = """\
 rawproxy is an HTTP/1.1 reverse proxy that gets WebSockets right. Every request that reaches a
@@ -28,10 +28,16 @@ EPILOG = """\
 addresses:
   --listen [HOST]:PORT     :8080 listens on every interface, IPv4 and IPv6; 127.0.0.1:8080
                            and [::1]:8080 on one address. Port 0 picks a free port (logged).
+                           tls://[HOST]:PORT and tcp://[HOST]:PORT choose TLS or plain TCP
+                           explicitly; a bare [HOST]:PORT is TLS exactly when --cert is given.
   --backend [SCHEME://]HOST[:PORT]
                            http:// and ws:// speak plain TCP (default port 80); https:// and
-                           wss:// (default port 443) are reserved for TLS to the backend. The
-                           name is resolved once, at start-up.
+                           wss:// speak TLS (default port 443); with no scheme, port 443 means
+                           TLS. The name is resolved once, at start-up.
+
+TLS: clients get TLS 1.2 or newer, ALPN http/1.1 only. The backend's certificate is verified
+against the system store (or --backend-ca) for the backend host name (or --backend-sni), which
+is also sent as SNI; a failed verification is a 502 naming the reason.
 
 durations are seconds (2.5) or take a unit: 500ms, 10s, 5m, 1h.
 sizes are bytes or take a unit: 16k, 64KiB, 1M, 1MiB.
@@ -46,6 +52,8 @@ Each is one line in the log; other clients are not affected.
 
 signals:
   SIGTERM, SIGINT   stop: close the listeners and every connection, exit 0
+  SIGHUP            re-read the --cert/--key files for new connections; open connections and
+                    tunnels keep theirs; a broken file keeps the old certificate (logged)
 
 examples:
   rawproxy --listen :8080 --backend 127.0.0.1:9000
@@ -146,6 +154,61 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="forward every request and upgrade here (required)",
     )
+    tls = parser.add_argument_group("TLS")
+    tls.add_argument(
+        "--cert",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="PEM certificate (the file may hold the chain) for TLS listeners; "
+        "repeat with --key for several certificates chosen by SNI, the first "
+        "being the default",
+    )
+    tls.add_argument(
+        "--key",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="PEM private key of the --cert given in the same position",
+    )
+    tls.add_argument(
+        "--backend-tls",
+        dest="backend_tls",
+        action="store_const",
+        const=True,
+        default=None,
+        help="speak TLS to the backend whatever its scheme and port say",
+    )
+    tls.add_argument(
+        "--no-backend-tls",
+        dest="backend_tls",
+        action="store_const",
+        const=False,
+        help="speak plain TCP to the backend, even on port 443",
+    )
+    tls.add_argument(
+        "--backend-ca",
+        metavar="FILE",
+        help="verify the backend's certificate against this PEM CA file instead of "
+        "the system store",
+    )
+    tls.add_argument(
+        "--backend-sni",
+        metavar="NAME",
+        help="the name sent as SNI and checked in the backend's certificate "
+        "(default: the --backend host)",
+    )
+    tls.add_argument(
+        "--backend-insecure",
+        action="store_true",
+        help="do not verify the backend's certificate (logged loudly; for tests and emergencies)",
+    )
+    tls.add_argument(
+        "--backend-cert",
+        metavar="FILE",
+        help="client certificate (PEM) to present to the backend (mutual TLS)",
+    )
+    tls.add_argument("--backend-key", metavar="FILE", help="private key of --backend-cert")
     timeouts = parser.add_argument_group("timeouts")
     timeouts.add_argument(
         "--header-timeout",
@@ -233,10 +296,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
+    if len(args.cert) != len(args.key):
+        parser.error(
+            f"{len(args.cert)} --cert but {len(args.key)} --key: give them in pairs, "
+            "--cert FILE --key FILE"
+        )
+    certs = tuple(CertPair(cert, key) for cert, key in zip(args.cert, args.key, strict=True))
+    if any(where.tls for where in args.listen) and not certs:
+        parser.error("a tls:// listener needs a certificate: add --cert FILE --key FILE")
+    if (args.backend_cert is None) != (args.backend_key is None):
+        parser.error("--backend-cert and --backend-key go together")
+    client_pair = (
+        CertPair(args.backend_cert, args.backend_key) if args.backend_cert is not None else None
+    )
     return Config(
         listen=tuple(args.listen),
         backend=args.backend,
+        certs=certs,
+        backend_tls=args.backend_tls,
+        backend_ca=args.backend_ca,
+        backend_sni=args.backend_sni,
+        backend_insecure=args.backend_insecure,
+        backend_client_cert=client_pair,
         header_timeout=args.header_timeout,
         connect_timeout=args.connect_timeout,
         response_timeout=args.response_timeout,
@@ -259,8 +341,9 @@ def setup_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = config_from_args(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = config_from_args(parser, args)
     setup_logging(config.log_level)
     from rawproxy.server import Server, StartupError
 

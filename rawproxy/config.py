@@ -18,10 +18,12 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ListenAddress:
-    """Where to accept clients. host None means every interface (IPv4 and IPv6)."""
+    """Where to accept clients. host None means every interface (IPv4 and IPv6). tls None
+    means "TLS exactly when certificates are given"."""
 
     host: str | None
     port: int
+    tls: bool | None = None
 
     def __str__(self) -> str:
         if self.host is None:
@@ -49,9 +51,21 @@ class Backend:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class CertPair:
+    cert: str
+    key: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Config:
     listen: tuple[ListenAddress, ...]
     backend: Backend
+    certs: tuple[CertPair, ...] = ()
+    backend_tls: bool | None = None  # None: decided by the --backend scheme (or port 443)
+    backend_ca: str | None = None
+    backend_sni: str | None = None
+    backend_insecure: bool = False
+    backend_client_cert: CertPair | None = None
     header_timeout: float = 10.0
     connect_timeout: float = 5.0
     response_timeout: float = 60.0
@@ -91,14 +105,25 @@ def _parse_port(port: str, what: str, text: str, example: str, lowest: int = 1) 
 
 
 def parse_listen(text: str) -> ListenAddress:
-    """Parse `--listen [HOST]:PORT`; `:PORT` means every interface."""
-    example = "use [HOST]:PORT, e.g. :8080, 127.0.0.1:8080 or [::1]:8080"
+    """Parse `--listen [tls://|tcp://][HOST]:PORT`; `:PORT` means every interface."""
+    example = "use [tls://|tcp://][HOST]:PORT, e.g. :8080, 127.0.0.1:8080 or tls://[::1]:443"
+    original = text
     text = text.strip()
+    tls: bool | None = None
+    if "://" in text:
+        scheme, _, text = text.partition("://")
+        if scheme.lower() not in ("tls", "tcp"):
+            raise ConfigError(
+                f"--listen {original!r}: unknown scheme {scheme!r} (use tls:// or tcp://)"
+            )
+        tls = scheme.lower() == "tls"
     host, port = _split_host_port(text, "--listen", example)
     if port is None:
-        raise ConfigError(f"--listen {text!r}: a port is required; {example}")
+        raise ConfigError(f"--listen {original!r}: a port is required; {example}")
     # Port 0 asks the kernel for a free port; the proxy logs the one it got.
-    return ListenAddress(host or None, _parse_port(port, "--listen", text, example, lowest=0))
+    return ListenAddress(
+        host or None, _parse_port(port, "--listen", original, example, lowest=0), tls
+    )
 
 
 def parse_backend(text: str) -> Backend:

@@ -14,9 +14,10 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
-from rawproxy.config import Backend, Config, ListenAddress
+from rawproxy.config import Backend, Config, ConfigError, ListenAddress
 from rawproxy.loop import READ, Loop, Timer
-from rawproxy.session import Session
+from rawproxy.session import DONE, Session
+from rawproxy.tls import ServerTLS, backend_context
 from rawproxy.tunnel import PipePool
 
 log = logging.getLogger("rawproxy")
@@ -142,19 +143,28 @@ class Server:
         self.splice = config.splice and hasattr(os, "splice")
         self.connections: set[Connection] = set()
         self.listeners: list[socket.socket] = []
+        self.listener_tls: dict[int, bool] = {}
         self.accepting = False
         self.resume_timer: Timer | None = None
         self.accept_failures = 0
         self.accept_failure_logged = -ACCEPT_FAILURE_LOG_EVERY
         backend = config.backend
-        if backend.tls:
-            raise StartupError(
-                f"TLS to the backend is not implemented yet (--backend {backend}); "
-                "use an http:// backend"
+        try:
+            self.client_tls = ServerTLS(config.certs) if config.certs else None
+            use_tls = backend.tls if config.backend_tls is None else config.backend_tls
+            self.backend_tls = (
+                backend_context(
+                    config.backend_ca, config.backend_insecure, config.backend_client_cert
+                )
+                if use_tls
+                else None
             )
+        except ConfigError as e:
+            raise StartupError(str(e)) from e
+        self.backend_sni = config.backend_sni or backend.host
         self.backend_addresses = resolve_backend(backend)
         self.backend_name = str(backend)
-        default_port = 443 if backend.tls else 80
+        default_port = 443 if use_tls else 80
         host = f"[{backend.host}]" if ":" in backend.host else backend.host
         if backend.port != default_port:
             host = f"{host}:{backend.port}"
@@ -165,7 +175,10 @@ class Server:
     def open(self) -> None:
         try:
             for where in self.config.listen:
-                self.listeners.extend(open_listener(where))
+                tls = bool(self.config.certs) if where.tls is None else where.tls
+                for sock in open_listener(where):
+                    self.listeners.append(sock)
+                    self.listener_tls[sock.fileno()] = tls
         except StartupError:
             self.close_listeners()
             raise
@@ -191,6 +204,11 @@ class Server:
 
     def _accept(self, listener: socket.socket) -> None:
         limit = self.config.max_connections
+        tls = (
+            self.client_tls.context
+            if self.listener_tls[listener.fileno()] and self.client_tls
+            else None
+        )
         for _ in range(ACCEPTS_PER_EVENT):
             if len(self.connections) >= limit:
                 log.warning(
@@ -223,7 +241,9 @@ class Server:
                 # ECONNABORTED and friends: that client gave up already; take the next one.
                 continue
             sock.setblocking(False)
-            self.connections.add(Session(self, sock, address))
+            session = Session(self, sock, address, tls)
+            if session.phase != DONE:
+                self.connections.add(session)
 
     def _resume(self) -> None:
         self.resume_timer = None
@@ -250,8 +270,26 @@ class Server:
     def run(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.loop.add_signal_handler(sig, self._on_stop_signal)
+        self.loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         for sock in self.listeners:
-            log.info("listening on %s", _shown(sock))
+            kind = "tls" if self.listener_tls[sock.fileno()] else "plain"
+            log.info("listening on %s (%s)", _shown(sock), kind)
+        config = self.config
+        if self.backend_tls is None:
+            log.info("backend %s: plain TCP", self.backend_name)
+        elif config.backend_insecure:
+            log.warning(
+                "backend %s: TLS WITHOUT certificate verification (--backend-insecure): anyone "
+                "on the path can impersonate the backend",
+                self.backend_name,
+            )
+        else:
+            log.info(
+                "backend %s: TLS, certificate verified against %s for the name %r (sent as SNI)",
+                self.backend_name,
+                config.backend_ca or "the system's CA store",
+                self.backend_sni,
+            )
         log.info(
             "ready: %d listener(s), backend %s (%s)",
             len(self.listeners),
@@ -263,6 +301,24 @@ class Server:
         finally:
             self.stop()
 
+    def _on_reload_signal(self, _signum: int) -> None:
+        """SIGHUP: new certificates for new connections; open ones keep what they have."""
+        config = self.config
+        try:
+            if self.client_tls is not None:
+                self.client_tls.reload()
+            if self.backend_tls is not None:
+                self.backend_tls = backend_context(
+                    config.backend_ca, config.backend_insecure, config.backend_client_cert
+                )
+        except ConfigError as e:
+            log.error("SIGHUP: keeping the current certificates: %s", e)
+            return
+        log.info(
+            "SIGHUP: reloaded certificates (%s); open connections keep theirs",
+            ", ".join(pair.cert for pair in config.certs) or "no listener certificates",
+        )
+
     def _on_stop_signal(self, signum: int) -> None:
         log.info("%s received; stopping", signal.Signals(signum).name)
         self.loop.stop()
@@ -272,6 +328,7 @@ class Server:
         for sock in self.listeners:
             sock.close()
         self.listeners.clear()
+        self.listener_tls.clear()
 
     def stop(self) -> None:
         self.close_listeners()

@@ -6,6 +6,7 @@ Two h11 state machines drive it: `client_h11` (server role, toward the client) a
 rawproxy.http; this module only moves bytes and keeps time.
 
 Phases:
+    HANDSHAKE   TLS handshake with the client (TLS listeners); header timeout running
     HEAD        waiting for (the rest of) a request head; header timeout running
     IDLE        between requests on a kept-alive connection; idle timeout running
     CONNECTING  request head parsed, backend connection under way; connect timeout running
@@ -18,10 +19,12 @@ Phases:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import socket
+import ssl
 from typing import TYPE_CHECKING
 
 import h11
@@ -45,13 +48,27 @@ if TYPE_CHECKING:
 log = logging.getLogger("rawproxy")
 access_log = logging.getLogger("rawproxy.access")
 
-HEAD, IDLE, CONNECTING, EXCHANGE, CLOSING, DONE = range(6)
+HEAD, IDLE, CONNECTING, EXCHANGE, CLOSING, DONE, HANDSHAKE = range(7)
 
 # How long a closing connection keeps reading (and discarding) what the client still sends,
 # so that our last answer is not destroyed by a reset.
 LINGER_SECONDS = 2.0
 
 _NO_MORE = (h11.NEED_DATA, h11.PAUSED)
+
+# Backend connection states beside READ and WRITE (what its TLS handshake waits for).
+_TCP_CONNECTING = -1
+_READY = 0
+
+
+def _tls_reason(error: ssl.SSLError) -> str:
+    """OpenSSL's reason for a TLS failure, in words an admin can search for."""
+    reason = error.reason or ""
+    if reason == "HTTP_REQUEST":
+        return "the client spoke plain HTTP to a TLS port"
+    if reason:
+        return reason.lower().replace("_", " ")
+    return str(error)
 
 
 class _Broken(Exception):
@@ -78,13 +95,14 @@ def format_peer(address: tuple[str, int] | tuple[str, int, int, int] | str) -> t
 class Session:
     __slots__ = (
         "backend",
-        "backend_connected",
         "backend_h11",
         "backend_request",
         "backend_reused",
+        "backend_state",
         "body_sent",
         "client",
         "client_h11",
+        "client_handshake",
         "client_ip",
         "config",
         "decision",
@@ -100,23 +118,31 @@ class Session:
         "response_bytes",
         "response_started",
         "response_status",
+        "scheme",
         "server",
         "timer",
     )
 
-    def __init__(self, server: Server, sock: socket.socket, address: tuple[str, int]) -> None:
+    def __init__(
+        self,
+        server: Server,
+        sock: socket.socket,
+        address: tuple[str, int],
+        tls: ssl.SSLContext | None,
+    ) -> None:
         self.server = server
         self.loop = server.loop
         self.config = server.config
         self.client_ip, self.peer = format_peer(address)
         self.client = Leg(self.loop, sock, self._on_client)
+        self.scheme = "https" if tls is not None else "http"
         self.client_h11 = h11.Connection(
             h11.SERVER, max_incomplete_event_size=self.config.max_header_size
         )
         set_nodelay(sock)
         self.backend: Leg | None = None
         self.backend_h11: h11.Connection | None = None
-        self.backend_connected = False
+        self.backend_state = _TCP_CONNECTING
         self.backend_reused = False
         self.next_address = 0
         self.timer: Timer | None = None
@@ -130,10 +156,21 @@ class Session:
         self.response_bytes = 0
         self.exchange_start = self.loop.now
         self.progress = self.loop.now
-        self.phase = HEAD
         self.head_bytes: bytearray | None = bytearray()
+        # The header timeout bounds the TLS handshake and the first head together.
         self._arm(self.config.header_timeout, self._on_timeout)
-        self.client.want(READ)
+        self.client_handshake = 0
+        if tls is None:
+            self.phase = HEAD
+        else:
+            self.phase = HANDSHAKE
+            try:
+                self.client.start_tls(tls)
+            except OSError as e:  # the client is gone already (getpeername fails)
+                self._client_lost(e)
+                return
+            self.client_handshake = READ
+        self._update_interest()
 
     def __repr__(self) -> str:
         return f"<Session {self.peer} phase={self.phase} backend={self.backend is not None}>"
@@ -161,40 +198,95 @@ class Session:
         if phase == DONE:
             return
         backend = self.backend
-        client_events = 0
-        if phase in (HEAD, IDLE, CLOSING) or (
+        if phase == HANDSHAKE:
+            client_events = self.client_handshake
+        else:
+            client_events = READ if self._client_wants_read() else 0
+            if self.client.backlog is not None:
+                client_events |= WRITE
+        self.client.want(client_events)
+        if backend is not None:
+            state = self.backend_state
+            if state == _TCP_CONNECTING:
+                backend_events = WRITE
+            elif state != _READY:
+                backend_events = state  # READ or WRITE, as the TLS handshake asks
+            else:
+                backend_events = READ if self._backend_wants_read() else 0
+                if backend.backlog is not None:
+                    backend_events |= WRITE
+            backend.want(backend_events)
+
+    def _client_wants_read(self) -> bool:
+        phase = self.phase
+        if phase in (HEAD, IDLE, CLOSING):
+            return True
+        backend = self.backend
+        return (
             phase == EXCHANGE
             and self.client_h11.their_state is h11.SEND_BODY
             and backend is not None
             and backend.backlog is None
-        ):
-            client_events = READ
-        if self.client.backlog is not None:
-            client_events |= WRITE
-        self.client.want(client_events)
-        if backend is not None:
-            if not self.backend_connected:
-                backend_events = WRITE
-            else:
-                # Outside an exchange the backend is idle: read to notice it closing.
-                backend_events = READ if (phase != EXCHANGE or self.client.backlog is None) else 0
-                if backend.backlog is not None:
-                    backend_events |= WRITE
-            backend.want(backend_events)
+        )
+
+    def _backend_wants_read(self) -> bool:
+        # Outside an exchange the backend is idle: read to notice it closing.
+        return self.backend_state == _READY and (
+            self.phase != EXCHANGE or self.client.backlog is None
+        )
 
     # -- client side -----------------------------------------------------------------------
 
     def _on_client(self, mask: int) -> None:
         try:
-            if mask & WRITE and self.client.flush():
-                self._client_drained()
-            if mask & READ and self.phase != DONE:
-                self._read_client()
+            if self.phase == HANDSHAKE:
+                self._client_handshake_step()
+            else:
+                if mask & WRITE and self.client.flush():
+                    self._client_drained()
+                if mask & READ and self.phase != DONE:
+                    self._read_client()
+                    # Decrypted bytes left inside the SSL object raise no readiness event.
+                    while (
+                        self.client.pending() and self.phase != DONE and self._client_wants_read()
+                    ):
+                        self._read_client()
         except _Broken as e:
             self._on_broken(e.side, e.error)
         except OSError as e:
             self._on_broken("client", e)
         self._update_interest()
+
+    def _client_handshake_step(self) -> None:
+        try:
+            wants = self.client.handshake()
+        except ssl.SSLError as e:
+            log.info("%s TLS handshake failed: %s", self.peer, _tls_reason(e))
+            if e.reason == "HTTP_REQUEST":
+                # Say it in the client's language, past the SSL object (as nginx does).
+                with contextlib.suppress(OSError):
+                    socket.socket.send(
+                        self.client.sock,
+                        error_response(400, "plain HTTP was sent to a TLS port; use https://"),
+                    )
+            self._close(reset=True)
+            return
+        if wants:
+            self.client_handshake = wants
+            return
+        self.client_handshake = 0
+        self.phase = HEAD
+        if log.isEnabledFor(logging.DEBUG):
+            sock = self.client.sock
+            assert isinstance(sock, ssl.SSLSocket)
+            log.debug(
+                "%s TLS %s, cipher %s, ALPN %s",
+                self.peer,
+                sock.version(),
+                (sock.cipher() or ("?",))[0],
+                sock.selected_alpn_protocol(),
+            )
+        self._read_client()
 
     def _on_broken(self, side: str, error: OSError) -> None:
         if side == "client":
@@ -293,7 +385,7 @@ class Session:
             request.headers.raw_items(),
             decision,
             self.client_ip,
-            "http",
+            self.scheme,
             self.server.backend_authority,
         )
         try:
@@ -350,7 +442,7 @@ class Session:
         self.backend_h11 = h11.Connection(
             h11.CLIENT, max_incomplete_event_size=self.config.max_header_size
         )
-        self.backend_connected = False
+        self.backend_state = _TCP_CONNECTING
         self.backend_reused = False
         self._arm(self.config.connect_timeout, self._on_timeout)
 
@@ -366,25 +458,61 @@ class Session:
         if backend is None:
             return
         try:
-            if not self.backend_connected:
+            state = self.backend_state
+            if state == _TCP_CONNECTING:
                 err = backend.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
                     self._connect_failed(os.strerror(err))
                 else:
-                    self.backend_connected = True
                     self.next_address = 0
                     set_nodelay(backend.sock)
-                    self._send_request_head()
+                    tls = self.server.backend_tls
+                    if tls is None:
+                        self.backend_state = _READY
+                        self._send_request_head()
+                    else:
+                        backend.start_tls(tls, self.server.backend_sni)
+                        self._backend_handshake_step()
+            elif state != _READY:
+                self._backend_handshake_step()
             else:
                 if mask & WRITE and backend.flush():
                     self._pump_client()
                 if mask & READ and self.backend is backend:
                     self._read_backend()
+                    while (
+                        self.backend is backend and backend.pending() and self._backend_wants_read()
+                    ):
+                        self._read_backend()
         except _Broken as e:
             self._on_broken(e.side, e.error)
         except OSError as e:
             self._on_broken("backend", e)
         self._update_interest()
+
+    def _backend_handshake_step(self) -> None:
+        backend = self.backend
+        assert backend is not None
+        try:
+            wants = backend.handshake()
+        except ssl.SSLCertVerificationError as e:
+            self._fail(
+                502,
+                f"TLS to backend {self.server.backend_name} failed: certificate verify failed: "
+                f"{e.verify_message} (check --backend-ca, --backend-sni)",
+            )
+            return
+        except ssl.SSLError as e:
+            self._fail(
+                502,
+                f"TLS handshake with backend {self.server.backend_name} failed: {_tls_reason(e)}",
+            )
+            return
+        if wants:
+            self.backend_state = wants
+            return
+        self.backend_state = _READY
+        self._send_request_head()
 
     def _send_request_head(self) -> None:
         assert self.backend_request is not None
@@ -530,7 +658,7 @@ class Session:
             self.backend.close()
             self.backend = None
             self.backend_h11 = None
-            self.backend_connected = False
+            self.backend_state = _TCP_CONNECTING
             self.backend_reused = False
 
     # -- end of an exchange ----------------------------------------------------------------
@@ -630,7 +758,7 @@ class Session:
             (len(request_rest), len(head)),
             client_eof,
             backend_eof,
-            splice=server.splice,
+            splice=server.splice and not self.client.tls and not backend.tls,
             idle_timeout=self.config.tunnel_idle_timeout,
             keepalive=self.config.tcp_keepalive,
             describe=describe,
@@ -665,14 +793,21 @@ class Session:
 
     def _shutdown_client(self) -> None:
         try:
-            self.client.sock.shutdown(socket.SHUT_WR)
+            self.client.shutdown_write()
         except OSError:
             self._close()
 
     def _on_timeout(self) -> None:
         phase = self.phase
         config = self.config
-        if phase == HEAD:
+        if phase == HANDSHAKE:
+            log.info(
+                "%s TLS handshake not complete within %gs (--header-timeout); closed",
+                self.peer,
+                config.header_timeout,
+            )
+            self._close(reset=True)
+        elif phase == HEAD:
             if self.head_bytes:
                 self._fail(
                     408,

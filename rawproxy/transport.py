@@ -4,24 +4,69 @@ A leg keeps bytes of its own only when a send was partial (`backlog`); reads go 
 loop's shared buffer. Interest is changed in the selector only when it differs from what is
 registered, so a connection whose state does not change costs no system calls.
 
+A leg may be TLS (an `ssl.SSLSocket` in non-blocking mode): then "would block" arrives as
+SSLWantReadError/SSLWantWriteError instead of BlockingIOError, decrypted bytes may wait inside
+the SSL object where the selector cannot see them (`pending()`), sendmsg() is not available,
+and an orderly end of stream is a close_notify alert before the TCP FIN.
+
 Errors from the operating system are not translated here: `OSError` subclasses (reset,
-broken pipe) propagate to the session, which knows what they mean for the exchange.
+broken pipe, TLS alerts) propagate to the session, which knows what they mean for the exchange.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import struct
 from collections.abc import Sequence
 
-from rawproxy.loop import Callback, Loop
+from rawproxy.loop import READ, WRITE, Callback, Loop
 
 Buffer = bytes | bytearray | memoryview
+# What a non-blocking socket, plain or TLS, raises instead of blocking.
+WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+def receive_into(sock: socket.socket, view: memoryview) -> int:
+    """Read what is there into `view`: the byte count, 0 at end of stream, -1 when nothing can
+    be read now. A TLS socket is read record after record until the view is full or nothing
+    more is there, so that one readiness event moves more than one 16 KiB record."""
+    try:
+        total = sock.recv_into(view)
+    except WOULD_BLOCK:
+        return -1
+    except ssl.SSLZeroReturnError:
+        # The peer's close_notify after we sent ours: ssl reports it as an error, not as the
+        # end of stream it is.
+        return 0
+    if total == 0 or not isinstance(sock, ssl.SSLSocket):
+        return total
+    size = len(view)
+    while total < size:
+        try:
+            n = sock.recv_into(view[total:])
+        except (*WOULD_BLOCK, ssl.SSLZeroReturnError):
+            break
+        if n == 0:
+            break  # end of stream; the next read reports it
+        total += n
+    return total
+
+
+def send_close_notify(sock: socket.socket) -> None:
+    """End our direction of a TLS stream: the close_notify alert, then a TCP half-close. The
+    other direction still reads (TLS 1.3 and OpenSSL allow reading after close_notify)."""
+    if isinstance(sock, ssl.SSLSocket):
+        # In non-blocking mode unwrap() sends the alert, then raises SSLWantReadError waiting
+        # for the peer's: that is all we want from it (the SSL object stays usable for reads).
+        with contextlib.suppress(ssl.SSLError, OSError, ValueError):
+            sock.unwrap()
+    socket.socket.shutdown(sock, socket.SHUT_WR)
 
 
 class Leg:
-    __slots__ = ("backlog", "callback", "fd", "interest", "loop", "sock")
+    __slots__ = ("backlog", "callback", "fd", "interest", "loop", "sock", "tls")
 
     def __init__(self, loop: Loop, sock: socket.socket, callback: Callback) -> None:
         self.loop = loop
@@ -30,6 +75,33 @@ class Leg:
         self.callback = callback
         self.interest = 0
         self.backlog: bytearray | None = None
+        self.tls = isinstance(sock, ssl.SSLSocket)
+
+    def start_tls(self, context: ssl.SSLContext, server_hostname: str | None = None) -> None:
+        """Wrap the (connected) socket; the handshake is then run by `handshake()`."""
+        self.sock = context.wrap_socket(
+            self.sock,
+            server_side=server_hostname is None,
+            server_hostname=server_hostname,
+            do_handshake_on_connect=False,
+        )
+        self.tls = True
+
+    def handshake(self) -> int:
+        """One step of the TLS handshake: 0 when it is done, else the event it waits for.
+        Raises ssl.SSLError (or OSError) when it fails."""
+        assert isinstance(self.sock, ssl.SSLSocket)
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            return READ
+        except ssl.SSLWantWriteError:
+            return WRITE
+        return 0
+
+    def pending(self) -> bool:
+        """Decrypted bytes wait inside the SSL object (the selector cannot see them)."""
+        return self.tls and self.sock.pending() > 0  # type: ignore[attr-defined]
 
     def want(self, events: int) -> None:
         """Set the selector interest to exactly `events` (0 unregisters)."""
@@ -48,9 +120,8 @@ class Leg:
         """Read what is there into the loop's shared buffer; return a view of it (empty at
         end of stream) or None when nothing can be read now. The view is valid until the
         next read by anyone."""
-        try:
-            n = self.sock.recv_into(self.loop.read_buffer)
-        except (BlockingIOError, InterruptedError):
+        n = receive_into(self.sock, self.loop.read_view)
+        if n < 0:
             return None
         return self.loop.read_view[:n]
 
@@ -64,9 +135,13 @@ class Leg:
         parts = [p for p in parts if len(p)]
         if not parts:
             return True
+        if len(parts) > 1 and self.tls:
+            parts = [b"".join(parts)]  # SSLSocket has no sendmsg()
         try:
             sent = self.sock.sendmsg(parts) if len(parts) > 1 else self.sock.send(parts[0])
-        except (BlockingIOError, InterruptedError):
+        except WOULD_BLOCK:
+            # A TLS write that would block must be retried with the same bytes: the backlog
+            # keeps them, in order, and only grows at its end.
             sent = 0
         total = sum(len(p) for p in parts)
         if sent == total:
@@ -92,13 +167,17 @@ class Leg:
             return True
         try:
             sent = self.sock.send(backlog)
-        except (BlockingIOError, InterruptedError):
+        except WOULD_BLOCK:
             return False
         del backlog[:sent]
         if backlog:
             return False
         self.backlog = None
         return True
+
+    def shutdown_write(self) -> None:
+        """Half-close: end of stream toward the peer (close_notify first on TLS)."""
+        send_close_notify(self.sock)
 
     def detach(self) -> socket.socket:
         """Stop watching the socket and hand it over (to a tunnel)."""

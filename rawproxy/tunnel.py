@@ -22,11 +22,19 @@ import fcntl
 import logging
 import os
 import socket
+import ssl
 import time
 from collections.abc import Callable
 
 from rawproxy.loop import READ, WRITE, Loop, Timer
-from rawproxy.transport import abort_on_close, set_keepalive, set_nodelay
+from rawproxy.transport import (
+    WOULD_BLOCK,
+    abort_on_close,
+    receive_into,
+    send_close_notify,
+    set_keepalive,
+    set_nodelay,
+)
 
 log = logging.getLogger("rawproxy")
 access_log = logging.getLogger("rawproxy.access")
@@ -245,7 +253,7 @@ class Tunnel:
         if self.ended is None:
             self.ended = f"{d.name} closed"
         try:
-            d.dst.shutdown(socket.SHUT_WR)
+            send_close_notify(d.dst)
         except OSError as e:
             if e.errno != errno.ENOTCONN:
                 raise TunnelError(self._other(d), e) from e
@@ -258,7 +266,7 @@ class Tunnel:
         assert backlog is not None
         try:
             sent = d.dst.send(backlog)
-        except (BlockingIOError, InterruptedError):
+        except WOULD_BLOCK:
             sent = 0
         except OSError as e:
             raise TunnelError(self._other(d), e) from e
@@ -323,7 +331,6 @@ class Tunnel:
             d.in_pipe = 0
 
     def _pump_copy(self, d: Direction) -> None:
-        buffer = self.loop.read_buffer
         view = self.loop.read_view
         for _ in range(ROUNDS):
             if d.backlog is not None and not self._send_backlog(d):
@@ -332,19 +339,20 @@ class Tunnel:
                 self._finish(d)
                 return
             try:
-                n = d.src.recv_into(buffer)
-            except (BlockingIOError, InterruptedError):
-                d.want = WANT_READ
-                return
+                n = receive_into(d.src, view)
             except OSError as e:
                 raise TunnelError(d.name, e) from e
+            if n < 0:
+                d.want = WANT_READ
+                return
             if n == 0:
                 d.eof = True
                 continue
             d.moved += n
             try:
                 sent = d.dst.send(view[:n])
-            except (BlockingIOError, InterruptedError):
+            except WOULD_BLOCK:
+                # (On TLS the retry must offer the same bytes again: the backlog holds them.)
                 sent = 0
             except OSError as e:
                 raise TunnelError(self._other(d), e) from e
@@ -354,6 +362,15 @@ class Tunnel:
                 d.want = WANT_WRITE
                 return
         d.want = WANT_READ
+        src = d.src
+        if isinstance(src, ssl.SSLSocket) and src.pending():
+            # Out of rounds with decrypted bytes inside the SSL object: no readiness event
+            # would ever announce them, so come back on the next loop turn.
+            self.loop.call_later(0, lambda: self._resume(d))
+
+    def _resume(self, d: Direction) -> None:
+        if self.client_fd >= 0 and d.want == WANT_READ:
+            self._run(d)
 
     # -- timeouts and closing --------------------------------------------------------------
 

@@ -71,3 +71,20 @@ def test_backend_tls_flag_and_str() -> None:
 def test_parse_backend_errors(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_backend(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("tls://:443", ListenAddress(None, 443, True)),
+        ("TCP://127.0.0.1:80", ListenAddress("127.0.0.1", 80, False)),
+        ("tls://[::1]:8443", ListenAddress("::1", 8443, True)),
+    ],
+)
+def test_parse_listen_with_scheme(text: str, expected: ListenAddress) -> None:
+    assert parse_listen(text) == expected
+
+
+def test_parse_listen_unknown_scheme() -> None:
+    with pytest.raises(ConfigError, match="unknown scheme"):
+        parse_listen("http://:80")

@@ -1,0 +1,199 @@
+"""TLS contexts for both legs, and choosing a certificate by SNI.
+
+Client side: TLS 1.2 at least, the ssl module's modern cipher list, ALPN `http/1.1` only (a
+browser must not try HTTP/2 here), no renegotiation, no compression. Several certificate/key
+pairs are told apart by the DNS names in their certificates; the first pair is the default.
+
+Backend side: certificate verified against the system store or a given CA file, the name
+checked and sent as SNI is the backend host or an override; verification can be turned off.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from rawproxy.config import CertPair, ConfigError
+
+
+def _read_pem_certificates(path: str) -> list[bytes]:
+    with open(path, "rb") as f:
+        text = f.read().decode("ascii", "replace")
+    ders = []
+    marker = "-----BEGIN CERTIFICATE-----"
+    for block in text.split(marker)[1:]:
+        body = block.split("-----END CERTIFICATE-----")[0]
+        ders.append(ssl.PEM_cert_to_DER_cert(marker + body + "-----END CERTIFICATE-----\n"))
+    return ders
+
+
+# -- a minimal DER reader, only as much as finding a certificate's DNS names needs ----------
+
+
+def _tlv(data: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, start of value, end of value) of the element at `pos`."""
+    tag = data[pos]
+    length = data[pos + 1]
+    pos += 2
+    if length & 0x80:
+        count = length & 0x7F
+        length = int.from_bytes(data[pos : pos + count], "big")
+        pos += count
+    end = pos + length
+    if end > len(data):
+        raise ValueError("truncated DER")
+    return tag, pos, end
+
+
+def _children(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
+    out = []
+    while start < end:
+        tag, vstart, vend = _tlv(data, start)
+        out.append((tag, vstart, vend))
+        start = vend
+    return out
+
+
+_SAN_OID = bytes([0x55, 0x1D, 0x11])  # 2.5.29.17 subjectAltName
+_CN_OID = bytes([0x55, 0x04, 0x03])  # 2.5.4.3 commonName
+
+
+def certificate_names(der: bytes) -> list[str]:
+    """The DNS names a certificate is for: its subjectAltName dNSName entries, or its subject
+    common name when it has none. Lower case."""
+    _, cstart, cend = _tlv(der, 0)
+    tbs = _children(der, cstart, cend)[0]
+    fields = _children(der, tbs[1], tbs[2])
+    if fields and fields[0][0] == 0xA0:  # [0] version
+        fields = fields[1:]
+    # serial, signature algorithm, issuer, validity, subject, subjectPublicKeyInfo, ...
+    subject = fields[4]
+    names: list[str] = []
+    for tag, start, end in fields[6:]:
+        if tag != 0xA3:  # [3] extensions
+            continue
+        extensions = _children(der, start, end)[0]
+        for _, estart, eend in _children(der, extensions[1], extensions[2]):
+            parts = _children(der, estart, eend)
+            if der[parts[0][1] : parts[0][2]] != _SAN_OID:
+                continue
+            octets = parts[-1]
+            general_names = _children(der, octets[1], octets[2])[0]
+            for gtag, gstart, gend in _children(der, general_names[1], general_names[2]):
+                if gtag == 0x82:  # [2] dNSName
+                    names.append(der[gstart:gend].decode("ascii", "replace").lower())
+    if names:
+        return names
+    for _, rstart, rend in _children(der, subject[1], subject[2]):  # RDN sets
+        for _, astart, aend in _children(der, rstart, rend):
+            oid, value = _children(der, astart, aend)[:2]
+            if der[oid[1] : oid[2]] == _CN_OID:
+                names.append(der[value[1] : value[2]].decode("utf-8", "replace").lower())
+    return names
+
+
+def name_matches(pattern: str, server_name: str) -> bool:
+    """RFC 6125 matching of one certificate name: exact, or `*.` for exactly one label."""
+    if pattern == server_name:
+        return True
+    if pattern.startswith("*.") and "." in server_name:
+        return server_name.split(".", 1)[1] == pattern[2:]
+    return False
+
+
+# -- client side -------------------------------------------------------------------------
+
+
+def _server_context(pair: CertPair) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= (
+        ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    )
+    context.set_alpn_protocols(["http/1.1"])
+    try:
+        context.load_cert_chain(pair.cert, pair.key)
+    except FileNotFoundError as e:
+        raise ConfigError(f"cannot read {e.filename}: no such file (check --cert/--key)") from e
+    except PermissionError as e:
+        raise ConfigError(
+            f"cannot read {e.filename}: permission denied (the proxy's user must be able to "
+            "read --cert and --key)"
+        ) from e
+    except ssl.SSLError as e:
+        raise ConfigError(
+            f"--cert {pair.cert} / --key {pair.key}: {e.reason or e}; both must be PEM and the "
+            "key must belong to the certificate"
+        ) from e
+    except OSError as e:
+        raise ConfigError(f"--cert {pair.cert} / --key {pair.key}: {e.strerror or e}") from e
+    return context
+
+
+class ServerTLS:
+    """The client-side TLS contexts, chosen by SNI; `reload()` builds new ones for new
+    connections (existing connections keep the context they started with)."""
+
+    def __init__(self, pairs: tuple[CertPair, ...]) -> None:
+        self.pairs = pairs
+        self.context = self._build()
+
+    def _build(self) -> ssl.SSLContext:
+        contexts: list[tuple[list[str], ssl.SSLContext]] = []
+        for pair in self.pairs:
+            context = _server_context(pair)
+            try:
+                names = certificate_names(_read_pem_certificates(pair.cert)[0])
+            except (ValueError, IndexError) as e:
+                raise ConfigError(f"--cert {pair.cert}: cannot read the names in it") from e
+            contexts.append((names, context))
+        default = contexts[0][1]
+        if len(contexts) > 1:
+
+            def choose(sock: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+                if server_name is None:
+                    return
+                wanted = server_name.lower().rstrip(".")
+                for names, context in contexts:
+                    if any(name_matches(n, wanted) for n in names):
+                        sock.context = context
+                        return
+
+            for _, context in contexts:
+                context.sni_callback = choose
+        return default
+
+    def reload(self) -> None:
+        """Re-read the files; on any error keep the current contexts and raise ConfigError."""
+        self.context = self._build()
+
+
+# -- backend side ------------------------------------------------------------------------
+
+
+def backend_context(
+    ca_file: str | None,
+    insecure: bool,
+    client_pair: CertPair | None,
+) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif ca_file:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"--backend-ca {ca_file}: {getattr(e, 'strerror', None) or e}") from e
+    else:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    if client_pair is not None:
+        try:
+            context.load_cert_chain(client_pair.cert, client_pair.key)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(
+                f"--backend-cert {client_pair.cert} / --backend-key {client_pair.key}: "
+                f"{getattr(e, 'strerror', None) or e}"
+            ) from e
+    return context

@@ -1,0 +1,99 @@
+"""Unit tests of rawproxy.tls: certificate names, SNI matching, context errors."""
+
+from __future__ import annotations
+
+import datetime
+import pathlib
+import ssl
+
+import pytest
+import trustme
+
+from rawproxy.config import CertPair, ConfigError
+from rawproxy.tls import ServerTLS, backend_context, certificate_names, name_matches
+
+
+def _der(cert: trustme.LeafCert) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(cert.cert_chain_pems[0].bytes().decode())
+
+
+def test_certificate_names_from_subject_alt_names() -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1", "*.Example.test", "::1")
+    assert certificate_names(_der(cert)) == ["localhost", "*.example.test"]
+
+
+def test_certificate_names_fall_back_to_common_name() -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert(common_name="legacy.test")
+    der = _der(cert)
+    names = certificate_names(der)
+    assert "legacy.test" in names
+
+
+@pytest.mark.parametrize(
+    ("pattern", "name", "expected"),
+    [
+        ("a.test", "a.test", True),
+        ("*.a.test", "b.a.test", True),
+        ("*.a.test", "a.test", False),
+        ("*.a.test", "c.b.a.test", False),
+        ("a.test", "b.test", False),
+    ],
+)
+def test_name_matches(pattern: str, name: str, expected: bool) -> None:
+    assert name_matches(pattern, name) is expected
+
+
+def _pair(tmp_path: pathlib.Path, cert: trustme.LeafCert, stem: str) -> CertPair:
+    cert_file = tmp_path / f"{stem}.crt"
+    key_file = tmp_path / f"{stem}.key"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    return CertPair(str(cert_file), str(key_file))
+
+
+def test_server_context_is_modern(tmp_path: pathlib.Path) -> None:
+    tls = ServerTLS((_pair(tmp_path, trustme.CA().issue_cert("localhost"), "a"),))
+    assert tls.context.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+def test_missing_key_file_names_it(tmp_path: pathlib.Path) -> None:
+    pair = _pair(tmp_path, trustme.CA().issue_cert("localhost"), "a")
+    with pytest.raises(ConfigError, match="no such file"):
+        ServerTLS((CertPair(pair.cert, str(tmp_path / "missing.key")),))
+
+
+def test_key_of_another_certificate_is_refused(tmp_path: pathlib.Path) -> None:
+    ca = trustme.CA()
+    one = _pair(tmp_path, ca.issue_cert("a.test"), "one")
+    two = _pair(tmp_path, ca.issue_cert("b.test"), "two")
+    with pytest.raises(ConfigError, match="must belong to the certificate"):
+        ServerTLS((CertPair(one.cert, two.key),))
+
+
+def test_reload_failure_keeps_the_old_context(tmp_path: pathlib.Path) -> None:
+    pair = _pair(tmp_path, trustme.CA().issue_cert("localhost"), "a")
+    tls = ServerTLS((pair,))
+    before = tls.context
+    pathlib.Path(pair.cert).write_text("not a certificate")
+    with pytest.raises(ConfigError):
+        tls.reload()
+    assert tls.context is before
+
+
+def test_backend_context_verifies_by_default(tmp_path: pathlib.Path) -> None:
+    context = backend_context(None, False, None)
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname
+    insecure = backend_context(None, True, None)
+    assert insecure.verify_mode == ssl.CERT_NONE
+    with pytest.raises(ConfigError, match="--backend-ca"):
+        backend_context(str(tmp_path / "nope.pem"), False, None)
+
+
+def test_expired_is_not_a_parse_problem() -> None:
+    # Names are read from expired certificates too (expiry is the verifier's business).
+    ca = trustme.CA()
+    cert = ca.issue_cert("old.test", not_after=datetime.datetime(2001, 1, 1))
+    assert certificate_names(_der(cert)) == ["old.test"]
