@@ -188,6 +188,10 @@ class Leg:
         self.want(0)
         if reset:
             abort_on_close(self.sock)
+        elif self.tls:
+            # An orderly TLS close says so (close_notify), or the peer sees a truncation.
+            with contextlib.suppress(OSError):
+                send_close_notify(self.sock)
         self.sock.close()
 
 
