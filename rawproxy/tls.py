@@ -100,6 +100,12 @@ def name_matches(pattern: str, server_name: str) -> bool:
     return False
 
 
+# A peer that ends its stream with a TCP FIN and no close_notify (many do, and so do we while
+# still reading, see transport.send_close_notify) is at end of stream, not in error. Without
+# this, OpenSSL 3 marks the connection failed and the other direction can no longer be sent.
+TOLERATE_BARE_FIN = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+
+
 # -- client side -------------------------------------------------------------------------
 
 
@@ -107,7 +113,10 @@ def _server_context(pair: CertPair) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= (
-        ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+        ssl.OP_NO_COMPRESSION
+        | ssl.OP_NO_RENEGOTIATION
+        | ssl.OP_CIPHER_SERVER_PREFERENCE
+        | TOLERATE_BARE_FIN
     )
     context.set_alpn_protocols(["http/1.1"])
     try:
@@ -176,6 +185,7 @@ def backend_context(
     client_pair: CertPair | None,
 ) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.options |= TOLERATE_BARE_FIN
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
     if insecure:

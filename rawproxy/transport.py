@@ -54,12 +54,18 @@ def receive_into(sock: socket.socket, view: memoryview) -> int:
     return total
 
 
-def send_close_notify(sock: socket.socket) -> None:
-    """End our direction of a TLS stream: the close_notify alert, then a TCP half-close. The
-    other direction still reads (TLS 1.3 and OpenSSL allow reading after close_notify)."""
-    if isinstance(sock, ssl.SSLSocket):
+def send_close_notify(sock: socket.socket, still_reading: bool = False) -> None:
+    """End our direction of a stream: on TLS the close_notify alert, then a TCP half-close.
+
+    `still_reading` says the other direction of this socket is still being read. Then no
+    close_notify is sent, only the FIN: the ssl module cannot send the alert without going
+    on to wait for the peer's, and that wait reads and *discards* whatever application data
+    the peer is still sending (CPython calls SSL_shutdown twice). Losing bytes is worse than
+    a peer seeing a FIN without the alert, which every TLS stack we meet reads as the end.
+    """
+    if isinstance(sock, ssl.SSLSocket) and not still_reading:
         # In non-blocking mode unwrap() sends the alert, then raises SSLWantReadError waiting
-        # for the peer's: that is all we want from it (the SSL object stays usable for reads).
+        # for the peer's: that is all we want from it.
         with contextlib.suppress(ssl.SSLError, OSError, ValueError):
             sock.unwrap()
     socket.socket.shutdown(sock, socket.SHUT_WR)

@@ -252,8 +252,9 @@ class Tunnel:
         d.want = FINISHED
         if self.ended is None:
             self.ended = f"{d.name} closed"
+        opposite = self.b2c if d is self.c2b else self.c2b
         try:
-            send_close_notify(d.dst)
+            send_close_notify(d.dst, still_reading=opposite.want != FINISHED)
         except OSError as e:
             if e.errno != errno.ENOTCONN:
                 raise TunnelError(self._other(d), e) from e
