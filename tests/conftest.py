@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import peers
 import pytest
@@ -18,11 +19,18 @@ import pytest
 @pytest.fixture
 def start_proxy() -> Iterator[Callable[..., peers.ProxyProcess]]:
     """`start_proxy(backend_port, *flags)` starts a proxy; all are stopped at teardown, and a
-    Python traceback anywhere in their stderr fails the test."""
+    Python traceback anywhere in their stderr fails the test. `listen` may be a list (one
+    --listen each); `backend` replaces the default `--backend 127.0.0.1:PORT`."""
     procs: list[peers.ProxyProcess] = []
 
-    def start(backend_port: int, *extra: str, listen: str = "127.0.0.1:0") -> peers.ProxyProcess:
-        proc = peers.ProxyProcess(peers.proxy_args(backend_port, *extra, listen=listen))
+    def start(
+        backend_port: int,
+        *extra: str,
+        listen: str | list[str] = "127.0.0.1:0",
+        backend: str | None = None,
+    ) -> peers.ProxyProcess:
+        args = peers.proxy_args(backend_port, *extra, listen=listen, backend=backend)
+        proc = peers.ProxyProcess(args)
         procs.append(proc)
         return proc
 
@@ -76,11 +84,14 @@ def proxy(
 
 @pytest.fixture
 def client() -> Iterator[Callable[..., peers.HttpClient]]:
-    """`client(port)` opens an HttpClient; every one is closed at teardown."""
+    """`client(port)` opens an HttpClient (TLS with `ssl_context=...`); every one is closed at
+    teardown."""
     clients: list[peers.HttpClient] = []
 
-    def open_client(port: int, timeout: float = peers.DEFAULT_TIMEOUT) -> peers.HttpClient:
-        c = peers.HttpClient(port, timeout)
+    def open_client(
+        port: int, timeout: float = peers.DEFAULT_TIMEOUT, **tls: Any
+    ) -> peers.HttpClient:
+        c = peers.HttpClient(port, timeout, **tls)
         clients.append(c)
         return c
 

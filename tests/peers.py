@@ -7,6 +7,10 @@
   `BlackholeBackend` (connects hang) and `refused_port()`;
 - `ProxyProcess`: `python -m rawproxy` as a user runs it, with its stderr collected.
 
+Every backend takes `ssl_context=` (a server-side context) to serve TLS instead, and
+`HttpClient` takes one (client side) to connect with TLS; both then use a
+`tls_peers.TlsStream` where they used the socket.
+
 Backends listen on 127.0.0.1, port 0 (the kernel picks; read back with `.port`), and run an
 accept thread plus one daemon thread per connection. `stop()` shuts every socket down, which
 unblocks every thread, and joins them; the conftest fixtures call it at teardown.
@@ -28,6 +32,7 @@ import re
 import select
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -39,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import h11
+from tls_peers import TlsStream
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection as WsFrameConnection
 from wsproto.events import (
@@ -276,10 +282,23 @@ class Response:
 
 
 class HttpClient:
-    """A raw client connection: send any bytes, read responses with a strict parser."""
+    """A raw client connection: send any bytes, read responses with a strict parser.
 
-    def __init__(self, port: int, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.sock = connect(port, timeout)
+    With `ssl_context`, the connection is TLS (`sock` is then a `tls_peers.TlsStream`, its
+    handshake done, for `server_hostname`)."""
+
+    def __init__(
+        self,
+        port: int,
+        timeout: float = DEFAULT_TIMEOUT,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = "localhost",
+    ) -> None:
+        self.sock: Any
+        if ssl_context is None:
+            self.sock = connect(port, timeout)
+        else:
+            self.sock = TlsStream.connect(port, ssl_context, server_hostname, timeout)
         self.buf = bytearray()
 
     def close(self) -> None:
@@ -409,12 +428,31 @@ class WsClient:
 # --- backends -------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class TlsSeen:
+    """What a TLS backend learnt in one handshake."""
+
+    conn_id: int
+    version: str | None
+    peer_cert: bytes | None  # the client's certificate (DER), if it sent one
+
+
 class Server:
-    """A loopback listener with an accept thread and one daemon thread per connection."""
+    """A loopback listener with an accept thread and one daemon thread per connection.
+
+    With `ssl_context` (server side), every accepted connection is TLS: the handshake runs in
+    the connection's thread and `handle` gets a `tls_peers.TlsStream` instead of the socket.
+    Handshakes are recorded in `tls_seen`, the names clients sent as SNI in `sni_names` (this
+    sets the context's sni_callback), and failed handshakes in `errors`."""
 
     name = "server"
 
-    def __init__(self, backlog: int = 128) -> None:
+    def __init__(self, backlog: int = 128, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.ssl_context = ssl_context
+        self.tls_seen: list[TlsSeen] = []
+        self.sni_names: list[str | None] = []
+        if ssl_context is not None:
+            ssl_context.sni_callback = self._on_sni
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind((LOOPBACK, 0))
@@ -453,10 +491,27 @@ class Server:
                 self._threads.append(thread)
             thread.start()
 
+    def _on_sni(self, _obj: object, name: str | None, _ctx: ssl.SSLContext) -> None:
+        with self.lock:
+            self.sni_names.append(name)
+
     def _run_conn(self, conn: socket.socket, conn_id: int) -> None:
         try:
             conn.settimeout(None)
-            self.handle(conn, conn_id)
+            if self.ssl_context is None:
+                self.handle(conn, conn_id)
+            else:
+                stream = TlsStream(conn, self.ssl_context, server_side=True)
+                try:
+                    stream.handshake()
+                except (ssl.SSLError, OSError) as exc:
+                    if not self.stopping.is_set():
+                        with self.lock:
+                            self.errors.append(f"conn {conn_id}: TLS handshake: {exc!r}")
+                    return
+                with self.lock:
+                    self.tls_seen.append(TlsSeen(conn_id, stream.version(), stream.peer_cert_der()))
+                self.handle(stream, conn_id)  # type: ignore[arg-type]
         except Exception as exc:  # recorded, never raised from a thread
             if not self.stopping.is_set():
                 with self.lock:
@@ -527,13 +582,13 @@ class HttpBackend(Server):
 
     name = "http-backend"
 
-    def __init__(self) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
         self.received: list[ReceivedRequest] = []
         self.protocol_errors: list[str] = []
         self.gate = threading.Event()
         self.first_data = threading.Event()
         self._changed = threading.Condition()
-        super().__init__()
+        super().__init__(ssl_context=ssl_context)
 
     # what tests read
 
@@ -738,10 +793,10 @@ class WsBackend(Server):
 
     name = "ws-backend"
 
-    def __init__(self) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
         self.handshakes: list[bytes] = []
         self.handshake_seen = threading.Condition()
-        super().__init__()
+        super().__init__(ssl_context=ssl_context)
 
     def wait_handshakes(self, n: int = 1, timeout: float = 5.0) -> list[bytes]:
         with self.handshake_seen:
@@ -817,10 +872,12 @@ class ScriptedBackend(Server):
 
     name = "scripted-backend"
 
-    def __init__(self, script: Callable[[ScriptedConn], Any]) -> None:
+    def __init__(
+        self, script: Callable[[ScriptedConn], Any], ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.script = script
         self.results: queue.Queue[tuple[bool, Any]] = queue.Queue()
-        super().__init__()
+        super().__init__(ssl_context=ssl_context)
 
     def handle(self, conn: socket.socket, conn_id: int) -> None:
         buf = bytearray()
@@ -1007,8 +1064,17 @@ class ProxyProcess:
         return code
 
 
-def proxy_args(backend_port: int, *extra: str, listen: str = "127.0.0.1:0") -> list[str]:
-    return ["--listen", listen, "--backend", f"127.0.0.1:{backend_port}", *extra]
+def proxy_args(
+    backend_port: int,
+    *extra: str,
+    listen: str | Iterable[str] = "127.0.0.1:0",
+    backend: str | None = None,
+) -> list[str]:
+    """`--listen` (once per address when `listen` is a list), `--backend` (127.0.0.1:PORT,
+    or `backend` as given, e.g. "https://localhost:PORT"), then `extra`."""
+    listens = [listen] if isinstance(listen, str) else list(listen)
+    args = [arg for where in listens for arg in ("--listen", where)]
+    return [*args, "--backend", backend or f"127.0.0.1:{backend_port}", *extra]
 
 
 def assert_serves(

@@ -1,0 +1,935 @@
+"""TLS on both legs, end to end: the proxy as a user starts it (`--cert/--key`, `tls://` and
+`tcp://` listeners, `https://`/`wss://` backends, `--backend-ca`, `--backend-sni`,
+`--backend-insecure`, `--backend-cert/--backend-key`), real TLS on loopback sockets with
+certificates from one trustme CA per session (see `tls_peers.Pki`).
+
+- every combination of plain/TLS client and plain/TLS backend: GET, POST, a large response,
+  X-Forwarded-Proto, and a WebSocket echo with 1 MiB messages;
+- 64 MiB each way (and both at once) through a TLS-to-TLS tunnel, by SHA-256; half-close
+  either way by close_notify, close_notify + FIN, or a bare FIN; and one side half-closing
+  while the other is still streaming (every byte still arrives);
+- the backend's certificate: untrusted, wrong name, expired (502 and one log line naming the
+  reason), `--backend-insecure`, `--backend-sni`, mutual TLS;
+- the client side: plain HTTP to a TLS port, stalled handshakes, ALPN, TLS 1.1, SNI choosing
+  among several certificates, a certificate chain, mixed plain and TLS listeners;
+- SIGHUP re-reading the certificate (and keeping it when the new file is broken);
+- two proxies chained over TLS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from peers import (
+    BLOB_SIZE,
+    RESPONSE_101,
+    HttpBackend,
+    HttpClient,
+    ProxyProcess,
+    ScriptedBackend,
+    ScriptedConn,
+    WsBackend,
+    WsClient,
+    connect,
+    header_tokens,
+    header_values,
+    parse_head,
+    pattern_bytes,
+    read_to_eof,
+    recv_exact,
+    recv_until,
+    request_bytes,
+    send_blob,
+    sha256,
+    simple_get,
+    tunnel_request,
+    wait_closed,
+    ws_accept,
+    ws_key,
+)
+from tls_peers import CertFiles, Pki, TlsStream, client_hello
+from wsproto.events import CloseConnection
+
+MiB = 1024 * 1024
+
+
+# --- fixtures and helpers -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def make_backend() -> Iterator[Callable[..., Any]]:
+    """`make_backend(cls, *args, ssl_context=...)` starts a backend (TLS with a context); all
+    are stopped at teardown, and an HttpBackend that received malformed HTTP fails the test."""
+    made: list[Any] = []
+
+    def make(cls: type, *args: Any, ssl_context: ssl.SSLContext | None = None) -> Any:
+        backend = cls(*args, ssl_context=ssl_context)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        if isinstance(backend, HttpBackend):
+            backend.gate.set()
+        backend.stop()
+    for backend in made:
+        if isinstance(backend, HttpBackend):
+            bad = [e for e in backend.protocol_errors if not e.startswith("incomplete:")]
+            assert not bad, f"the backend received malformed HTTP from the proxy: {bad}"
+
+
+def cert_flags(*certs: CertFiles) -> list[str]:
+    flags: list[str] = []
+    for cert in certs:
+        flags += ["--cert", str(cert.cert), "--key", str(cert.key)]
+    return flags
+
+
+def startup_lines(proxy: ProxyProcess) -> list[str]:
+    """The log lines up to and including `ready`."""
+    lines = proxy.log_text().splitlines()
+    for i, line in enumerate(lines):
+        if re.search(r"\bready\b", line, re.IGNORECASE):
+            return lines[: i + 1]
+    raise AssertionError(f"no ready line:\n{proxy.log_text()}")
+
+
+def listening_line(proxy: ProxyProcess, port: int) -> str:
+    [line] = [ln for ln in startup_lines(proxy) if f"listening on 127.0.0.1:{port}" in ln]
+    return line
+
+
+def assert_backend_tls_announced(proxy: ProxyProcess) -> None:
+    lines = [ln for ln in startup_lines(proxy) if "TLS" in ln and "backend" in ln.lower()]
+    assert lines, "no start-up line says TLS to the backend:\n" + "\n".join(startup_lines(proxy))
+
+
+def status_pattern(status: int) -> str:
+    return rf"(?<![\w.]){status}(?![\w.])"
+
+
+def log_barrier(proxy: ProxyProcess, port: int) -> None:
+    """Return once the proxy has logged everything about earlier exchanges: a malformed
+    request on the plain listener `port` gets a 400 and a log line, which the proxy's single
+    event loop writes after whatever it logged before."""
+    mark = proxy.mark()
+    with HttpClient(port, timeout=5) as c:
+        assert c.request(b"GARBAGE\r\n\r\n").status == 400
+    proxy.wait_for_log(status_pattern(400), since=mark)
+
+
+def lines_since(proxy: ProxyProcess, mark: int, *excluding: str) -> list[str]:
+    return [
+        line
+        for line in proxy.log_text(mark).splitlines()
+        if line and not any(x in line for x in excluding)
+    ]
+
+
+def forwarded_proto(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    return header_tokens(headers, "x-forwarded-proto")
+
+
+# --- WebSocket over any client -------------------------------------------------------------
+
+
+def websocket_head(host: str = "app.test", path: str = "/chat") -> tuple[bytes, str]:
+    key = ws_key()
+    head = request_bytes(
+        "GET",
+        path,
+        [
+            ("Host", host),
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", key),
+            ("Sec-WebSocket-Version", "13"),
+        ],
+    )
+    return head, key
+
+
+def open_websocket(c: HttpClient, host: str = "app.test") -> WsClient:
+    head, key = websocket_head(host)
+    c.send(head)
+    status, _, headers, raw = c.read_head()
+    assert status == 101, raw
+    assert header_values(headers, "sec-websocket-accept") == [ws_accept(key)], raw
+    leftover = bytes(c.buf)
+    c.buf.clear()
+    return WsClient(c.sock, leftover)
+
+
+BIG_TEXT = "ünïcödé ✓ " * (MiB // 16)  # about 1 MiB of UTF-8
+
+
+def assert_echoes(ws: WsClient, big: bool = True) -> None:
+    messages: list[str | bytes] = ["hello", "ünïcödé ✓", b"\x00\x01\xffbinary", ""]
+    if big:
+        messages += [os.urandom(MiB), BIG_TEXT]
+    for message in messages:
+        ws.send(message)
+        assert ws.recv() == message
+
+
+def assert_closes_cleanly(ws: WsClient) -> None:
+    closing = ws.close()
+    assert isinstance(closing, CloseConnection)
+    assert closing.code == 1000
+
+
+# --- 1. plain/TLS client x plain/TLS backend --------------------------------------------------
+
+LEGS = [
+    pytest.param(False, False, id="plain-client-plain-backend"),
+    pytest.param(False, True, id="plain-client-tls-backend"),
+    pytest.param(True, False, id="tls-client-plain-backend"),
+    pytest.param(True, True, id="tls-client-tls-backend"),
+]
+
+
+@dataclasses.dataclass
+class Route:
+    proxy: ProxyProcess
+    client_ctx: ssl.SSLContext | None
+
+    def client(self, client: Callable[..., HttpClient]) -> HttpClient:
+        return client(self.proxy.port, ssl_context=self.client_ctx)
+
+
+@pytest.fixture
+def route(
+    start_proxy: Callable[..., ProxyProcess], pki: Pki
+) -> Callable[[Any, bool, bool, str], Route]:
+    """`route(backend, client_tls, backend_tls, scheme)`: a proxy in front of `backend` (which
+    must be TLS exactly when backend_tls), TLS to clients when client_tls; with backend_tls its
+    --backend is `SCHEME://localhost:PORT` with --backend-ca."""
+
+    def start(backend: Any, client_tls: bool, backend_tls: bool, scheme: str = "https") -> Route:
+        flags = cert_flags(pki.server) if client_tls else []
+        url = None
+        if backend_tls:
+            url = f"{scheme}://localhost:{backend.port}"
+            flags += ["--backend-ca", str(pki.ca_file)]
+        proxy = start_proxy(backend.port, *flags, backend=url)
+        kind = "(tls)" if client_tls else "(plain)"
+        assert kind in listening_line(proxy, proxy.port)
+        if backend_tls:
+            assert_backend_tls_announced(proxy)
+        return Route(proxy, pki.client_context() if client_tls else None)
+
+    return start
+
+
+@pytest.mark.parametrize(("client_tls", "backend_tls"), LEGS)
+def test_http_through_every_leg_combination(
+    route, make_backend, client, pki, client_tls, backend_tls
+):
+    backend = make_backend(HttpBackend, ssl_context=pki.server_context() if backend_tls else None)
+    r = route(backend, client_tls, backend_tls, "https")
+    c = r.client(client)
+
+    resp = c.request(simple_get("/hello?x=1", "app.test"))
+    assert (resp.status, resp.body) == (200, b"GET /hello?x=1")
+
+    body = os.urandom(MiB + 5)
+    resp = c.request(
+        request_bytes(
+            "POST",
+            "/echo",
+            [("Host", "app.test"), ("Content-Length", str(len(body)))],
+            body,
+        ),
+        "POST",
+    )
+    assert resp.status == 200
+    assert sha256(resp.body) == sha256(body)
+
+    resp = c.request(simple_get(f"/big?n={8 * MiB}", "app.test"))  # chunked, 8 MiB
+    assert resp.status == 200
+    assert sha256(resp.body) == sha256(pattern_bytes(8 * MiB))
+
+    requests = backend.wait_for_requests(3)
+    assert [r.method for r in requests] == [b"GET", b"POST", b"GET"]
+    assert sha256(requests[1].body) == sha256(body)
+    proto = b"https" if client_tls else b"http"
+    for req in requests:
+        assert forwarded_proto(req.headers) == [proto], req.headers
+        assert req.values("x-forwarded-for") == [b"127.0.0.1"]
+        assert req.values("host") == [b"app.test"]
+    if backend_tls:
+        assert backend.tls_seen, "the backend saw no TLS handshake"
+        assert set(backend.sni_names) == {"localhost"}, backend.sni_names
+
+
+@pytest.mark.parametrize(("client_tls", "backend_tls"), LEGS)
+def test_websocket_through_every_leg_combination(
+    route, make_backend, client, pki, client_tls, backend_tls
+):
+    backend = make_backend(WsBackend, ssl_context=pki.server_context() if backend_tls else None)
+    r = route(backend, client_tls, backend_tls, "wss")
+    c = r.client(client)
+    ws = open_websocket(c)
+    assert_echoes(ws)
+    assert_closes_cleanly(ws)
+    [head] = backend.wait_handshakes(1)
+    _, headers = parse_head(head)
+    assert forwarded_proto(headers) == [b"https" if client_tls else b"http"], head
+
+
+@pytest.mark.parametrize(
+    ("backend_url", "flags", "backend_tls"),
+    [
+        ("https://localhost:{port}", [], True),
+        ("wss://localhost:{port}", [], True),
+        ("localhost:{port}", ["--backend-tls"], True),
+        ("https://localhost:{port}", ["--no-backend-tls"], False),
+        ("http://localhost:{port}", [], False),
+    ],
+    ids=["https-scheme", "wss-scheme", "backend-tls-flag", "no-backend-tls-flag", "http-scheme"],
+)
+def test_backend_tls_chosen_by_scheme_and_flags(
+    start_proxy, make_backend, client, pki, backend_url, flags, backend_tls
+):
+    """(Port 443 meaning TLS is not tested: binding it needs privileges.)"""
+    backend = make_backend(HttpBackend, ssl_context=pki.server_context() if backend_tls else None)
+    ca = ["--backend-ca", str(pki.ca_file)] if backend_tls else []
+    proxy = start_proxy(backend.port, *flags, *ca, backend=backend_url.format(port=backend.port))
+    resp = client(proxy.port).request(simple_get("/chosen"))
+    assert (resp.status, resp.body) == (200, b"GET /chosen")
+    assert bool(backend.tls_seen) == backend_tls
+    if backend_tls:
+        assert_backend_tls_announced(proxy)
+
+
+# --- 2. bulk data and half-close through a TLS-to-TLS tunnel ----------------------------------
+
+
+@dataclasses.dataclass
+class TlsTunnel:
+    sock: Any  # a TlsStream (or a plain socket for a plain client leg)
+    buf: bytearray  # bytes the client received after the 101 head
+    backend: ScriptedBackend
+    proxy: ProxyProcess
+    again: Callable[[], TlsTunnel]  # another client through the same proxy to the same backend
+
+    def read_to_eof(self) -> tuple[int, str]:
+        return read_to_eof(self.sock, self.buf)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def open_tls_tunnel(make_backend, start_proxy, sockets, pki) -> Callable[..., TlsTunnel]:
+    """`open_tls_tunnel(script)`: a TLS scripted backend running `script`, a proxy with TLS on
+    both legs in front of it, and a TLS client whose upgrade request got the backend's 101.
+    `client_tls=False` or `backend_tls=False` makes that leg plain TCP instead; with
+    `strict_peers` the client and backend keep OpenSSL 3's default of failing the connection
+    at a TCP FIN that came without close_notify."""
+
+    def open_(
+        script: Callable[[ScriptedConn], Any],
+        *flags: str,
+        client_tls: bool = True,
+        backend_tls: bool = True,
+        strict_peers: bool = False,
+    ) -> TlsTunnel:
+        tolerant = not strict_peers
+        backend = make_backend(
+            ScriptedBackend,
+            script,
+            ssl_context=pki.server_context(tolerate_bare_fin=tolerant) if backend_tls else None,
+        )
+        leg_flags = cert_flags(pki.server) if client_tls else []
+        url = None
+        if backend_tls:
+            leg_flags += ["--backend-ca", str(pki.ca_file)]
+            url = f"https://localhost:{backend.port}"
+        proxy = start_proxy(backend.port, *leg_flags, *flags, backend=url)
+
+        def client_leg() -> TlsTunnel:
+            stream: Any
+            if client_tls:
+                ctx = pki.client_context(tolerate_bare_fin=tolerant)
+                stream = TlsStream.connect(proxy.port, ctx, timeout=20)
+            else:
+                stream = connect(proxy.port, timeout=20)
+            sockets.append(stream)
+            stream.sendall(tunnel_request())
+            buf = bytearray()
+            head = recv_until(stream, buf, b"\r\n\r\n")
+            assert re.match(rb"HTTP/1\.1 101 ", head), head
+            return TlsTunnel(stream, buf, backend, proxy, client_leg)
+
+        return client_leg()
+
+    return open_
+
+
+def test_tls_tunnel_64mib_client_to_backend(open_tls_tunnel, blob, blob_sha):
+    def sink(sc: ScriptedConn):
+        sc.sock.sendall(RESPONSE_101)
+        n, digest = sc.read_to_eof()
+        sc.sock.sendall(f"{n} {digest}".encode())  # the client half-closed; still answer
+        return n, digest
+
+    start = time.monotonic()
+    t = open_tls_tunnel(sink)
+    send_blob(t.sock, blob)  # type: ignore[arg-type]
+    t.sock.shutdown(socket.SHUT_WR)
+    assert t.backend.result(30) == (BLOB_SIZE, blob_sha)
+    answer = f"{BLOB_SIZE} {blob_sha}".encode()
+    assert t.read_to_eof() == (len(answer), sha256(answer))
+    assert time.monotonic() - start < 15
+
+
+def test_tls_tunnel_64mib_backend_to_client(open_tls_tunnel, blob, blob_sha):
+    def source(sc: ScriptedConn):
+        sc.sock.sendall(RESPONSE_101)
+        send_blob(sc.sock, blob)
+        sc.sock.shutdown(socket.SHUT_WR)
+        return sc.read_to_eof()
+
+    start = time.monotonic()
+    t = open_tls_tunnel(source)
+    assert t.read_to_eof() == (BLOB_SIZE, blob_sha)
+    t.sock.shutdown(socket.SHUT_WR)
+    assert t.backend.result(30) == (0, sha256(b""))
+    assert time.monotonic() - start < 15
+
+
+def test_tls_tunnel_64mib_both_ways_at_once(open_tls_tunnel, background, blob, blob_sha):
+    def both(sc: ScriptedConn):
+        sc.sock.sendall(RESPONSE_101)
+
+        def send():
+            send_blob(sc.sock, blob)
+            sc.sock.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        try:
+            return sc.read_to_eof()
+        finally:
+            sender.join(30)
+
+    start = time.monotonic()
+    t = open_tls_tunnel(both)
+
+    def client_send():
+        send_blob(t.sock, blob)  # type: ignore[arg-type]
+        t.sock.shutdown(socket.SHUT_WR)
+
+    sender = background(client_send)
+    assert t.read_to_eof() == (BLOB_SIZE, blob_sha)
+    sender.join()
+    assert t.backend.result(30) == (BLOB_SIZE, blob_sha)
+    assert time.monotonic() - start < 15
+
+
+def end_writing(stream: TlsStream, how: str) -> None:
+    if how == "close_notify":
+        stream.close_notify()  # the TCP connection stays open both ways
+    elif how == "close_notify+fin":
+        stream.shutdown(socket.SHUT_WR)
+    else:
+        assert how == "fin"
+        stream.fin_only()  # no close_notify: a bare TCP EOF
+
+
+HALF_CLOSES = ["close_notify", "close_notify+fin", "fin"]
+# The peer that gets the proxy's end of stream and then goes on sending: one that reads a bare
+# FIN as the end (OP_IGNORE_UNEXPECTED_EOF), or one with OpenSSL 3's default, for which only a
+# close_notify is an end it can still send after (a bare FIN fails its connection).
+PEERS = [
+    pytest.param(False, id="tolerant-peers"),
+    pytest.param(
+        True,
+        id="strict-peers",
+        # Known gap (stop note of issue 3): while the other direction is still open, the proxy
+        # ends a TLS direction with a bare FIN, because CPython's unwrap() would discard the
+        # peer's in-flight data; an OpenSSL 3 peer with default options then fails its own
+        # sends. The fix is TLS legs on ssl.SSLObject with memory BIOs.
+        marks=pytest.mark.xfail(
+            reason="half-close toward a strict OpenSSL 3 peer needs close_notify without "
+            "unwrap() (memory-BIO TLS legs)",
+            strict=True,
+        ),
+    ),
+]
+STREAMED = 8 * MiB
+# How often the next two tests repeat their race (a new tunnel each time): a close_notify sent
+# while the peer's data is in flight goes wrong only when a record is waiting right then.
+ROUNDS = 3
+
+
+@pytest.mark.parametrize("how", HALF_CLOSES)
+@pytest.mark.parametrize("strict_peers", PEERS)
+def test_tls_tunnel_half_close_from_client(open_tls_tunnel, how, strict_peers):
+    """The client ends its direction (`how`); the backend sees the end of stream, then
+    answers, and the client gets the whole answer."""
+    answer = b"still talking after your EOF\n" * 5000
+
+    def script(sc: ScriptedConn):
+        sc.sock.sendall(RESPONSE_101)
+        n, digest = sc.read_to_eof()
+        sc.sock.sendall(answer)
+        return n, digest
+
+    t = open_tls_tunnel(script, strict_peers=strict_peers)
+    t.sock.sendall(b"request data")
+    end_writing(t.sock, how)
+    assert t.backend.result() == (len(b"request data"), sha256(b"request data"))
+    assert t.read_to_eof() == (len(answer), sha256(answer))
+
+
+@pytest.mark.parametrize("how", HALF_CLOSES)
+@pytest.mark.parametrize("strict_peers", PEERS)
+def test_tls_tunnel_half_close_from_backend(open_tls_tunnel, how, strict_peers):
+    """The backend ends its direction (`how`); the client sees the end of stream, then goes
+    on sending, and the backend gets all of it."""
+    said = b"all I have to say"
+    late = b"client keeps sending after the backend's EOF\n" * 5000
+
+    def script(sc: ScriptedConn):
+        sc.sock.sendall(RESPONSE_101 + said)
+        end_writing(sc.sock, how)  # type: ignore[arg-type]
+        return sc.read_to_eof()
+
+    t = open_tls_tunnel(script, strict_peers=strict_peers)
+    assert t.read_to_eof() == (len(said), sha256(said))
+    t.sock.sendall(late)
+    t.sock.shutdown(socket.SHUT_WR)
+    assert t.backend.result() == (len(late), sha256(late))
+
+
+TUNNEL_LEGS = [
+    pytest.param(False, False, id="plain-client-plain-backend"),  # the reference
+    pytest.param(True, True, id="tls-client-tls-backend"),
+    pytest.param(True, False, id="tls-client-plain-backend"),
+    pytest.param(False, True, id="plain-client-tls-backend"),
+]
+
+
+@pytest.mark.parametrize(("client_tls", "backend_tls"), TUNNEL_LEGS)
+def test_backend_ends_while_client_streams(
+    open_tls_tunnel, background, blob, client_tls, backend_tls
+):
+    """The backend says its last word and half-closes while the client is in the middle of
+    sending 16 MiB: the client gets the word and the EOF, the backend still gets every byte."""
+    data = blob[:STREAMED]
+
+    def script(sc: ScriptedConn):
+        sc.sock.sendall(RESPONSE_101)
+        sc.recv_exact(MiB)  # the client is streaming now
+        sc.sock.sendall(b"bye")
+        sc.sock.shutdown(socket.SHUT_WR)  # close_notify + FIN on TLS
+        n, digest = sc.read_to_eof()
+        return n + MiB, digest
+
+    t = open_tls_tunnel(script, client_tls=client_tls, backend_tls=backend_tls)
+    for round_ in range(ROUNDS):
+        if round_:
+            t = t.again()
+        tunnel = t
+
+        def client_send(tunnel: TlsTunnel = tunnel) -> None:
+            send_blob(tunnel.sock, data)
+            tunnel.sock.shutdown(socket.SHUT_WR)
+
+        sender = background(client_send)
+        assert t.read_to_eof() == (3, sha256(b"bye"))
+        sender.join()
+        n, digest = t.backend.result(30)
+        assert n == STREAMED, f"round {round_}: the backend got {n} of {STREAMED} bytes"
+        assert digest == sha256(data[MiB:])
+
+
+@pytest.mark.parametrize(("client_tls", "backend_tls"), TUNNEL_LEGS)
+def test_client_ends_while_backend_streams(open_tls_tunnel, blob, client_tls, backend_tls):
+    """The client says its last word and half-closes while the backend is in the middle of
+    sending 16 MiB: the backend gets the word and the EOF, the client still gets every byte."""
+    data = blob[:STREAMED]
+
+    def script(sc: ScriptedConn):
+        sc.sock.sendall(RESPONSE_101)
+        got: list[Any] = []
+        reader = threading.Thread(target=lambda: got.append(sc.read_to_eof()), daemon=True)
+        reader.start()
+        try:
+            send_blob(sc.sock, data)
+            sc.sock.shutdown(socket.SHUT_WR)
+        finally:
+            reader.join(30)
+        return got[0] if got else "the backend's reader did not finish"
+
+    t = open_tls_tunnel(script, client_tls=client_tls, backend_tls=backend_tls)
+    for round_ in range(ROUNDS):
+        if round_:
+            t = t.again()
+        first = recv_exact(t.sock, MiB, t.buf)  # the backend is streaming now
+        t.sock.sendall(b"bye")
+        t.sock.shutdown(socket.SHUT_WR)  # close_notify + FIN on TLS
+        n, digest = t.read_to_eof()
+        assert n + MiB == STREAMED, f"round {round_}: the client got {n + MiB} of {STREAMED}"
+        assert sha256(first) == sha256(data[:MiB])
+        assert digest == sha256(data[MiB:])
+        assert t.backend.result(30) == (3, sha256(b"bye"))
+
+
+# --- 3. verifying the backend's certificate -------------------------------------------------
+
+VERIFY_FAILURES = {
+    # id: (certificate the backend serves, host in --backend, what the log line must name)
+    "untrusted-ca": ("untrusted", "localhost", r"local issuer|self[- ]?signed"),
+    "wrong-name-by-name": ("other_name", "localhost", r"hostname|host name|mismatch"),
+    "wrong-name-by-ip": ("other_name", "127.0.0.1", r"hostname|host name|mismatch|IP address"),
+    "expired": ("expired", "localhost", r"expired"),
+}
+
+
+@pytest.mark.parametrize("case", list(VERIFY_FAILURES))
+def test_backend_certificate_rejected(start_proxy, make_backend, client, pki, case):
+    cert_name, host, reason = VERIFY_FAILURES[case]
+    backend = make_backend(HttpBackend, ssl_context=pki.server_context(getattr(pki, cert_name)))
+    proxy = start_proxy(
+        backend.port,
+        "--backend-ca",
+        str(pki.ca_file),
+        backend=f"https://{host}:{backend.port}",
+    )
+    mark = proxy.mark()
+    resp = client(proxy.port, timeout=5).request(simple_get("/verify"))
+    assert resp.status == 502, resp
+    log_barrier(proxy, proxy.port)
+    lines = proxy.logs_matching(r"certificate", mark)
+    assert len(lines) == 1, "expected one line about the certificate:\n" + proxy.log_text(mark)
+    assert re.search(reason, lines[0], re.IGNORECASE), lines[0]
+    assert backend.heads == [], "a request reached a backend whose certificate failed"
+
+
+@pytest.mark.parametrize("case", list(VERIFY_FAILURES))
+def test_backend_insecure_accepts_any_certificate(start_proxy, make_backend, client, pki, case):
+    cert_name, host, _ = VERIFY_FAILURES[case]
+    backend = make_backend(HttpBackend, ssl_context=pki.server_context(getattr(pki, cert_name)))
+    proxy = start_proxy(
+        backend.port, "--backend-insecure", backend=f"https://{host}:{backend.port}"
+    )
+    warnings = [
+        ln
+        for ln in startup_lines(proxy)
+        if "WARNING" in ln and re.search(r"insecure|verif", ln, re.IGNORECASE)
+    ]
+    assert warnings, "no start-up WARNING about --backend-insecure:\n" + proxy.log_text()
+    resp = client(proxy.port).request(simple_get("/insecure"))
+    assert (resp.status, resp.body) == (200, b"GET /insecure")
+
+
+def test_backend_sni_names_the_certificate_for_an_ip_backend(
+    start_proxy, make_backend, client, pki
+):
+    backend = make_backend(HttpBackend, ssl_context=pki.server_context(pki.app))
+    url = f"https://127.0.0.1:{backend.port}"
+    ca = ("--backend-ca", str(pki.ca_file))
+    with_sni = start_proxy(backend.port, *ca, "--backend-sni", "app.test", backend=url)
+    resp = client(with_sni.port).request(simple_get("/sni"))
+    assert (resp.status, resp.body) == (200, b"GET /sni")
+    assert backend.sni_names == ["app.test"]
+
+    without = start_proxy(backend.port, *ca, backend=url)  # 127.0.0.1 is not app.test
+    assert client(without.port, timeout=5).request(simple_get("/no-sni")).status == 502
+
+
+# --- 4. mutual TLS --------------------------------------------------------------------------
+
+
+def test_backend_requiring_client_certificate(start_proxy, make_backend, client, pki):
+    backend = make_backend(HttpBackend, ssl_context=pki.server_context(require_client_cert=True))
+    url = f"https://localhost:{backend.port}"
+    ca = ("--backend-ca", str(pki.ca_file))
+
+    anonymous = start_proxy(backend.port, *ca, backend=url)
+    assert client(anonymous.port, timeout=5).request(simple_get("/anonymous")).status == 502
+    assert backend.heads == []
+
+    mtls = start_proxy(
+        backend.port,
+        *ca,
+        "--backend-cert",
+        str(pki.client.cert),
+        "--backend-key",
+        str(pki.client.key),
+        backend=url,
+    )
+    resp = client(mtls.port).request(simple_get("/mtls"))
+    assert (resp.status, resp.body) == (200, b"GET /mtls")
+    assert [seen.peer_cert for seen in backend.tls_seen] == [pki.client.der]
+
+
+# --- 5. the client side -------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_proxy(start_proxy, http_backend, pki) -> Callable[..., ProxyProcess]:
+    """`tls_proxy(*flags)`: a proxy with TLS for clients (certificate `server`) in front of
+    the plain HTTP backend."""
+
+    def start(*flags: str) -> ProxyProcess:
+        return start_proxy(http_backend.port, *cert_flags(pki.server), *flags)
+
+    return start
+
+
+def test_plain_http_to_tls_port_is_closed_promptly(tls_proxy, client, sockets, pki):
+    proxy = tls_proxy("--header-timeout", "5")
+    mark = proxy.mark()
+    raw = connect(proxy.port, timeout=5)
+    sockets.append(raw)
+    start = time.monotonic()
+    raw.sendall(simple_get("/plaintext"))
+    wait_closed(raw, timeout=4)
+    elapsed = time.monotonic() - start
+    assert elapsed < 2, f"plain HTTP on the TLS port closed after {elapsed:.2f} s (timeout 5)"
+
+    c = client(proxy.port, ssl_context=pki.client_context())
+    resp = c.request(simple_get("/after-plaintext"))
+    assert (resp.status, resp.body) == (200, b"GET /after-plaintext")
+    proxy.wait_for_log(re.escape("/after-plaintext"), since=mark)  # everything before is in
+    lines = lines_since(proxy, mark, "/after-plaintext")
+    assert len(lines) == 1, "expected one line about the plain-HTTP client:\n" + "\n".join(lines)
+
+
+@pytest.mark.parametrize("sends", ["nothing", "half-a-client-hello"])
+def test_stalled_handshake_closed_after_header_timeout(tls_proxy, client, sockets, pki, sends):
+    proxy = tls_proxy("--header-timeout", "1")
+    ctx = pki.client_context()
+    mark = proxy.mark()
+    raw = connect(proxy.port, timeout=5)
+    sockets.append(raw)
+    start = time.monotonic()
+    if sends == "half-a-client-hello":
+        hello = client_hello(ctx)
+        raw.sendall(hello[: len(hello) // 2])
+
+    other = client(proxy.port, ssl_context=ctx, timeout=5)
+    resp = other.request(simple_get("/meanwhile"))
+    assert (resp.status, resp.body) == (200, b"GET /meanwhile")
+    served = time.monotonic() - start
+    assert served < 0.8, f"another client was served only after {served:.2f} s"
+
+    wait_closed(raw, timeout=4)
+    elapsed = time.monotonic() - start
+    assert 0.8 <= elapsed <= 3, f"stalled handshake closed after {elapsed:.2f} s (timeout 1)"
+
+    after = client(proxy.port, ssl_context=ctx, timeout=5)
+    assert after.request(simple_get("/after-stall")).status == 200
+    proxy.wait_for_log(re.escape("/after-stall"), since=mark)
+    lines = lines_since(proxy, mark, "/meanwhile", "/after-stall")
+    assert len(lines) == 1, "expected one line about the stalled client:\n" + "\n".join(lines)
+
+
+def test_alpn_selects_http11(tls_proxy, client, pki):
+    proxy = tls_proxy()
+    c = client(proxy.port, ssl_context=pki.client_context(alpn=["h2", "http/1.1"]))
+    assert c.sock.selected_alpn() == "http/1.1"
+    resp = c.request(simple_get("/alpn"))
+    assert (resp.status, resp.body) == (200, b"GET /alpn")
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
+def test_tls_1_1_refused_and_1_2_accepted(tls_proxy, client, pki):
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname = False
+    old.verify_mode = ssl.CERT_NONE
+    try:
+        old.minimum_version = ssl.TLSVersion.TLSv1_1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+        old.set_ciphers("DEFAULT:@SECLEVEL=0")
+        hello = client_hello(old, server_hostname=None)
+    except (ValueError, ssl.SSLError) as exc:
+        pytest.skip(f"the local OpenSSL cannot make a TLS 1.1 client: {exc}")
+    if not hello:
+        pytest.skip("the local OpenSSL made no TLS 1.1 ClientHello")
+
+    proxy = tls_proxy()
+    refused = None
+    try:
+        TlsStream.connect(proxy.port, old, server_hostname=None, timeout=5).close()
+    except (ssl.SSLError, ConnectionError) as exc:
+        refused = exc
+    assert refused is not None, "a TLS 1.1 handshake succeeded"
+
+    tls12 = pki.client_context()
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    c = client(proxy.port, ssl_context=tls12)
+    assert c.sock.version() == "TLSv1.2"
+    assert c.request(simple_get("/tls12")).status == 200
+
+
+def test_sni_chooses_the_certificate(start_proxy, http_backend, sockets, pki):
+    proxy = start_proxy(http_backend.port, *cert_flags(pki.a, pki.b, pki.wild))
+    ctx = pki.client_context(check_hostname=False)  # the chain is verified; names compared here
+    expected = {
+        "b.test": pki.b,
+        "x.wild.test": pki.wild,
+        "a.test": pki.a,
+        "unknown.test": pki.a,  # the first pair is the default
+        None: pki.a,  # no SNI at all
+    }
+    for name, cert in expected.items():
+        stream = TlsStream.connect(proxy.port, ctx, server_hostname=name, timeout=5)
+        sockets.append(stream)  # type: ignore[arg-type]
+        assert stream.peer_cert_der() == cert.der, f"SNI {name!r} did not get {cert.name}"
+    b_client = HttpClient(proxy.port, 5, pki.client_context(), server_hostname="b.test")
+    sockets.append(b_client.sock)
+    resp = b_client.request(simple_get("/b", "b.test"))
+    assert (resp.status, resp.body) == (200, b"GET /b")
+
+
+def test_certificate_file_with_chain(start_proxy, http_backend, client, pki):
+    """The clients trust only the root; the proxy's certificate comes from an intermediate CA
+    that is in the --cert file after the leaf."""
+    proxy = start_proxy(http_backend.port, *cert_flags(pki.chained))
+    c = client(proxy.port, ssl_context=pki.client_context())
+    assert c.sock.peer_cert_der() == pki.chained.der
+    assert c.request(simple_get("/chained")).status == 200
+
+
+# --- 6. plain and TLS listeners in one process -------------------------------------------------
+
+
+def test_mixed_plain_and_tls_listeners(start_proxy, http_backend, client, pki):
+    proxy = start_proxy(
+        http_backend.port,
+        *cert_flags(pki.server),
+        listen=["tcp://127.0.0.1:0", "tls://127.0.0.1:0"],
+    )
+    assert len(proxy.ports) == 2, startup_lines(proxy)
+    plain_port, tls_port = proxy.ports
+    assert "(plain)" in listening_line(proxy, plain_port)
+    assert "(tls)" in listening_line(proxy, tls_port)
+
+    assert client(plain_port).request(simple_get("/plain")).status == 200
+    c = client(tls_port, ssl_context=pki.client_context())
+    assert c.request(simple_get("/tls")).status == 200
+    plain_req, tls_req = http_backend.wait_for_requests(2)
+    assert forwarded_proto(plain_req.headers) == [b"http"]
+    assert forwarded_proto(tls_req.headers) == [b"https"]
+
+
+def test_bare_listen_is_plain_without_cert(start_proxy, http_backend):
+    proxy = start_proxy(http_backend.port)
+    assert "(plain)" in listening_line(proxy, proxy.port)
+
+
+# --- 7. SIGHUP reloads the certificate -----------------------------------------------------
+
+
+def test_sighup_reloads_certificate(start_proxy, ws_backend, client, pki, tmp_path: Path):
+    cert_file, key_file = tmp_path / "live.pem", tmp_path / "live.key"
+    cert_file.write_bytes(pki.server.cert.read_bytes())
+    key_file.write_bytes(pki.server.key.read_bytes())
+    proxy = start_proxy(ws_backend.port, "--cert", str(cert_file), "--key", str(key_file))
+    ctx = pki.client_context()
+
+    def new_connection_cert() -> bytes | None:
+        c = client(proxy.port, ssl_context=ctx, timeout=5)
+        der = c.sock.peer_cert_der()
+        ws = open_websocket(c)
+        assert_echoes(ws, big=False)
+        assert_closes_cleanly(ws)
+        return der
+
+    old = client(proxy.port, ssl_context=ctx)
+    assert old.sock.peer_cert_der() == pki.server.der
+    tunnel = open_websocket(old)
+    tunnel.send("before reload")
+    assert tunnel.recv() == "before reload"
+
+    # a good new certificate
+    cert_file.write_bytes(pki.server_b.cert.read_bytes())
+    key_file.write_bytes(pki.server_b.key.read_bytes())
+    mark = proxy.mark()
+    proxy.proc.send_signal(signal.SIGHUP)
+    proxy.wait_for_log(r"reloaded", since=mark)
+    assert new_connection_cert() == pki.server_b.der
+    tunnel.send(b"after reload" * 1000)
+    assert tunnel.recv() == b"after reload" * 1000
+
+    # a broken certificate file: the current certificate stays
+    cert_file.write_text("-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n")
+    mark = proxy.mark()
+    proxy.proc.send_signal(signal.SIGHUP)
+    proxy.wait_for_log(r"keeping", since=mark)
+    assert new_connection_cert() == pki.server_b.der
+
+    # a good certificate with a key that is not its own: kept as well
+    cert_file.write_bytes(pki.server.cert.read_bytes())  # key_file still holds server_b's key
+    mark = proxy.mark()
+    proxy.proc.send_signal(signal.SIGHUP)
+    proxy.wait_for_log(r"keeping", since=mark)
+    assert new_connection_cert() == pki.server_b.der
+
+    tunnel.send("old tunnel still up")
+    assert tunnel.recv() == "old tunnel still up"
+    assert_closes_cleanly(tunnel)
+    assert proxy.proc.poll() is None
+
+
+# --- 8. two proxies chained over TLS -------------------------------------------------------
+
+
+def chain(start_proxy, pki: Pki, backend_port: int) -> ProxyProcess:
+    """client -TLS-> proxy1 -TLS-> proxy2 -plain-> backend; returns proxy1."""
+    second = start_proxy(backend_port, *cert_flags(pki.server))
+    return start_proxy(
+        second.port,
+        *cert_flags(pki.server),
+        "--backend-ca",
+        str(pki.ca_file),
+        backend=f"https://localhost:{second.port}",
+    )
+
+
+def test_two_proxies_chained_websocket(start_proxy, ws_backend, client, pki):
+    first = chain(start_proxy, pki, ws_backend.port)
+    c = client(first.port, ssl_context=pki.client_context())
+    ws = open_websocket(c)
+    assert_echoes(ws)
+    assert_closes_cleanly(ws)
+    [head] = ws_backend.wait_handshakes(1)
+    _, headers = parse_head(head)
+    assert set(forwarded_proto(headers)) == {b"https"}, head
+
+
+def test_two_proxies_chained_http(start_proxy, http_backend, client, pki):
+    first = chain(start_proxy, pki, http_backend.port)
+    c = client(first.port, ssl_context=pki.client_context())
+    resp = c.request(simple_get("/chained-get", "app.test"))
+    assert (resp.status, resp.body) == (200, b"GET /chained-get")
+    body = os.urandom(256 * 1024)
+    resp = c.request(
+        request_bytes(
+            "POST", "/echo", [("Host", "app.test"), ("Content-Length", str(len(body)))], body
+        ),
+        "POST",
+    )
+    assert resp.status == 200
+    assert resp.body == body
+    for req in http_backend.wait_for_requests(2):
+        assert set(forwarded_proto(req.headers)) == {b"https"}, req.headers
+        assert req.values("host") == [b"app.test"]
