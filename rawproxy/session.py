@@ -39,7 +39,7 @@ from rawproxy.http import (
     head_error,
 )
 from rawproxy.loop import READ, WRITE, Timer
-from rawproxy.transport import Leg, set_nodelay
+from rawproxy.transport import Leg, TlsSocket, set_nodelay
 from rawproxy.tunnel import Tunnel
 
 if TYPE_CHECKING:
@@ -265,8 +265,8 @@ class Session:
             if e.reason == "HTTP_REQUEST":
                 # Say it in the client's language, past the SSL object (as nginx does).
                 with contextlib.suppress(OSError):
-                    socket.socket.send(
-                        self.client.sock,
+                    assert isinstance(self.client.sock, TlsSocket)
+                    self.client.sock.raw.send(
                         error_response(400, "plain HTTP was sent to a TLS port; use https://"),
                     )
             self._close(reset=True)
@@ -278,7 +278,7 @@ class Session:
         self.phase = HEAD
         if log.isEnabledFor(logging.DEBUG):
             sock = self.client.sock
-            assert isinstance(sock, ssl.SSLSocket)
+            assert isinstance(sock, TlsSocket)
             log.debug(
                 "%s TLS %s, cipher %s, ALPN %s",
                 self.peer,

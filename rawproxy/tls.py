@@ -100,9 +100,9 @@ def name_matches(pattern: str, server_name: str) -> bool:
     return False
 
 
-# A peer that ends its stream with a TCP FIN and no close_notify (many do, and so do we while
-# still reading, see transport.send_close_notify) is at end of stream, not in error. Without
-# this, OpenSSL 3 marks the connection failed and the other direction can no longer be sent.
+# A peer that ends its stream with a TCP FIN and no close_notify (many do) is at end of stream,
+# not in error. Without this, OpenSSL 3 marks the connection failed and the other direction of
+# a half-closed tunnel can no longer be sent.
 TOLERATE_BARE_FIN = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
 
 

@@ -4,10 +4,10 @@ A leg keeps bytes of its own only when a send was partial (`backlog`); reads go 
 loop's shared buffer. Interest is changed in the selector only when it differs from what is
 registered, so a connection whose state does not change costs no system calls.
 
-A leg may be TLS (an `ssl.SSLSocket` in non-blocking mode): then "would block" arrives as
-SSLWantReadError/SSLWantWriteError instead of BlockingIOError, decrypted bytes may wait inside
-the SSL object where the selector cannot see them (`pending()`), sendmsg() is not available,
-and an orderly end of stream is a close_notify alert before the TCP FIN.
+A leg may be TLS (a `TlsSocket`, below): then "would block" arrives as
+SSLWantReadError/SSLWantWriteError instead of BlockingIOError, plaintext may wait inside it
+where the selector cannot see it (`pending()`), sendmsg() is not available, and an orderly end
+of stream is a close_notify alert before the TCP FIN.
 
 Errors from the operating system are not translated here: `OSError` subclasses (reset,
 broken pipe, TLS alerts) propagate to the session, which knows what they mean for the exchange.
@@ -26,9 +26,189 @@ from rawproxy.loop import READ, WRITE, Callback, Loop
 Buffer = bytes | bytearray | memoryview
 # What a non-blocking socket, plain or TLS, raises instead of blocking.
 WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+# Raw TLS bytes are read from the kernel in chunks of this size (into a buffer shared by all).
+_RAW_CHUNK = 64 * 1024
+_raw_buffer = bytearray(_RAW_CHUNK)
+_raw_view = memoryview(_raw_buffer)
 
 
-def receive_into(sock: socket.socket, view: memoryview) -> int:
+class TlsSocket:
+    """A non-blocking TLS connection over a plain socket, driven through memory BIOs.
+
+    Why not `ssl.SSLSocket`: ending our direction with close_notify while the peer still
+    sends needs one SSL_shutdown call, and CPython's unwrap() makes a second one that reads
+    and discards the peer's application data. Here every complete record is decrypted before
+    the alert is written, so nothing is lost, and a half-close is a real TLS half-close.
+
+    It speaks the part of the socket API the proxy uses, with the same contract as a
+    non-blocking SSLSocket: `send` either takes bytes or raises a would-block error, and after
+    a would-block the caller offers the same bytes again (what was encrypted but not yet
+    written to the kernel is remembered, not encrypted twice).
+    """
+
+    __slots__ = (
+        "_incoming",
+        "_obj",
+        "_out",
+        "_outgoing",
+        "_plain",
+        "_raw_eof",
+        "_unacked",
+        "raw",
+    )
+
+    def __init__(
+        self, raw: socket.socket, context: ssl.SSLContext, server_hostname: str | None
+    ) -> None:
+        self.raw = raw
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._obj = context.wrap_bio(
+            self._incoming,
+            self._outgoing,
+            server_side=server_hostname is None,
+            server_hostname=server_hostname,
+        )
+        self._out = bytearray()  # ciphertext the kernel did not take yet
+        self._unacked = 0  # plaintext bytes whose ciphertext is still in _out
+        self._plain = bytearray()  # plaintext decrypted early (before our close_notify)
+        self._raw_eof = False
+
+    # -- the socket API the proxy uses -------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def setsockopt(self, level: int, option: int, value: int | bytes) -> None:
+        self.raw.setsockopt(level, option, value)
+
+    def getsockopt(self, level: int, option: int) -> int:
+        return self.raw.getsockopt(level, option)
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def shutdown(self, how: int) -> None:
+        self.raw.shutdown(how)
+
+    def version(self) -> str | None:
+        return self._obj.version()
+
+    def cipher(self) -> tuple[str, str, int] | None:
+        return self._obj.cipher()
+
+    def selected_alpn_protocol(self) -> str | None:
+        return self._obj.selected_alpn_protocol()
+
+    def pending(self) -> int:
+        """Plaintext available without the kernel: decrypted, or in records already read."""
+        return len(self._plain) + self._obj.pending() + self._incoming.pending
+
+    def do_handshake(self) -> None:
+        """One step; raises SSLWantReadError/SSLWantWriteError until it is done."""
+        while True:
+            try:
+                self._obj.do_handshake()
+            except ssl.SSLWantReadError:
+                if not self._flush():
+                    raise ssl.SSLWantWriteError() from None
+                if not self._read_raw():
+                    raise
+                continue
+            if not self._flush():
+                # Our last flight is not out yet; the caller waits for writability.
+                raise ssl.SSLWantWriteError()
+            return
+
+    def recv_into(self, view: memoryview) -> int:
+        if self._plain:
+            n = min(len(view), len(self._plain))
+            view[:n] = self._plain[:n]
+            del self._plain[:n]
+            return n
+        while True:
+            try:
+                # With a buffer, read() fills it and returns the count (typeshed says bytes).
+                n = self._obj.read(len(view), view)  # type: ignore[assignment]
+            except ssl.SSLWantReadError:
+                if not self._read_raw():
+                    raise
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return 0  # close_notify, or a bare FIN (tolerated by our contexts)
+            if self._outgoing.pending:
+                self._flush()  # TLS 1.3 answers some records (key updates, tickets)
+            return n
+
+    def send(self, data: Buffer) -> int:
+        if self._unacked:
+            # The retry of a send that would have blocked: `data` starts with those bytes.
+            if not self._flush():
+                raise ssl.SSLWantWriteError()
+            n, self._unacked = self._unacked, 0
+            return n
+        if self._out and not self._flush():
+            raise ssl.SSLWantWriteError()
+        size = self._obj.write(data)
+        if self._flush():
+            return size
+        self._unacked = size
+        raise ssl.SSLWantWriteError()
+
+    def close_notify(self) -> bool:
+        """Send close_notify (our direction ends; the peer's goes on). True when the alert
+        reached the kernel."""
+        # Decrypt every complete record already read: SSL_shutdown's wait for the peer's
+        # alert would otherwise swallow them.
+        while True:
+            try:
+                chunk = self._obj.read(_RAW_CHUNK)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                break
+            if not chunk:
+                break
+            self._plain += chunk
+        with contextlib.suppress(ssl.SSLError, ValueError):
+            self._obj.unwrap()
+        return self._flush()
+
+    # -- moving ciphertext ---------------------------------------------------------------
+
+    def _flush(self) -> bool:
+        """Write pending ciphertext to the kernel; True when none is left."""
+        if self._outgoing.pending:
+            self._out += self._outgoing.read()
+        out = self._out
+        if not out:
+            return True
+        try:
+            sent = self.raw.send(out)
+        except (BlockingIOError, InterruptedError):
+            return False
+        del out[:sent]
+        return not out
+
+    def _read_raw(self) -> bool:
+        """Move what the kernel has into the incoming BIO; False when it has nothing now.
+        Raises OSError for a reset."""
+        if self._raw_eof:
+            return False
+        try:
+            n = self.raw.recv_into(_raw_view)
+        except (BlockingIOError, InterruptedError):
+            return False
+        if n == 0:
+            self._raw_eof = True
+            self._incoming.write_eof()
+        else:
+            self._incoming.write(_raw_view[:n])
+        return True
+
+
+Stream = socket.socket | TlsSocket
+
+
+def receive_into(sock: Stream, view: memoryview) -> int:
     """Read what is there into `view`: the byte count, 0 at end of stream, -1 when nothing can
     be read now. A TLS socket is read record after record until the view is full or nothing
     more is there, so that one readiness event moves more than one 16 KiB record."""
@@ -36,17 +216,13 @@ def receive_into(sock: socket.socket, view: memoryview) -> int:
         total = sock.recv_into(view)
     except WOULD_BLOCK:
         return -1
-    except ssl.SSLZeroReturnError:
-        # The peer's close_notify after we sent ours: ssl reports it as an error, not as the
-        # end of stream it is.
-        return 0
-    if total == 0 or not isinstance(sock, ssl.SSLSocket):
+    if total == 0 or not isinstance(sock, TlsSocket):
         return total
     size = len(view)
     while total < size:
         try:
             n = sock.recv_into(view[total:])
-        except (*WOULD_BLOCK, ssl.SSLZeroReturnError):
+        except WOULD_BLOCK:
             break
         if n == 0:
             break  # end of stream; the next read reports it
@@ -54,49 +230,39 @@ def receive_into(sock: socket.socket, view: memoryview) -> int:
     return total
 
 
-def send_close_notify(sock: socket.socket, still_reading: bool = False) -> None:
+def send_close_notify(sock: Stream) -> None:
     """End our direction of a stream: on TLS the close_notify alert, then a TCP half-close.
-
-    `still_reading` says the other direction of this socket is still being read. Then no
-    close_notify is sent, only the FIN: the ssl module cannot send the alert without going
-    on to wait for the peer's, and that wait reads and *discards* whatever application data
-    the peer is still sending (CPython calls SSL_shutdown twice). Losing bytes is worse than
-    a peer seeing a FIN without the alert, which every TLS stack we meet reads as the end.
-    """
-    if isinstance(sock, ssl.SSLSocket) and not still_reading:
-        # In non-blocking mode unwrap() sends the alert, then raises SSLWantReadError waiting
-        # for the peer's: that is all we want from it.
-        with contextlib.suppress(ssl.SSLError, OSError, ValueError):
-            sock.unwrap()
-    socket.socket.shutdown(sock, socket.SHUT_WR)
+    The other direction still reads."""
+    if isinstance(sock, TlsSocket):
+        if not sock.close_notify():
+            return  # the kernel is full: the FIN would overtake the alert; close() sends it
+        sock.raw.shutdown(socket.SHUT_WR)
+        return
+    sock.shutdown(socket.SHUT_WR)
 
 
 class Leg:
     __slots__ = ("backlog", "callback", "fd", "interest", "loop", "sock", "tls")
 
-    def __init__(self, loop: Loop, sock: socket.socket, callback: Callback) -> None:
+    def __init__(self, loop: Loop, sock: Stream, callback: Callback) -> None:
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()
         self.callback = callback
         self.interest = 0
         self.backlog: bytearray | None = None
-        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.tls = isinstance(sock, TlsSocket)
 
     def start_tls(self, context: ssl.SSLContext, server_hostname: str | None = None) -> None:
         """Wrap the (connected) socket; the handshake is then run by `handshake()`."""
-        self.sock = context.wrap_socket(
-            self.sock,
-            server_side=server_hostname is None,
-            server_hostname=server_hostname,
-            do_handshake_on_connect=False,
-        )
+        assert isinstance(self.sock, socket.socket)
+        self.sock = TlsSocket(self.sock, context, server_hostname)
         self.tls = True
 
     def handshake(self) -> int:
         """One step of the TLS handshake: 0 when it is done, else the event it waits for.
         Raises ssl.SSLError (or OSError) when it fails."""
-        assert isinstance(self.sock, ssl.SSLSocket)
+        assert isinstance(self.sock, TlsSocket)
         try:
             self.sock.do_handshake()
         except ssl.SSLWantReadError:
@@ -107,7 +273,7 @@ class Leg:
 
     def pending(self) -> bool:
         """Decrypted bytes wait inside the SSL object (the selector cannot see them)."""
-        return self.tls and self.sock.pending() > 0  # type: ignore[attr-defined]
+        return isinstance(self.sock, TlsSocket) and self.sock.pending() > 0
 
     def want(self, events: int) -> None:
         """Set the selector interest to exactly `events` (0 unregisters)."""
@@ -142,9 +308,13 @@ class Leg:
         if not parts:
             return True
         if len(parts) > 1 and self.tls:
-            parts = [b"".join(parts)]  # SSLSocket has no sendmsg()
+            parts = [b"".join(parts)]  # one TLS write, one flight of records
         try:
-            sent = self.sock.sendmsg(parts) if len(parts) > 1 else self.sock.send(parts[0])
+            sock = self.sock
+            if len(parts) > 1 and isinstance(sock, socket.socket):
+                sent = sock.sendmsg(parts)
+            else:
+                sent = sock.send(parts[0])
         except WOULD_BLOCK:
             # A TLS write that would block must be retried with the same bytes: the backlog
             # keeps them, in order, and only grows at its end.
@@ -185,7 +355,7 @@ class Leg:
         """Half-close: end of stream toward the peer (close_notify first on TLS)."""
         send_close_notify(self.sock)
 
-    def detach(self) -> socket.socket:
+    def detach(self) -> Stream:
         """Stop watching the socket and hand it over (to a tunnel)."""
         self.want(0)
         return self.sock
@@ -201,18 +371,18 @@ class Leg:
         self.sock.close()
 
 
-def abort_on_close(sock: socket.socket) -> None:
+def abort_on_close(sock: Stream) -> None:
     """Make close() send a reset instead of a FIN (SO_LINGER with a zero timeout)."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-def set_nodelay(sock: socket.socket) -> None:
+def set_nodelay(sock: Stream) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def set_keepalive(sock: socket.socket, idle: int) -> None:
+def set_keepalive(sock: Stream, idle: int) -> None:
     """TCP keepalive probes after `idle` seconds of silence, then every idle/3 seconds; a
     peer that misses 3 probes is dead. 0 turns keepalive off."""
     try:

@@ -21,14 +21,14 @@ import errno
 import fcntl
 import logging
 import os
-import socket
-import ssl
 import time
 from collections.abc import Callable
 
 from rawproxy.loop import READ, WRITE, Loop, Timer
 from rawproxy.transport import (
     WOULD_BLOCK,
+    Stream,
+    TlsSocket,
     abort_on_close,
     receive_into,
     send_close_notify,
@@ -93,9 +93,7 @@ class Direction:
 
     __slots__ = ("backlog", "dst", "eof", "in_pipe", "moved", "name", "pipe", "src", "want")
 
-    def __init__(
-        self, name: str, src: socket.socket, dst: socket.socket, first: bytes, eof: bool
-    ) -> None:
+    def __init__(self, name: str, src: Stream, dst: Stream, first: bytes, eof: bool) -> None:
         self.name = name
         self.src = src
         self.dst = dst
@@ -144,8 +142,8 @@ class Tunnel:
         self,
         loop: Loop,
         pipes: PipePool,
-        client: socket.socket,
-        backend: socket.socket,
+        client: Stream,
+        backend: Stream,
         to_backend: bytes,
         to_client: bytes,
         uncounted: tuple[int, int],
@@ -252,9 +250,8 @@ class Tunnel:
         d.want = FINISHED
         if self.ended is None:
             self.ended = f"{d.name} closed"
-        opposite = self.b2c if d is self.c2b else self.c2b
         try:
-            send_close_notify(d.dst, still_reading=opposite.want != FINISHED)
+            send_close_notify(d.dst)
         except OSError as e:
             if e.errno != errno.ENOTCONN:
                 raise TunnelError(self._other(d), e) from e
@@ -364,7 +361,7 @@ class Tunnel:
                 return
         d.want = WANT_READ
         src = d.src
-        if isinstance(src, ssl.SSLSocket) and src.pending():
+        if isinstance(src, TlsSocket) and src.pending():
             # Out of rounds with decrypted bytes inside the SSL object: no readiness event
             # would ever announce them, so come back on the next loop turn.
             self.loop.call_later(0, lambda: self._resume(d))

@@ -455,22 +455,7 @@ HALF_CLOSES = ["close_notify", "close_notify+fin", "fin"]
 # The peer that gets the proxy's end of stream and then goes on sending: one that reads a bare
 # FIN as the end (OP_IGNORE_UNEXPECTED_EOF), or one with OpenSSL 3's default, for which only a
 # close_notify is an end it can still send after (a bare FIN fails its connection).
-PEERS = [
-    pytest.param(False, id="tolerant-peers"),
-    pytest.param(
-        True,
-        id="strict-peers",
-        # Known gap (stop note of issue 3): while the other direction is still open, the proxy
-        # ends a TLS direction with a bare FIN, because CPython's unwrap() would discard the
-        # peer's in-flight data; an OpenSSL 3 peer with default options then fails its own
-        # sends. The fix is TLS legs on ssl.SSLObject with memory BIOs.
-        marks=pytest.mark.xfail(
-            reason="half-close toward a strict OpenSSL 3 peer needs close_notify without "
-            "unwrap() (memory-BIO TLS legs)",
-            strict=True,
-        ),
-    ),
-]
+PEERS = [pytest.param(False, id="tolerant-peers"), pytest.param(True, id="strict-peers")]
 STREAMED = 8 * MiB
 # How often the next two tests repeat their race (a new tunnel each time): a close_notify sent
 # while the peer's data is in flight goes wrong only when a record is waiting right then.
