@@ -251,6 +251,8 @@ class Session:
                         self.client.pending() and self.phase != DONE and self._client_wants_read()
                     ):
                         self._read_client()
+            if self.phase != DONE:
+                self._push()
         except _Broken as e:
             self._on_broken(e.side, e.error)
         except OSError as e:
@@ -409,11 +411,20 @@ class Session:
             self._pump_backend()
 
     def _to_client(self, event: h11.Event) -> None:
-        parts = self.client_h11.send_with_data_passthrough(event) or ()
+        self.client.queue(self.client_h11.send_with_data_passthrough(event) or ())
+
+    def _push(self) -> None:
+        """Send what this event queued for either side: one system call per side."""
         try:
-            self.client.send_parts(parts)
+            self.client.push()
         except OSError as e:
             raise _Broken("client", e) from e
+        backend = self.backend
+        if backend is not None and backend.queued is not None:
+            try:
+                backend.push()
+            except OSError as e:
+                raise _Broken("backend", e) from e
 
     def _client_lost(self, error: OSError) -> None:
         if self.phase in (HEAD, IDLE, CLOSING) and self.request is None:
@@ -484,6 +495,8 @@ class Session:
                         self.backend is backend and backend.pending() and self._backend_wants_read()
                     ):
                         self._read_backend()
+            if self.phase != DONE:
+                self._push()
         except _Broken as e:
             self._on_broken(e.side, e.error)
         except OSError as e:
@@ -528,7 +541,7 @@ class Session:
     def _to_backend(self, event: h11.Event) -> None:
         assert self.backend is not None
         assert self.backend_h11 is not None
-        self.backend.send_parts(self.backend_h11.send_with_data_passthrough(event) or ())
+        self.backend.queue(self.backend_h11.send_with_data_passthrough(event) or ())
 
     def _read_backend(self) -> None:
         backend = self.backend
@@ -720,6 +733,7 @@ class Session:
                 "request body was complete",
             )
             return
+        self._push()  # anything queued goes before the 101 and the tunnel's first bytes
         backend = self.backend
         backend_h11 = self.backend_h11
         assert backend is not None
@@ -786,6 +800,11 @@ class Session:
 
     def _close_gracefully(self) -> None:
         self._drop_backend()
+        try:
+            self.client.push()
+        except OSError:
+            self._close(reset=True)
+            return
         self.phase = CLOSING
         self._arm(LINGER_SECONDS, self._close)
         if self.client.backlog is None:

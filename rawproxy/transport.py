@@ -241,8 +241,12 @@ def send_close_notify(sock: Stream) -> None:
     sock.shutdown(socket.SHUT_WR)
 
 
+# The most pieces handed to one sendmsg() (IOV_MAX is 1024 on Linux).
+MAX_PARTS = 64
+
+
 class Leg:
-    __slots__ = ("backlog", "callback", "fd", "interest", "loop", "sock", "tls")
+    __slots__ = ("backlog", "callback", "fd", "interest", "loop", "queued", "sock", "tls")
 
     def __init__(self, loop: Loop, sock: Stream, callback: Callback) -> None:
         self.loop = loop
@@ -251,6 +255,7 @@ class Leg:
         self.callback = callback
         self.interest = 0
         self.backlog: bytearray | None = None
+        self.queued: list[Buffer] | None = None
         self.tls = isinstance(sock, TlsSocket)
 
     def start_tls(self, context: ssl.SSLContext, server_hostname: str | None = None) -> None:
@@ -297,9 +302,32 @@ class Leg:
             return None
         return self.loop.read_view[:n]
 
+    def queue(self, parts: Sequence[Buffer]) -> None:
+        """Add `parts` to what `push()` will send: the owner queues everything one event
+        produces (a response head and its body, say) and pushes once, one system call."""
+        if self.backlog is not None:
+            for part in parts:
+                self.backlog += part
+        elif self.queued is None:
+            self.queued = list(parts)
+        else:
+            self.queued.extend(parts)
+
+    def push(self) -> bool:
+        """Send what was queued; True when nothing is left waiting."""
+        queued = self.queued
+        if queued is None:
+            return self.backlog is None
+        self.queued = None
+        return self.send_parts(queued)
+
     def send_parts(self, parts: Sequence[Buffer]) -> bool:
         """Send `parts` in order after any backlog; keep what the kernel did not take.
         Return True when nothing is left waiting."""
+        if self.queued is not None:
+            # Keep the order: what was queued goes first.
+            parts = [*self.queued, *parts]
+            self.queued = None
         if self.backlog is not None:
             for part in parts:
                 self.backlog += part
@@ -307,8 +335,10 @@ class Leg:
         parts = [p for p in parts if len(p)]
         if not parts:
             return True
-        if len(parts) > 1 and self.tls:
-            parts = [b"".join(parts)]  # one TLS write, one flight of records
+        if len(parts) > 1 and (self.tls or len(parts) > MAX_PARTS):
+            # One TLS write is one flight of records; and sendmsg() takes at most IOV_MAX
+            # pieces (h11 writes each header line as a piece of its own).
+            parts = [b"".join(parts)]
         try:
             sock = self.sock
             if len(parts) > 1 and isinstance(sock, socket.socket):
@@ -364,7 +394,10 @@ class Leg:
         self.want(0)
         if reset:
             abort_on_close(self.sock)
-        elif self.tls:
+        elif self.queued is not None:
+            with contextlib.suppress(OSError):
+                self.push()  # best effort: the last answer of an orderly close
+        if not reset and self.tls:
             # An orderly TLS close says so (close_notify), or the peer sees a truncation.
             with contextlib.suppress(OSError):
                 send_close_notify(self.sock)
