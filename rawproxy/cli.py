@@ -7,13 +7,27 @@ reason is printed as one line), 2 for a bad command line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 import sys
-from typing import NoReturn
+import tomllib
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from rawproxy import __version__
-from rawproxy.config import CertPair, Config, ConfigError, parse_backend, parse_listen
+from rawproxy.config import (
+    FORWARDED_MODES,
+    CertPair,
+    Config,
+    ConfigError,
+    Route,
+    parse_backend,
+    parse_cidr,
+    parse_listen,
+    parse_rewrite,
+    parse_route,
+)
 
 DESCRIPTION = """\
 rawproxy is an HTTP/1.1 reverse proxy that gets WebSockets right. Every request that reaches a
@@ -30,10 +44,31 @@ addresses:
                            and [::1]:8080 on one address. Port 0 picks a free port (logged).
                            tls://[HOST]:PORT and tcp://[HOST]:PORT choose TLS or plain TCP
                            explicitly; a bare [HOST]:PORT is TLS exactly when --cert is given.
-  --backend [SCHEME://]HOST[:PORT]
+  --backend [SCHEME://]HOST[:PORT][/PATH]
                            http:// and ws:// speak plain TCP (default port 80); https:// and
                            wss:// speak TLS (default port 443); with no scheme, port 443 means
-                           TLS. The name is resolved once, at start-up.
+                           TLS. The name is resolved once, at start-up. Shorthand for
+                           --route /=URL.
+  --route PREFIX=URL       requests whose path starts with PREFIX go to URL, the longest
+                           prefix winning; no route: 404. Without a path in URL the request
+                           target is sent unchanged; with one, PREFIX is replaced by it:
+                           --route /api/=http://127.0.0.1:9001/ sends /api/x as /x (Apache's
+                           ProxyPass /api/ http://127.0.0.1:9001/). WebSockets work on every
+                           route, with nothing to configure.
+
+responses: Location, Content-Location and URI headers pointing at the backend's own origin
+(or at the Host it was sent) are rewritten to the origin the client used, as Apache's
+ProxyPassReverse does (--no-rewrite-location turns it off); --cookie-domain and --cookie-path
+rewrite Set-Cookie attributes.
+
+forwarded headers: X-Forwarded-For/-Proto/-Host/-Port and/or RFC 7239 Forwarded (--forwarded).
+What a client sends of them is dropped, unless its address is a --trusted-proxy: then they are
+extended, so a chain of proxies reports the real client.
+
+config file: --config FILE (TOML) takes every flag as a key spelled the same without the
+dashes (lists for repeatable flags, [[route]] tables with prefix and backend, [[certificate]]
+tables with cert and key, rewrite-location = false, splice = false); flags override the file.
+rawproxy --check-config FILE prints the effective configuration and exits.
 
 TLS: clients get TLS 1.2 or newer, ALPN http/1.1 only. The backend's certificate is verified
 against the system store (or --backend-ca) for the backend host name (or --backend-sni), which
@@ -110,226 +145,496 @@ def parse_seconds(text: str) -> int:
     return int(text)
 
 
-def _listen_arg(text: str) -> object:
-    try:
-        return parse_listen(text)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-
-
-def _backend_arg(text: str) -> object:
-    try:
-        return parse_backend(text)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, not the usage block: the message names the flag and what is wrong.
         self.exit(2, f"rawproxy: error: {message} (see rawproxy --help)\n")
 
 
+def _for_flag(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A converter for argparse: our errors become argparse's, message intact."""
+
+    def flag(text: str) -> Any:
+        try:
+            return convert(text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+
+    flag.__name__ = convert.__name__
+    return flag
+
+
+# Every setting: dest -> (converter of one text value, is a list, default). The file and the
+# command line go through the same converters; the file's keys are the dests with dashes.
+LIST = True
+SETTINGS: dict[str, tuple[Callable[[str], Any] | None, bool, Any]] = {
+    "listen": (parse_listen, LIST, []),
+    "backend": (parse_backend, False, None),
+    "route": (parse_route, LIST, []),
+    "cert": (str, LIST, []),
+    "key": (str, LIST, []),
+    "backend_tls": (None, False, None),
+    "backend_ca": (str, False, None),
+    "backend_sni": (str, False, None),
+    "backend_insecure": (None, False, False),
+    "backend_cert": (str, False, None),
+    "backend_key": (str, False, None),
+    "header_timeout": (parse_positive_duration, False, 10.0),
+    "connect_timeout": (parse_positive_duration, False, 5.0),
+    "response_timeout": (parse_positive_duration, False, 60.0),
+    "idle_timeout": (parse_positive_duration, False, 60.0),
+    "tunnel_idle_timeout": (parse_optional_duration, False, None),
+    "tcp_keepalive": (parse_seconds, False, 60),
+    "max_header_size": (parse_size, False, 64 * 1024),
+    "max_connections": (parse_count, False, 10000),
+    "splice": (None, False, True),
+    "forwarded": (None, False, "x-forwarded"),
+    "trusted_proxy": (parse_cidr, LIST, []),
+    "rewrite_location": (None, False, True),
+    "backend_host_header": (None, False, False),
+    "cookie_domain": (lambda t: parse_rewrite(t, "--cookie-domain"), LIST, []),
+    "cookie_path": (lambda t: parse_rewrite(t, "--cookie-path"), LIST, []),
+    "log_level": (None, False, "info"),
+}
+CHOICES = {"forwarded": FORWARDED_MODES, "log_level": ("debug", "info", "warning", "error")}
+BOOLEANS = {"backend_tls", "backend_insecure", "splice", "rewrite_location", "backend_host_header"}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # No defaults here: what is absent from the namespace was not given, so that a config
+    # file's value stands (SETTINGS holds the defaults).
     parser = _Parser(
         prog="rawproxy",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
     )
+
+    def add(group: Any, flag: str, help: str, **kw: Any) -> None:
+        dest = kw.get("dest", flag.lstrip("-").replace("-", "_"))
+        convert, many, _ = SETTINGS[dest]
+        if "action" not in kw:
+            kw["action"] = "append" if many else "store"
+            if convert is not None:
+                kw["type"] = _for_flag(convert)
+        group.add_argument(flag, help=help, **kw)
+
     parser.add_argument("--version", action="version", version=f"rawproxy {__version__}")
-    where = parser.add_argument_group("where")
-    where.add_argument(
-        "--listen",
-        metavar="[HOST]:PORT",
-        action="append",
-        type=_listen_arg,
-        required=True,
-        help="accept clients here; repeat for several addresses (required)",
+    files = parser.add_argument_group("configuration file")
+    files.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read settings from this TOML file; flags given on the command line override it",
     )
-    where.add_argument(
+    files.add_argument(
+        "--check-config",
+        metavar="FILE",
+        help="validate FILE (with any flags given), print the effective "
+        "configuration as TOML and exit (0 when valid)",
+    )
+    where = parser.add_argument_group("where")
+    add(
+        where,
+        "--listen",
+        "accept clients here; repeat for several addresses (required)",
+        metavar="[tls://|tcp://][HOST]:PORT",
+    )
+    add(
+        where,
         "--backend",
-        metavar="[SCHEME://]HOST[:PORT]",
-        type=_backend_arg,
-        required=True,
-        help="forward every request and upgrade here (required)",
+        "forward every request and upgrade here (shorthand for --route /=URL)",
+        metavar="[SCHEME://]HOST[:PORT][/PATH]",
+    )
+    add(
+        where,
+        "--route",
+        "send requests whose path starts with PREFIX to URL; repeatable, the longest prefix wins",
+        metavar="PREFIX=URL",
+    )
+    http = parser.add_argument_group("HTTP")
+    add(
+        http,
+        "--forwarded",
+        "which forwarded headers to send: X-Forwarded-For/-Proto/-Host/-Port, "
+        "RFC 7239 Forwarded, both, or none (default: x-forwarded)",
+        choices=FORWARDED_MODES,
+    )
+    add(
+        http,
+        "--trusted-proxy",
+        "a client address or network (CIDR) whose forwarded headers are "
+        "extended instead of dropped; repeatable",
+        metavar="CIDR",
+    )
+    add(
+        http,
+        "--no-rewrite-location",
+        "leave Location, Content-Location and URI headers as the backend sent them",
+        dest="rewrite_location",
+        action="store_false",
+    )
+    add(
+        http,
+        "--backend-host-header",
+        "send the backend's own host[:port] as Host instead of "
+        "the client's (Apache's default without ProxyPreserveHost)",
+        action="store_true",
+    )
+    add(
+        http,
+        "--cookie-domain",
+        "rewrite Set-Cookie Domain=FROM to TO (repeatable)",
+        metavar="FROM=TO",
+    )
+    add(
+        http,
+        "--cookie-path",
+        "rewrite a Set-Cookie Path starting with FROM to start with TO (repeatable)",
+        metavar="FROM=TO",
     )
     tls = parser.add_argument_group("TLS")
-    tls.add_argument(
+    add(
+        tls,
         "--cert",
+        "PEM certificate (the file may hold the chain) for TLS listeners; repeat "
+        "with --key for several certificates chosen by SNI, the first being the default",
         metavar="FILE",
-        action="append",
-        default=[],
-        help="PEM certificate (the file may hold the chain) for TLS listeners; "
-        "repeat with --key for several certificates chosen by SNI, the first "
-        "being the default",
     )
-    tls.add_argument(
-        "--key",
-        metavar="FILE",
-        action="append",
-        default=[],
-        help="PEM private key of the --cert given in the same position",
-    )
-    tls.add_argument(
+    add(tls, "--key", "PEM private key of the --cert given in the same position", metavar="FILE")
+    add(
+        tls,
         "--backend-tls",
-        dest="backend_tls",
+        "speak TLS to the backend whatever its scheme and port say",
         action="store_const",
         const=True,
-        default=None,
-        help="speak TLS to the backend whatever its scheme and port say",
     )
-    tls.add_argument(
+    add(
+        tls,
         "--no-backend-tls",
+        "speak plain TCP to the backend, even on port 443",
         dest="backend_tls",
         action="store_const",
         const=False,
-        help="speak plain TCP to the backend, even on port 443",
     )
-    tls.add_argument(
+    add(
+        tls,
         "--backend-ca",
+        "verify the backend's certificate against this PEM CA file instead of the system store",
         metavar="FILE",
-        help="verify the backend's certificate against this PEM CA file instead of "
-        "the system store",
     )
-    tls.add_argument(
+    add(
+        tls,
         "--backend-sni",
+        "the name sent as SNI and checked in the backend's certificate (default: the backend host)",
         metavar="NAME",
-        help="the name sent as SNI and checked in the backend's certificate "
-        "(default: the --backend host)",
     )
-    tls.add_argument(
+    add(
+        tls,
         "--backend-insecure",
+        "do not verify the backend's certificate (logged loudly; for tests and emergencies)",
         action="store_true",
-        help="do not verify the backend's certificate (logged loudly; for tests and emergencies)",
     )
-    tls.add_argument(
+    add(
+        tls,
         "--backend-cert",
+        "client certificate (PEM) to present to the backend (mutual TLS)",
         metavar="FILE",
-        help="client certificate (PEM) to present to the backend (mutual TLS)",
     )
-    tls.add_argument("--backend-key", metavar="FILE", help="private key of --backend-cert")
+    add(tls, "--backend-key", "private key of --backend-cert", metavar="FILE")
     timeouts = parser.add_argument_group("timeouts")
-    timeouts.add_argument(
+    add(
+        timeouts,
         "--header-timeout",
+        "a request head must arrive completely within this time of "
+        "its first byte (of the connection, for the first request); slow heads get 408 "
+        "(default: 10)",
         metavar="SECONDS",
-        type=parse_positive_duration,
-        default=10.0,
-        help="a request head must arrive completely within this time of its "
-        "first byte (of the connection, for the first request); slow "
-        "heads get 408 (default: 10)",
     )
-    timeouts.add_argument(
+    add(
+        timeouts,
         "--connect-timeout",
+        "the backend must accept a connection within this time, else 502 (default: 5)",
         metavar="SECONDS",
-        type=parse_positive_duration,
-        default=5.0,
-        help="the backend must accept a connection within this time, else 502 (default: 5)",
     )
-    timeouts.add_argument(
+    add(
+        timeouts,
         "--response-timeout",
+        "the backend must start its response within this time "
+        "after the request, else 504; also the longest silence allowed while a body streams "
+        "(default: 60)",
         metavar="SECONDS",
-        type=parse_positive_duration,
-        default=60.0,
-        help="the backend must start its response within this time after the "
-        "request, else 504; also the longest silence allowed while a body "
-        "streams (default: 60)",
     )
-    timeouts.add_argument(
+    add(
+        timeouts,
         "--idle-timeout",
+        "a kept-alive client connection with no request is closed after this time (default: 60)",
         metavar="SECONDS",
-        type=parse_positive_duration,
-        default=60.0,
-        help="a kept-alive client connection with no request is closed after "
-        "this time (default: 60)",
     )
-    timeouts.add_argument(
+    add(
+        timeouts,
         "--tunnel-idle-timeout",
+        "close an upgraded connection (WebSocket) silent in "
+        "both directions for this long (default: none; dead peers are found by --tcp-keepalive "
+        "instead)",
         metavar="SECONDS",
-        type=parse_optional_duration,
-        default=None,
-        help="close an upgraded connection (WebSocket) silent in both "
-        "directions for this long (default: none; dead peers are found "
-        "by --tcp-keepalive instead)",
     )
-    timeouts.add_argument(
+    add(
+        timeouts,
         "--tcp-keepalive",
+        "TCP keepalive probes on both legs of a tunnel after this "
+        "much silence, so dead peers are found without cutting quiet WebSockets; 0 turns them "
+        "off (default: 60)",
         metavar="SECONDS",
-        type=parse_seconds,
-        default=60,
-        help="TCP keepalive probes on both legs of a tunnel after this much "
-        "silence, so dead peers are found without cutting quiet "
-        "WebSockets; 0 turns them off (default: 60)",
     )
     limits = parser.add_argument_group("limits")
-    limits.add_argument(
+    add(
+        limits,
         "--max-header-size",
+        "largest request or response head; larger requests get 431 (default: 64KiB)",
         metavar="BYTES",
-        type=parse_size,
-        default=64 * 1024,
-        help="largest request or response head; larger requests get 431 (default: 64KiB)",
     )
-    limits.add_argument(
+    add(
+        limits,
         "--max-connections",
+        "client connections (tunnels included) open at once; more "
+        "wait in the kernel's listen backlog (default: 10000)",
         metavar="N",
-        type=parse_count,
-        default=10000,
-        help="client connections (tunnels included) open at once; more wait "
-        "in the kernel's listen backlog (default: 10000)",
     )
-    limits.add_argument(
+    add(
+        limits,
         "--no-splice",
+        "copy tunnel bytes through a buffer instead of moving them with "
+        "splice(2) between plain TCP sockets (slower; for troubleshooting)",
         dest="splice",
         action="store_false",
-        help="copy tunnel bytes through a buffer instead of moving them with "
-        "splice(2) between plain TCP sockets (slower; for troubleshooting)",
     )
     logs = parser.add_argument_group("logging")
-    logs.add_argument(
+    add(
+        logs,
         "--log-level",
-        choices=("debug", "info", "warning", "error"),
-        default="info",
-        help="debug adds one line per upgrade decision, naming the Connection and "
-        "Upgrade values that decided it (default: info: one line per request "
-        "and per tunnel)",
+        "debug adds one line per upgrade decision, naming the Connection and "
+        "Upgrade values that decided it (default: info: one line per request and per tunnel)",
+        choices=CHOICES["log_level"],
     )
     return parser
 
 
-def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
-    if len(args.cert) != len(args.key):
-        parser.error(
-            f"{len(args.cert)} --cert but {len(args.key)} --key: give them in pairs, "
-            "--cert FILE --key FILE"
+# -- the configuration file -------------------------------------------------------------------
+
+
+def _file_value(path: str, key: str, dest: str, value: Any) -> Any:
+    """Convert one value of the file with the converter the flag uses."""
+    convert, many, _ = SETTINGS[dest]
+
+    def bad(message: str) -> ConfigError:
+        return ConfigError(f"{path}: {key}: {message}")
+
+    if dest in BOOLEANS:
+        if not isinstance(value, bool):
+            raise bad(f"expected true or false, got {value!r}")
+        return value
+    if dest in CHOICES:
+        if value not in CHOICES[dest]:
+            raise bad(f"expected one of {', '.join(CHOICES[dest])}, got {value!r}")
+        return value
+    assert convert is not None
+    items = value if isinstance(value, list) else [value]
+    if not many and isinstance(value, list):
+        raise bad(f"expected one value, got a list {value!r}")
+    out = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, str | int | float):
+            raise bad(f"expected a string or a number, got {item!r}")
+        try:
+            out.append(convert(str(item)))
+        except (ConfigError, argparse.ArgumentTypeError) as e:
+            raise bad(str(e)) from e
+    return out if many else out[0]
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """The settings a TOML file gives, by dest; ConfigError naming the file and key."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: no such file") from e
+    except PermissionError as e:
+        raise ConfigError(f"{path}: permission denied") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror or e}") from e
+    settings: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "route" and isinstance(value, list) and value and isinstance(value[0], dict):
+            routes = []
+            for index, table in enumerate(value):
+                where = f"route[{index}]"
+                if not isinstance(table, dict):
+                    raise ConfigError(f"{path}: {where}: a route table has prefix and backend")
+                unknown = sorted(set(table) - {"prefix", "backend"})
+                if unknown:
+                    raise ConfigError(
+                        f"{path}: {where}: unknown key {unknown[0]!r} (a route table has prefix "
+                        "and backend)"
+                    )
+                if not isinstance(table.get("prefix"), str) or not isinstance(
+                    table.get("backend"), str
+                ):
+                    raise ConfigError(f"{path}: {where}: prefix and backend are both required")
+                try:
+                    routes.append(parse_route(f"{table['prefix']}={table['backend']}"))
+                except ConfigError as e:
+                    raise ConfigError(f"{path}: {where}: {e}") from e
+            settings["route"] = routes
+            continue
+        if key == "certificate":
+            if not isinstance(value, list) or not all(
+                isinstance(t, dict) and set(t) == {"cert", "key"} for t in value
+            ):
+                raise ConfigError(
+                    f"{path}: certificate: use [[certificate]] tables with cert and key"
+                )
+            settings.setdefault("cert", []).extend(str(t["cert"]) for t in value)
+            settings.setdefault("key", []).extend(str(t["key"]) for t in value)
+            continue
+        dest = key.replace("-", "_")
+        if dest not in SETTINGS or "_" in key:
+            raise ConfigError(
+                f"{path}: {key}: unknown setting (keys are the flag names "
+                "without the dashes, e.g. header-timeout)"
+            )
+        converted = _file_value(path, key, dest, value)
+        if SETTINGS[dest][1] and dest in settings:
+            settings[dest].extend(converted)
+        else:
+            settings[dest] = converted
+    return settings
+
+
+# -- settings into a Config ----------------------------------------------------------------
+
+
+def build_config(settings: dict[str, Any]) -> Config:
+    """Validate the merged settings; ConfigError says what is wrong."""
+    merged = {dest: default for dest, (_, _, default) in SETTINGS.items()}
+    merged.update(settings)
+    if not merged["listen"]:
+        raise ConfigError("--listen is required (or listen = [...] in the config file)")
+    routes: list[Route] = list(merged["route"])
+    if merged["backend"] is not None:
+        if any(route.prefix == "/" for route in routes):
+            raise ConfigError("--backend and a route for / both given: use one of them")
+        routes.append(Route("/", merged["backend"]))
+    if not routes:
+        raise ConfigError("--backend or --route is required")
+    prefixes = [route.prefix for route in routes]
+    duplicates = sorted({p for p in prefixes if prefixes.count(p) > 1})
+    if duplicates:
+        raise ConfigError(f"more than one route for {', '.join(duplicates)}")
+    certs, keys = merged["cert"], merged["key"]
+    if len(certs) != len(keys):
+        raise ConfigError(
+            f"{len(certs)} --cert but {len(keys)} --key: give them in pairs, --cert FILE --key FILE"
         )
-    certs = tuple(CertPair(cert, key) for cert, key in zip(args.cert, args.key, strict=True))
-    if any(where.tls for where in args.listen) and not certs:
-        parser.error("a tls:// listener needs a certificate: add --cert FILE --key FILE")
-    if (args.backend_cert is None) != (args.backend_key is None):
-        parser.error("--backend-cert and --backend-key go together")
+    pairs = tuple(CertPair(c, k) for c, k in zip(certs, keys, strict=True))
+    if any(where.tls for where in merged["listen"]) and not pairs:
+        raise ConfigError("a tls:// listener needs a certificate: add --cert FILE --key FILE")
+    if (merged["backend_cert"] is None) != (merged["backend_key"] is None):
+        raise ConfigError("--backend-cert and --backend-key go together")
     client_pair = (
-        CertPair(args.backend_cert, args.backend_key) if args.backend_cert is not None else None
+        CertPair(merged["backend_cert"], merged["backend_key"])
+        if merged["backend_cert"] is not None
+        else None
     )
     return Config(
-        listen=tuple(args.listen),
-        backend=args.backend,
-        certs=certs,
-        backend_tls=args.backend_tls,
-        backend_ca=args.backend_ca,
-        backend_sni=args.backend_sni,
-        backend_insecure=args.backend_insecure,
+        listen=tuple(merged["listen"]),
+        routes=tuple(routes),
+        certs=pairs,
+        backend_tls=merged["backend_tls"],
+        backend_ca=merged["backend_ca"],
+        backend_sni=merged["backend_sni"],
+        backend_insecure=merged["backend_insecure"],
         backend_client_cert=client_pair,
-        header_timeout=args.header_timeout,
-        connect_timeout=args.connect_timeout,
-        response_timeout=args.response_timeout,
-        idle_timeout=args.idle_timeout,
-        tunnel_idle_timeout=args.tunnel_idle_timeout,
-        tcp_keepalive=args.tcp_keepalive,
-        max_header_size=args.max_header_size,
-        max_connections=args.max_connections,
-        log_level=args.log_level,
-        splice=args.splice,
+        header_timeout=merged["header_timeout"],
+        connect_timeout=merged["connect_timeout"],
+        response_timeout=merged["response_timeout"],
+        idle_timeout=merged["idle_timeout"],
+        tunnel_idle_timeout=merged["tunnel_idle_timeout"],
+        tcp_keepalive=merged["tcp_keepalive"],
+        max_header_size=merged["max_header_size"],
+        max_connections=merged["max_connections"],
+        log_level=merged["log_level"],
+        splice=merged["splice"],
+        forwarded=merged["forwarded"],
+        trusted_proxies=tuple(merged["trusted_proxy"]),
+        rewrite_location=merged["rewrite_location"],
+        backend_host_header=merged["backend_host_header"],
+        cookie_domains=tuple(merged["cookie_domain"]),
+        cookie_paths=tuple(merged["cookie_path"]),
     )
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if value is None:
+        return '"none"'
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def describe_config(config: Config) -> str:
+    """The effective configuration, as a TOML file that --config reads back."""
+    lines = ["# effective rawproxy configuration"]
+    values = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
+    lines.append(f"listen = {_toml([_listen_text(w) for w in values.pop('listen')])}")
+    routes = values.pop("routes")
+    certs = values.pop("certs")
+    client_pair = values.pop("backend_client_cert")
+    renames = {
+        "trusted_proxies": "trusted-proxy",
+        "cookie_domains": "cookie-domain",
+        "cookie_paths": "cookie-path",
+    }
+    for name, value in values.items():
+        key = renames.get(name, name.replace("_", "-"))
+        if name in ("cookie_domains", "cookie_paths"):
+            value = [f"{a}={b}" for a, b in value]
+        elif name == "trusted_proxies":
+            value = [str(n) for n in value]
+        elif value is None:
+            if name == "tunnel_idle_timeout":
+                value = "none"
+            else:
+                lines.append(f"# {key} not set")
+                continue
+        lines.append(f"{key} = {_toml(value)}")
+    if client_pair is not None:
+        lines.append(f"backend-cert = {_toml(client_pair.cert)}")
+        lines.append(f"backend-key = {_toml(client_pair.key)}")
+    for pair in certs:
+        lines += ["", "[[certificate]]", f"cert = {_toml(pair.cert)}", f"key = {_toml(pair.key)}"]
+    for route in routes:
+        lines += [
+            "",
+            "[[route]]",
+            f"prefix = {_toml(route.prefix)}",
+            f"backend = {_toml(str(route.backend))}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _listen_text(where: Any) -> str:
+    scheme = {True: "tls://", False: "tcp://", None: ""}[where.tls]
+    host = "" if where.host is None else (f"[{where.host}]" if ":" in where.host else where.host)
+    return f"{scheme}{host}:{where.port}"
 
 
 def setup_logging(level: str) -> None:
@@ -340,10 +645,40 @@ def setup_logging(level: str) -> None:
     )
 
 
+def load_settings(args: argparse.Namespace) -> tuple[Config, str | None]:
+    """Config from the file (if any) and the flags; which file it came from."""
+    given = vars(args).copy()
+    path = given.pop("check_config", None) or given.pop("config", None)
+    given.pop("config", None)
+    settings = load_config_file(path) if path else {}
+    settings.update(given)  # flags win; a repeated flag replaces the file's list
+    try:
+        return build_config(settings), path
+    except ConfigError as e:
+        if path and not str(e).startswith(path):
+            raise ConfigError(f"{path}: {e}") from e
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    config = config_from_args(parser, args)
+    checking = getattr(args, "check_config", None) is not None
+    try:
+        config, path = load_settings(args)
+    except ConfigError as e:
+        print(f"rawproxy: error: {e}", file=sys.stderr)
+        return 1 if checking or getattr(args, "config", None) else 2
+    if checking:
+        from rawproxy.server import check_config
+
+        try:
+            check_config(config)
+        except ConfigError as e:
+            print(f"rawproxy: error: {path}: {e}", file=sys.stderr)
+            return 1
+        sys.stdout.write(describe_config(config))
+        return 0
     setup_logging(config.log_level)
     from rawproxy.server import Server, StartupError
 

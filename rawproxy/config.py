@@ -7,6 +7,7 @@ message that says what is wrong and what a valid value looks like.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 
 DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
 TLS_SCHEMES = frozenset({"https", "wss"})
@@ -35,11 +36,13 @@ class ListenAddress:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Backend:
-    """Where requests go. `tls` says whether we speak TLS to it."""
+    """Where requests go. `tls` says whether we speak TLS to it. `path`, when given, replaces
+    the route's prefix in the request target (Apache's `ProxyPass /app/ http://b/`)."""
 
     scheme: str
     host: str
     port: int
+    path: str | None = None
 
     @property
     def tls(self) -> bool:
@@ -47,7 +50,21 @@ class Backend:
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}{self.path or ''}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Route:
+    """Requests whose path starts with `prefix` go to `backend` (the longest prefix wins)."""
+
+    prefix: str
+    backend: Backend
+
+    def __str__(self) -> str:
+        return f"{self.prefix}={self.backend}"
+
+
+FORWARDED_MODES = ("x-forwarded", "rfc7239", "both", "none")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -59,7 +76,7 @@ class CertPair:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Config:
     listen: tuple[ListenAddress, ...]
-    backend: Backend
+    routes: tuple[Route, ...]
     certs: tuple[CertPair, ...] = ()
     backend_tls: bool | None = None  # None: decided by the --backend scheme (or port 443)
     backend_ca: str | None = None
@@ -76,6 +93,12 @@ class Config:
     max_connections: int = 10000
     log_level: str = "info"
     splice: bool = True
+    forwarded: str = "x-forwarded"
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    rewrite_location: bool = True
+    backend_host_header: bool = False
+    cookie_domains: tuple[tuple[str, str], ...] = ()
+    cookie_paths: tuple[tuple[str, str], ...] = ()
 
 
 def _split_host_port(text: str, what: str, example: str) -> tuple[str, str | None]:
@@ -129,8 +152,9 @@ def parse_listen(text: str) -> ListenAddress:
 def parse_backend(text: str) -> Backend:
     """Parse `--backend [SCHEME://]HOST[:PORT]`.
 
-    Without a scheme, port 443 means https and anything else http. The path part of a URL, if
-    any, must be empty or "/": rawproxy forwards the client's request target unchanged.
+    Without a scheme, port 443 means https and anything else http. Without a path the client's
+    request target is forwarded unchanged; with one (even "/"), the route's prefix is replaced
+    by it.
     """
     example = "use [SCHEME://]HOST[:PORT], e.g. 127.0.0.1:9000 or https://app.internal:443"
     original = text
@@ -143,12 +167,10 @@ def parse_backend(text: str) -> Backend:
             raise ConfigError(
                 f"--backend {original!r}: unknown scheme {scheme!r} (use http, https, ws or wss)"
             )
-    authority, slash, path = text.partition("/")
-    if slash and path:
-        raise ConfigError(
-            f"--backend {original!r}: a path is not supported here; the client's path is "
-            f"forwarded unchanged; {example}"
-        )
+    authority, slash, rest = text.partition("/")
+    path = "/" + rest if slash else None
+    if path is not None and any(c in path for c in "?# \t"):
+        raise ConfigError(f"--backend {original!r}: the path may not hold a query or spaces")
     host, port_text = _split_host_port(authority, "--backend", example)
     if not host:
         raise ConfigError(f"--backend {original!r}: a host is required; {example}")
@@ -158,4 +180,31 @@ def parse_backend(text: str) -> Backend:
         port = _parse_port(port_text, "--backend", original, example)
     if scheme is None:
         scheme = "https" if port == 443 else "http"
-    return Backend(scheme, host, port)
+    return Backend(scheme, host, port, path)
+
+
+def parse_route(text: str) -> Route:
+    """Parse `--route PREFIX=URL`, e.g. `/api/=http://127.0.0.1:9001/`."""
+    prefix, sep, url = text.partition("=")
+    prefix = prefix.strip()
+    if not sep or not prefix.startswith("/"):
+        raise ConfigError(
+            f"--route {text!r}: use PREFIX=URL with a prefix starting with '/', "
+            "e.g. /api/=http://127.0.0.1:9001"
+        )
+    return Route(prefix, parse_backend(url))
+
+
+def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError as e:
+        raise ConfigError(f"--trusted-proxy {text!r}: not an address or CIDR ({e})") from e
+
+
+def parse_rewrite(text: str, what: str) -> tuple[str, str]:
+    """Parse `FROM=TO` for --cookie-domain and --cookie-path."""
+    old, sep, new = text.partition("=")
+    if not sep or not old.strip():
+        raise ConfigError(f"{what} {text!r}: use FROM=TO")
+    return old.strip(), new.strip()

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from urllib.parse import urlsplit
+
+from rawproxy.config import Route
 
 Header = tuple[bytes, bytes]
 
@@ -34,6 +37,17 @@ REFUSED_UPGRADE_PROTOCOLS = frozenset({b"h2c", b"h2"})
 FORWARDED_FOR = b"x-forwarded-for"
 FORWARDED_PROTO = b"x-forwarded-proto"
 FORWARDED_HOST = b"x-forwarded-host"
+FORWARDED_PORT = b"x-forwarded-port"
+FORWARDED = b"forwarded"
+FORWARDED_HEADERS = frozenset(
+    {FORWARDED_FOR, FORWARDED_PROTO, FORWARDED_HOST, FORWARDED_PORT, FORWARDED}
+)
+_CANONICAL = {
+    FORWARDED_FOR: b"X-Forwarded-For",
+    FORWARDED_PROTO: b"X-Forwarded-Proto",
+    FORWARDED_HOST: b"X-Forwarded-Host",
+    FORWARDED_PORT: b"X-Forwarded-Port",
+}
 
 
 def comma_tokens(headers: Iterable[Header], name: bytes) -> list[bytes]:
@@ -154,46 +168,107 @@ def head_error(data: bytes | bytearray, max_size: int) -> tuple[int, str] | None
     return None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClientSide:
+    """What the proxy knows of the client end of an exchange, for the forwarded headers."""
+
+    ip: str  # the client's address as we saw it
+    scheme: str  # "http" or "https": how the client reached us
+    port: int  # the port of our listener
+    trusted: bool  # the client is a proxy we trust to tell us about its own client
+
+
+def _forwarded_node(ip: str) -> bytes:
+    return f'"[{ip}]"'.encode() if ":" in ip else ip.encode("ascii")
+
+
+def _forwarded_value(value: bytes) -> bytes:
+    """An RFC 7239 value: a token as is, anything else quoted."""
+    if value and all(c in _TCHAR for c in value):
+        return value
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
 def backend_request_headers(
     raw_headers: Iterable[Header],
     decision: UpgradeDecision,
-    client_ip: str,
-    scheme: str,
+    client: ClientSide,
+    *,
+    forwarded: str = "x-forwarded",
     default_host: bytes,
+    host_override: bytes | None = None,
 ) -> list[Header]:
     """The headers to send to the backend for a client's request.
 
     Hop-by-hop headers and those the client's Connection header names are removed (never the
-    framing headers or Host), X-Forwarded-For gets the client address appended, and
-    X-Forwarded-Proto and X-Forwarded-Host say what the client asked for. For an upgrade,
-    `Connection: upgrade` and the kept Upgrade protocols are sent. Everything else, Host and
-    the Sec-WebSocket-* headers included, is passed on unchanged and in order. A request
-    without Host (HTTP/1.0) gets `default_host`, the backend's own, since HTTP/1.1 needs one.
+    framing headers or Host). Forwarded headers (`forwarded`: x-forwarded, rfc7239, both or
+    none) say who the client is and what it asked for; what a client sent of them is dropped,
+    unless it is a trusted proxy, whose headers are extended (For/Forwarded appended to, the
+    first proxy's Proto, Host and Port kept). For an upgrade, `Connection: upgrade` and the
+    kept Upgrade protocols are sent. Everything else, Host and the Sec-WebSocket-* headers
+    included, is passed on unchanged and in order. `host_override` replaces Host (the
+    backend's own name); a request without Host (HTTP/1.0) gets `default_host`.
     """
     raw_headers = list(raw_headers)
     nominated = {t.lower() for t in comma_tokens(raw_headers, b"connection")} - NEVER_NOMINATED
     out: list[Header] = []
-    forwarded_for: list[bytes] = []
+    incoming: dict[bytes, list[bytes]] = {}
     host: bytes | None = None
     for name, value in raw_headers:
         lower = name.lower()
         if lower in HOP_BY_HOP or lower in nominated:
             continue
-        if lower == FORWARDED_FOR:
-            forwarded_for.append(value.strip())
+        if lower in FORWARDED_HEADERS:
+            if client.trusted:
+                incoming.setdefault(lower, []).append(value.strip())
             continue
-        if lower in (FORWARDED_PROTO, FORWARDED_HOST):
+        if lower.startswith(b"x-forwarded-") or lower == b"x-real-ip":
+            # Other claims about the client (X-Forwarded-Prefix, -Ssl, -Server, X-Real-IP):
+            # passed on from a trusted proxy, dropped from anyone else.
+            if client.trusted:
+                out.append((name, value))
             continue
         if lower == b"host":
             host = value
+            if host_override is not None:
+                value = host_override
         out.append((name, value))
-    forwarded_for.append(client_ip.encode("ascii"))
-    out.append((b"X-Forwarded-For", b", ".join(v for v in forwarded_for if v)))
-    out.append((b"X-Forwarded-Proto", scheme.encode("ascii")))
     if host is None:
-        out.insert(0, (b"Host", default_host))
+        out.insert(0, (b"Host", host_override or default_host))
+    scheme = client.scheme.encode("ascii")
+    port = str(client.port).encode("ascii")
+    ip = client.ip.encode("ascii")
+
+    def passed_on(name: bytes) -> bytes | None:
+        values = [v for v in incoming.get(name, ()) if v]
+        return b", ".join(values) if values else None
+
+    # Each family of forwarded headers is either ours in this mode (extended, or created) or
+    # passed on as a trusted proxy sent it (and dropped for anyone else: `incoming` is empty).
+    if forwarded in ("x-forwarded", "both"):
+        chain = passed_on(FORWARDED_FOR)
+        out.append((b"X-Forwarded-For", chain + b", " + ip if chain else ip))
+        out.append((b"X-Forwarded-Proto", passed_on(FORWARDED_PROTO) or scheme))
+        shown_host = passed_on(FORWARDED_HOST) or host
+        if shown_host is not None:
+            out.append((b"X-Forwarded-Host", shown_host))
+        out.append((b"X-Forwarded-Port", passed_on(FORWARDED_PORT) or port))
     else:
-        out.append((b"X-Forwarded-Host", host))
+        for name in (FORWARDED_FOR, FORWARDED_PROTO, FORWARDED_HOST, FORWARDED_PORT):
+            kept = passed_on(name)
+            if kept is not None:
+                out.append((_CANONICAL[name], kept))
+    chain = passed_on(FORWARDED)
+    if forwarded in ("rfc7239", "both"):
+        element = b"for=" + _forwarded_node(client.ip) + b";proto=" + scheme
+        if host is not None:
+            element += b";host=" + _forwarded_value(host)
+        out.append((b"Forwarded", chain + b", " + element if chain else element))
+    elif chain is not None:
+        out.append((b"Forwarded", chain))
     if decision.upgrade is not None:
         out.append((b"Connection", b"upgrade"))
         out.append((b"Upgrade", decision.upgrade))
@@ -227,6 +302,147 @@ def client_response_headers(raw_headers: Iterable[Header], switching: bool) -> l
     return out
 
 
+# -- routes ---------------------------------------------------------------------------------
+
+
+def target_path(target: bytes) -> bytes:
+    """The path of a request target: origin-form `/p?q`, absolute-form `http://h/p?q`, `*`."""
+    if not target.startswith(b"/"):
+        scheme_end = target.find(b"://")
+        if scheme_end < 0:
+            return target  # "*" (OPTIONS) or authority-form: matches no path prefix but "*"
+        slash = target.find(b"/", scheme_end + 3)
+        target = b"/" if slash < 0 else target[slash:]
+    return target.split(b"?", 1)[0]
+
+
+def select_route(routes: Sequence[Route], target: bytes) -> tuple[Route, bytes] | None:
+    """The route for a request target, the longest prefix winning, and the target to send to
+    its backend: unchanged when the backend has no path, else with the route's prefix replaced
+    by that path (`/api/x?q` via `/api/=http://b/v2/` is `/v2/x?q`). None when no route fits.
+    `*` (OPTIONS *) goes to the `/` route, unchanged."""
+    path = target_path(target)
+    best: Route | None = None
+    for route in routes:
+        prefix = route.prefix.encode()
+        if (path.startswith(prefix) or (path == b"*" and prefix == b"/")) and (
+            best is None or len(prefix) > len(best.prefix.encode())
+        ):
+            best = route
+    if best is None:
+        return None
+    backend_path = best.backend.path
+    if backend_path is None or path == b"*":
+        return best, target
+    start = target.find(path) if not target.startswith(b"/") else 0
+    rest = target[start + len(best.prefix.encode()) :]
+    new = backend_path.encode()
+    if new.endswith(b"/") and rest.startswith(b"/"):
+        rest = rest[1:]
+    return best, new + rest
+
+
+# -- rewriting what the backend says about itself -----------------------------------------
+
+_SCHEME_ALIAS = {"ws": "http", "wss": "https"}
+_DEFAULT_PORT = {"http": 80, "https": 443}
+
+
+def origin(scheme: str, host: str, port: int | None) -> tuple[str, str, int]:
+    """A comparable origin: scheme (ws/wss as http/https), host in lower case, explicit port."""
+    scheme = _SCHEME_ALIAS.get(scheme.lower(), scheme.lower())
+    return scheme, host.lower().strip("[]"), port or _DEFAULT_PORT.get(scheme, 0)
+
+
+def origin_of_host(scheme: str, host: bytes) -> tuple[str, str, int] | None:
+    """The origin a Host header value names, under `scheme`; None if it is not host[:port]."""
+    try:
+        parts = urlsplit(f"{scheme}://{host.decode('ascii')}")
+        return origin(scheme, parts.hostname or "", parts.port)
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ResponseRewrite:
+    """How a backend's answer is made to speak of the client's origin (ProxyPassReverse)."""
+
+    backend_origins: tuple[tuple[str, str, int], ...]  # what counts as "the backend itself"
+    client_origin: str  # scheme://host[:port] the client used
+    backend_path: str | None = None  # with route_prefix: the path mapping to undo
+    route_prefix: str = "/"
+    cookie_domains: tuple[tuple[str, str], ...] = ()
+    cookie_paths: tuple[tuple[str, str], ...] = ()
+    locations: bool = True
+
+
+LOCATION_HEADERS = frozenset({b"location", b"content-location", b"uri"})
+
+
+def rewrite_url(value: bytes, rule: ResponseRewrite) -> bytes:
+    """An absolute URL pointing at the backend's own origin, moved to the client's origin;
+    anything else (relative, foreign, unparsable) unchanged."""
+    try:
+        text = value.decode("ascii").strip()
+        parts = urlsplit(text)
+        if not parts.scheme or not parts.netloc:
+            return value
+        where = origin(parts.scheme, parts.hostname or "", parts.port)
+    except (UnicodeDecodeError, ValueError):
+        return value
+    if where not in rule.backend_origins:
+        return value
+    path = parts.path or "/"
+    if rule.backend_path is not None and path.startswith(rule.backend_path):
+        path = rule.route_prefix + path[len(rule.backend_path) :]
+    out = rule.client_origin + path
+    if parts.query:
+        out += "?" + parts.query
+    if parts.fragment:
+        out += "#" + parts.fragment
+    return out.encode("ascii")
+
+
+def rewrite_set_cookie(value: bytes, rule: ResponseRewrite) -> bytes:
+    """Domain and Path attributes of a Set-Cookie value rewritten by the FROM=TO rules."""
+    pieces = value.split(b";")
+    changed = False
+    for index in range(1, len(pieces)):
+        name, eq, attr = pieces[index].partition(b"=")
+        key = name.strip().lower()
+        attr = attr.strip()
+        new: bytes | None = None
+        if eq and key == b"domain":
+            bare = attr.lstrip(b".").lower()
+            for old, to in rule.cookie_domains:
+                if bare == old.lstrip(".").lower().encode():
+                    new = to.encode()
+                    break
+        elif eq and key == b"path":
+            for old, to in rule.cookie_paths:
+                if attr.startswith(old.encode()):
+                    new = to.encode() + attr[len(old.encode()) :]
+                    break
+        if new is not None:
+            pieces[index] = b" " + name.strip() + b"=" + new
+            changed = True
+    return b";".join(pieces) if changed else value
+
+
+def rewrite_response_headers(headers: list[Header], rule: ResponseRewrite) -> list[Header]:
+    """Location, Content-Location and URI moved to the client's origin; Set-Cookie Domain and
+    Path rewritten where rules say so. Other headers unchanged."""
+    out = []
+    for name, value in headers:
+        lower = name.lower()
+        if rule.locations and lower in LOCATION_HEADERS:
+            value = rewrite_url(value, rule)
+        elif lower == b"set-cookie" and (rule.cookie_domains or rule.cookie_paths):
+            value = rewrite_set_cookie(value, rule)
+        out.append((name, value))
+    return out
+
+
 REASONS = {
     400: "Bad Request",
     404: "Not Found",
@@ -238,16 +454,25 @@ REASONS = {
 }
 
 
+def error_body(status: int, detail: str) -> bytes:
+    """The text of an answer the proxy writes itself; `detail` is a short text for humans."""
+    return f"{status} {REASONS.get(status, 'Error')}: {detail}\n".encode("latin-1", "replace")
+
+
+def error_headers(length: int) -> list[Header]:
+    return [
+        (b"Content-Type", b"text/plain; charset=utf-8"),
+        (b"Content-Length", str(length).encode("ascii")),
+    ]
+
+
 def error_response(status: int, detail: str, head_only: bool = False) -> bytes:
     """The complete bytes of an error response the proxy writes itself, closing the
     connection. `detail` is a short text for humans; it is the whole body."""
     reason = REASONS.get(status, "Error")
-    body = f"{status} {reason}: {detail}\n".encode("latin-1", "replace")
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\n"
-        "Content-Type: text/plain; charset=utf-8\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n"
-        "\r\n"
-    ).encode("ascii")
+    body = error_body(status, detail)
+    head = b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("ascii"))
+    for name, value in error_headers(len(body)):
+        head += name + b": " + value + b"\r\n"
+    head += b"Connection: close\r\n\r\n"
     return head if head_only else head + body

@@ -11,10 +11,12 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Protocol
 
-from rawproxy.config import Backend, Config, ConfigError, ListenAddress
+from rawproxy.config import Backend, Config, ConfigError, ListenAddress, Route
+from rawproxy.http import origin
 from rawproxy.loop import READ, Loop, Timer
 from rawproxy.session import DONE, Session
 from rawproxy.tls import ServerTLS, backend_context
@@ -39,12 +41,64 @@ class Connection(Protocol):
     def shutdown(self) -> None: ...
 
 
+class Target:
+    """A backend as the I/O layer needs it: resolved addresses, TLS, the names it goes by.
+    Routes to the same scheme, host and port share one (their paths may differ)."""
+
+    __slots__ = ("addresses", "authority", "name", "origin", "sni", "tls")
+
+    def __init__(self, backend: Backend, config: Config) -> None:
+        use_tls = backend.tls if config.backend_tls is None else config.backend_tls
+        self.tls: ssl.SSLContext | None = (
+            backend_context(config.backend_ca, config.backend_insecure, config.backend_client_cert)
+            if use_tls
+            else None
+        )
+        self.sni = config.backend_sni or backend.host
+        self.addresses = resolve_backend(backend)
+        scheme = "https" if use_tls else "http"
+        self.name = f"{scheme}://{_bracketed(backend.host)}:{backend.port}"
+        host = _bracketed(backend.host)
+        if backend.port != (443 if use_tls else 80):
+            host = f"{host}:{backend.port}"
+        self.authority = host.encode("idna")
+        self.origin = origin(scheme, backend.host, backend.port)
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def target_key(backend: Backend) -> tuple[str, str, int]:
+    return backend.scheme, backend.host, backend.port
+
+
+def make_targets(config: Config) -> dict[tuple[str, str, int], Target]:
+    targets: dict[tuple[str, str, int], Target] = {}
+    for route in config.routes:
+        key = target_key(route.backend)
+        if key not in targets:
+            targets[key] = Target(route.backend, config)
+    return targets
+
+
+def check_config(config: Config) -> None:
+    """What start-up would refuse, short of binding ports: certificates, keys, CA files,
+    backend names. Raises ConfigError."""
+    if config.certs:
+        ServerTLS(config.certs)
+    try:
+        make_targets(config)
+    except StartupError as e:
+        raise ConfigError(str(e)) from e
+
+
 def resolve_backend(backend: Backend) -> list[tuple[int, tuple[str, int]]]:
     try:
         infos = socket.getaddrinfo(backend.host, backend.port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise StartupError(
-            f"cannot resolve the --backend host {backend.host!r}: {e.strerror}; check the name "
+            f"cannot resolve the backend host {backend.host!r}: {e.strerror}; check the name "
             "or give an IP address"
         ) from e
     seen: list[tuple[int, tuple[str, int]]] = []
@@ -148,27 +202,15 @@ class Server:
         self.resume_timer: Timer | None = None
         self.accept_failures = 0
         self.accept_failure_logged = -ACCEPT_FAILURE_LOG_EVERY
-        backend = config.backend
         try:
             self.client_tls = ServerTLS(config.certs) if config.certs else None
-            use_tls = backend.tls if config.backend_tls is None else config.backend_tls
-            self.backend_tls = (
-                backend_context(
-                    config.backend_ca, config.backend_insecure, config.backend_client_cert
-                )
-                if use_tls
-                else None
-            )
+            self.targets = make_targets(config)
         except ConfigError as e:
             raise StartupError(str(e)) from e
-        self.backend_sni = config.backend_sni or backend.host
-        self.backend_addresses = resolve_backend(backend)
-        self.backend_name = str(backend)
-        default_port = 443 if use_tls else 80
-        host = f"[{backend.host}]" if ":" in backend.host else backend.host
-        if backend.port != default_port:
-            host = f"{host}:{backend.port}"
-        self.backend_authority = host.encode("idna")
+        # Longest prefix first, so that the first match is the route (http.select_route does
+        # not depend on the order; this only makes the start-up log read well).
+        self.routes = tuple(sorted(config.routes, key=lambda r: len(r.prefix), reverse=True))
+        self.trusted = config.trusted_proxies
 
     # -- listeners -------------------------------------------------------------------------
 
@@ -265,6 +307,9 @@ class Server:
         ):
             self._accept_on()
 
+    def target_for(self, route: Route) -> Target:
+        return self.targets[target_key(route.backend)]
+
     # -- running ---------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -275,27 +320,32 @@ class Server:
             kind = "tls" if self.listener_tls[sock.fileno()] else "plain"
             log.info("listening on %s (%s)", _shown(sock), kind)
         config = self.config
-        if self.backend_tls is None:
-            log.info("backend %s: plain TCP", self.backend_name)
-        elif config.backend_insecure:
-            log.warning(
-                "backend %s: TLS WITHOUT certificate verification (--backend-insecure): anyone "
-                "on the path can impersonate the backend",
-                self.backend_name,
-            )
-        else:
+        for target in self.targets.values():
+            if target.tls is None:
+                log.info("backend %s: plain TCP", target.name)
+            elif config.backend_insecure:
+                log.warning(
+                    "backend %s: TLS WITHOUT certificate verification (--backend-insecure): "
+                    "anyone on the path can impersonate the backend",
+                    target.name,
+                )
+            else:
+                log.info(
+                    "backend %s: TLS, certificate verified against %s for the name %r "
+                    "(sent as SNI)",
+                    target.name,
+                    config.backend_ca or "the system's CA store",
+                    target.sni,
+                )
+        for route in self.routes:
+            target = self.target_for(route)
             log.info(
-                "backend %s: TLS, certificate verified against %s for the name %r (sent as SNI)",
-                self.backend_name,
-                config.backend_ca or "the system's CA store",
-                self.backend_sni,
+                "route %s -> %s (%s)",
+                route.prefix,
+                route.backend,
+                ", ".join(f"{a[0]}:{a[1]}" for _, a in target.addresses),
             )
-        log.info(
-            "ready: %d listener(s), backend %s (%s)",
-            len(self.listeners),
-            self.backend_name,
-            ", ".join(f"{a[0]}:{a[1]}" for _, a in self.backend_addresses),
-        )
+        log.info("ready: %d listener(s), %d route(s)", len(self.listeners), len(self.routes))
         try:
             self.loop.run()
         finally:
@@ -307,13 +357,18 @@ class Server:
         try:
             if self.client_tls is not None:
                 self.client_tls.reload()
-            if self.backend_tls is not None:
-                self.backend_tls = backend_context(
+            contexts = {
+                key: backend_context(
                     config.backend_ca, config.backend_insecure, config.backend_client_cert
                 )
+                for key, target in self.targets.items()
+                if target.tls is not None
+            }
         except ConfigError as e:
             log.error("SIGHUP: keeping the current certificates: %s", e)
             return
+        for key, context in contexts.items():
+            self.targets[key].tls = context
         log.info(
             "SIGHUP: reloaded certificates (%s); open connections keep theirs",
             ", ".join(pair.cert for pair in config.certs) or "no listener certificates",

@@ -12,6 +12,7 @@ Phases:
     CONNECTING  request head parsed, backend connection under way; connect timeout running
     EXCHANGE    request forwarded (body streaming), response expected or streaming;
                 an inactivity timer (--response-timeout) running
+    REJECT      no route for the request: reading what is left of it, then answering 404
     CLOSING     an error answer or a last response written; draining the client so that
                 close() does not turn into a reset that destroys the answer in flight
     DONE        closed, or handed to a tunnel
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -30,31 +32,51 @@ from typing import TYPE_CHECKING
 import h11
 
 from rawproxy.http import (
+    REASONS,
+    ClientSide,
+    ResponseRewrite,
     UpgradeDecision,
     backend_request_headers,
     client_response_headers,
     decide_upgrade,
+    error_body,
+    error_headers,
     error_response,
     framing_error,
     head_error,
+    origin_of_host,
+    rewrite_response_headers,
+    select_route,
 )
 from rawproxy.loop import READ, WRITE, Timer
 from rawproxy.transport import Leg, TlsSocket, set_nodelay
 from rawproxy.tunnel import Tunnel
 
 if TYPE_CHECKING:
-    from rawproxy.server import Server
+    from rawproxy.config import Route
+    from rawproxy.server import Server, Target
 
 log = logging.getLogger("rawproxy")
 access_log = logging.getLogger("rawproxy.access")
 
-HEAD, IDLE, CONNECTING, EXCHANGE, CLOSING, DONE, HANDSHAKE = range(7)
+HEAD, IDLE, CONNECTING, EXCHANGE, CLOSING, DONE, HANDSHAKE, REJECT = range(8)
 
 # How long a closing connection keeps reading (and discarding) what the client still sends,
 # so that our last answer is not destroyed by a reset.
 LINGER_SECONDS = 2.0
 
 _NO_MORE = (h11.NEED_DATA, h11.PAUSED)
+# A request without a route is answered 404 on the same connection when what is left of its
+# body is this small; a larger body is not read: 404 and close.
+REJECT_BODY_LIMIT = 64 * 1024
+
+
+def _header(request: h11.Request, name: bytes) -> bytes | None:
+    for key, value in request.headers:
+        if key == name:
+            return value
+    return None
+
 
 # Backend connection states beside READ and WRITE (what its TLS handshake waits for).
 _TCP_CONNECTING = -1
@@ -108,18 +130,22 @@ class Session:
         "decision",
         "exchange_start",
         "head_bytes",
+        "local_port",
         "loop",
         "next_address",
         "peer",
         "phase",
         "progress",
+        "rejected_bytes",
         "request",
         "request_done",
         "response_bytes",
         "response_started",
         "response_status",
+        "route",
         "scheme",
         "server",
+        "target",
         "timer",
     )
 
@@ -136,6 +162,13 @@ class Session:
         self.client_ip, self.peer = format_peer(address)
         self.client = Leg(self.loop, sock, self._on_client)
         self.scheme = "https" if tls is not None else "http"
+        try:
+            self.local_port = sock.getsockname()[1]
+        except OSError:
+            self.local_port = 0
+        self.route: Route | None = None
+        self.target: Target | None = None
+        self.rejected_bytes = 0
         self.client_h11 = h11.Connection(
             h11.SERVER, max_incomplete_event_size=self.config.max_header_size
         )
@@ -219,7 +252,7 @@ class Session:
 
     def _client_wants_read(self) -> bool:
         phase = self.phase
-        if phase in (HEAD, IDLE, CLOSING):
+        if phase in (HEAD, IDLE, CLOSING, REJECT):
             return True
         backend = self.backend
         return (
@@ -328,7 +361,7 @@ class Session:
         """Turn what h11 holds from the client into actions, until it needs more bytes, the
         backend cannot take more (backpressure), or the exchange waits for the backend."""
         client_h11 = self.client_h11
-        while self.phase in (HEAD, EXCHANGE):
+        while self.phase in (HEAD, EXCHANGE, REJECT):
             if self.phase == EXCHANGE and self.backend is not None and self.backend.backlog:
                 return
             try:
@@ -348,6 +381,15 @@ class Session:
                 return
             if event in _NO_MORE:
                 return
+            if self.phase == REJECT:
+                if isinstance(event, h11.Data):
+                    self.rejected_bytes += len(event.data)
+                    if self.rejected_bytes > REJECT_BODY_LIMIT:
+                        self._fail(404, "no route for this path (request body not read)")
+                        return
+                elif isinstance(event, h11.EndOfMessage):
+                    self._answer_locally(404, "no route for this path")
+                continue
             if isinstance(event, h11.Data):
                 self._to_backend(h11.Data(data=event.data))
                 self.body_sent += len(event.data)
@@ -359,6 +401,28 @@ class Session:
             elif isinstance(event, h11.ConnectionClosed):
                 self._close()
                 return
+
+    def _answer_locally(self, status: int, detail: str) -> None:
+        """Answer a complete request ourselves and keep the connection for the next one."""
+        log.warning("%s -> %d: %s", self._describe(), status, detail)
+        request = self.request
+        assert request is not None
+        body = error_body(status, detail)
+        self._to_client(
+            h11.Response(
+                status_code=status, headers=error_headers(len(body)), reason=REASONS[status]
+            )
+        )
+        if request.method != b"HEAD":
+            self._to_client(h11.Data(data=body))
+        self._to_client(h11.EndOfMessage())
+        client_h11 = self.client_h11
+        self.request = None
+        if client_h11.our_state is not h11.DONE or client_h11.their_state is not h11.DONE:
+            self._close_gracefully()
+            return
+        client_h11.start_next_cycle()
+        self._next_request()
 
     def _on_request(self, request: h11.Request) -> None:
         self.request = request
@@ -380,29 +444,62 @@ class Session:
         if problem is not None:
             self._fail(400, problem)
             return
+        server = self.server
+        chosen = select_route(server.routes, request.target)
+        if chosen is None:
+            # Answered here once the request (and any small body) is in; the connection stays.
+            self.phase = REJECT
+            self.rejected_bytes = 0
+            return
+        route, target = chosen
+        self.route = route
+        backend_target = server.target_for(route)
         decision = self.decision = decide_upgrade(request.headers)
         if decision.considered and log.isEnabledFor(logging.DEBUG):
             log.debug("%s upgrade decision: %s", self._describe(), decision.reason)
+        config = self.config
         headers = backend_request_headers(
             request.headers.raw_items(),
             decision,
-            self.client_ip,
-            self.scheme,
-            self.server.backend_authority,
+            self.client_side(),
+            forwarded=config.forwarded,
+            default_host=backend_target.authority,
+            host_override=backend_target.authority if config.backend_host_header else None,
         )
         try:
             self.backend_request = h11.Request(
-                method=request.method, target=request.target, headers=headers
+                method=request.method, target=target, headers=headers
             )
         except h11.LocalProtocolError as e:
             self._fail(400, f"request cannot be forwarded: {e}")
             return
         self.phase = CONNECTING
+        if self.backend is not None and self.target is not backend_target:
+            self._drop_backend()  # kept alive for another route's backend
+        self.target = backend_target
         if self.backend is None:
             self._connect()
         else:
             self.backend_reused = True
             self._send_request_head()
+
+    @property
+    def current_target(self) -> Target:
+        """The backend of the exchange under way."""
+        target = self.target
+        assert target is not None
+        return target
+
+    def client_side(self) -> ClientSide:
+        ip = self.client_ip
+        trusted = False
+        if self.server.trusted:
+            try:
+                address = ipaddress.ip_address(ip)
+            except ValueError:
+                address = None
+            trusted = address is not None and any(address in net for net in self.server.trusted)
+        return ClientSide(ip, self.scheme, self.local_port, trusted)
 
     def _client_drained(self) -> None:
         if self.phase == CLOSING:
@@ -436,7 +533,7 @@ class Session:
     # -- backend side ----------------------------------------------------------------------
 
     def _connect(self) -> None:
-        family, address = self.server.backend_addresses[self.next_address]
+        family, address = self.current_target.addresses[self.next_address]
         self.next_address += 1
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -459,10 +556,10 @@ class Session:
 
     def _connect_failed(self, reason: str) -> None:
         self._drop_backend()
-        if self.next_address < len(self.server.backend_addresses):
+        if self.next_address < len(self.current_target.addresses):
             self._connect()
             return
-        self._fail(502, f"cannot connect to backend {self.server.backend_name}: {reason}")
+        self._fail(502, f"cannot connect to backend {self.current_target.name}: {reason}")
 
     def _on_backend(self, mask: int) -> None:
         backend = self.backend
@@ -477,12 +574,12 @@ class Session:
                 else:
                     self.next_address = 0
                     set_nodelay(backend.sock)
-                    tls = self.server.backend_tls
+                    tls = self.current_target.tls
                     if tls is None:
                         self.backend_state = _READY
                         self._send_request_head()
                     else:
-                        backend.start_tls(tls, self.server.backend_sni)
+                        backend.start_tls(tls, self.current_target.sni)
                         self._backend_handshake_step()
             elif state != _READY:
                 self._backend_handshake_step()
@@ -511,14 +608,14 @@ class Session:
         except ssl.SSLCertVerificationError as e:
             self._fail(
                 502,
-                f"TLS to backend {self.server.backend_name} failed: certificate verify failed: "
+                f"TLS to backend {self.current_target.name} failed: certificate verify failed: "
                 f"{e.verify_message} (check --backend-ca, --backend-sni)",
             )
             return
         except ssl.SSLError as e:
             self._fail(
                 502,
-                f"TLS handshake with backend {self.server.backend_name} failed: {_tls_reason(e)}",
+                f"TLS handshake with backend {self.current_target.name} failed: {_tls_reason(e)}",
             )
             return
         if wants:
@@ -615,12 +712,42 @@ class Session:
     def _on_response(self, response: h11.Response) -> None:
         self.response_started = True
         self.response_status = response.status_code
+        headers = client_response_headers(response.headers.raw_items(), False)
+        rule = self._response_rewrite()
+        if rule is not None:
+            headers = rewrite_response_headers(headers, rule)
         self._to_client(
-            h11.Response(
-                status_code=response.status_code,
-                headers=client_response_headers(response.headers.raw_items(), False),
-                reason=response.reason,
-            )
+            h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)
+        )
+
+    def _response_rewrite(self) -> ResponseRewrite | None:
+        """How this exchange's answer is rewritten for the client (ProxyPassReverse), if at all."""
+        config = self.config
+        if not config.rewrite_location and not config.cookie_domains and not config.cookie_paths:
+            return None
+        request, route, target = self.request, self.route, self.target
+        assert request is not None
+        assert route is not None
+        assert target is not None
+        client_host = _header(request, b"host")
+        sent = self.backend_request
+        origins = [target.origin]
+        if sent is not None:
+            sent_host = _header(sent, b"host")
+            if sent_host is not None:
+                named = origin_of_host(target.origin[0], sent_host)
+                if named is not None:
+                    origins.append(named)
+        return ResponseRewrite(
+            backend_origins=tuple(origins),
+            client_origin=f"{self.scheme}://{client_host.decode('ascii', 'replace')}"
+            if client_host
+            else "",
+            backend_path=route.backend.path,
+            route_prefix=route.prefix,
+            cookie_domains=config.cookie_domains,
+            cookie_paths=config.cookie_paths,
+            locations=config.rewrite_location and client_host is not None,
         )
 
     def _backend_invalid(self, detail: str) -> None:
@@ -628,12 +755,12 @@ class Session:
             log.warning(
                 "%s backend %s sent an invalid response body: %s; connection closed",
                 self._describe(),
-                self.server.backend_name,
+                self.current_target.name,
                 detail,
             )
             self._close(reset=True)
             return
-        self._fail(502, f"backend {self.server.backend_name} sent an invalid response: {detail}")
+        self._fail(502, f"backend {self.current_target.name} sent an invalid response: {detail}")
 
     def _backend_lost(self, detail: str) -> None:
         """The backend connection failed or closed in the middle of an exchange."""
@@ -659,12 +786,12 @@ class Session:
             log.warning(
                 "%s backend %s %s in the middle of the response; connection closed",
                 self._describe(),
-                self.server.backend_name,
+                self.current_target.name,
                 detail,
             )
             self._close(reset=True)
             return
-        self._fail(502, f"backend {self.server.backend_name} {detail}")
+        self._fail(502, f"backend {self.current_target.name} {detail}")
 
     def _drop_backend(self) -> None:
         if self.backend is not None:
@@ -723,13 +850,13 @@ class Session:
         """The backend said 101: write its head to the client and become a tunnel."""
         decision = self.decision
         if decision is None or not decision.is_upgrade:
-            self._fail(502, f"backend {self.server.backend_name} switched protocols unasked")
+            self._fail(502, f"backend {self.current_target.name} switched protocols unasked")
             return
         # MIGHT_SWITCH_PROTOCOL is a documented h11 state, just missing from its __all__.
         if self.client_h11.their_state is not h11.MIGHT_SWITCH_PROTOCOL:  # type: ignore[attr-defined]
             self._fail(
                 502,
-                f"backend {self.server.backend_name} switched protocols before the "
+                f"backend {self.current_target.name} switched protocols before the "
                 "request body was complete",
             )
             return
@@ -753,7 +880,7 @@ class Session:
         to_client = head + backend_rest
         to_backend = request_rest + client_rest
         self._log_access(101)
-        describe = f"{self._describe()} -> {self.server.backend_name}"
+        describe = f"{self._describe()} -> {self.current_target.name}"
         if self.timer is not None:
             self.timer.cancel()
         self.phase = DONE
@@ -844,7 +971,7 @@ class Session:
         elif phase == CONNECTING:
             self._fail(
                 502,
-                f"backend {self.server.backend_name} did not accept the connection "
+                f"backend {self.current_target.name} did not accept the connection "
                 f"within {config.connect_timeout:g}s (--connect-timeout)",
             )
         elif phase == EXCHANGE:
@@ -867,7 +994,7 @@ class Session:
             else:
                 self._fail(
                     504,
-                    f"backend {self.server.backend_name} sent no response within "
+                    f"backend {self.current_target.name} sent no response within "
                     f"{config.response_timeout:g}s (--response-timeout)",
                 )
         elif phase == CLOSING:

@@ -79,7 +79,7 @@ GOOD = ["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9"]
         ["--listen", "127.0.0.1:0", "--backend", "ftp://127.0.0.1:21"],
         ["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:http"],
         ["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:0"],
-        ["--listen", "127.0.0.1:0", "--backend", "http://127.0.0.1:9/some/path"],
+        ["--listen", "127.0.0.1:0", "--backend", "http://127.0.0.1:9/some/path?query"],
         ["--listen", "127.0.0.1:0", "--backend", "no-such-host.invalid:80"],
     ],
     ids=[
@@ -95,7 +95,7 @@ GOOD = ["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9"]
         "backend-unknown-scheme",
         "backend-port-not-a-number",
         "backend-port-zero",
-        "backend-with-path",
+        "backend-path-with-query",
         "backend-unresolvable",
     ],
 )

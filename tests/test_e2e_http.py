@@ -255,7 +255,16 @@ def test_hop_by_hop_stripped_and_forwarded_headers_added(proxy, http_backend, cl
     assert req.values("x-forwarded-host") == [b"Example.COM:8080"]
 
 
-def test_x_forwarded_for_appends_client_address(proxy, http_backend, client):
+def test_x_forwarded_for_from_an_untrusted_client_is_replaced(proxy, http_backend, client):
+    c = client(proxy.port)
+    resp = c.request(simple_get("/xff", "b.test", ("X-Forwarded-For", "203.0.113.7, 10.0.0.1")))
+    assert resp.status == 200
+    [req] = http_backend.wait_for_requests(1)
+    assert header_tokens(req.headers, "x-forwarded-for") == [b"127.0.0.1"]
+
+
+def test_x_forwarded_for_from_a_trusted_proxy_is_appended(start_proxy, http_backend, client):
+    proxy = start_proxy(http_backend.port, "--trusted-proxy", "127.0.0.0/8")
     c = client(proxy.port)
     resp = c.request(simple_get("/xff", "b.test", ("X-Forwarded-For", "203.0.113.7, 10.0.0.1")))
     assert resp.status == 200

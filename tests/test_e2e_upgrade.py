@@ -23,7 +23,7 @@ from wsproto.events import CloseConnection
 HANDSHAKES = Path(__file__).resolve().parent / "data" / "handshakes"
 PATH = "/chat?room=1"
 HOP_BY_HOP = {b"connection", b"upgrade", b"keep-alive", b"proxy-connection", b"te", b"trailer"}
-FORWARDED = {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
+FORWARDED = {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port"}
 
 
 def load_capture(name: str, **subs: str) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import h11
@@ -9,7 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from rawproxy.config import parse_route
 from rawproxy.http import (
+    ClientSide,
+    ResponseRewrite,
     backend_request_headers,
     client_response_headers,
     comma_tokens,
@@ -17,9 +21,17 @@ from rawproxy.http import (
     error_response,
     framing_error,
     head_error,
+    origin,
+    rewrite_response_headers,
+    rewrite_set_cookie,
+    rewrite_url,
+    select_route,
 )
 
 HANDSHAKES = pathlib.Path(__file__).resolve().parent / "data" / "handshakes"
+
+
+CLIENT = ClientSide("192.0.2.7", "http", 8080, trusted=False)
 
 
 def H(*pairs: tuple[str, str]) -> list[tuple[bytes, bytes]]:
@@ -113,7 +125,7 @@ def test_captured_browser_handshakes_upgrade(name: str) -> None:
     headers = _handshake(name)
     decision = decide_upgrade(headers)
     assert decision.upgrade == b"websocket"
-    out = backend_request_headers(headers, decision, "192.0.2.7", "http", b"backend")
+    out = backend_request_headers(headers, decision, CLIENT, default_host=b"backend")
     # Every end-to-end header the browser sent reaches the backend, byte for byte, in order.
     end_to_end = [(k, v) for k, v in headers if k.lower() not in (b"connection", b"upgrade")]
     assert [(k, v) for k, v in out if (k, v) in end_to_end] == end_to_end
@@ -173,10 +185,11 @@ def test_hop_by_hop_stripped_and_forwarded_headers_added() -> None:
         ("X-Forwarded-For", "203.0.113.1"),
         ("X-Forwarded-Proto", "https"),
         ("X-Forwarded-Host", "evil"),
+        ("Forwarded", "for=6.6.6.6"),
     )
     decision = decide_upgrade(headers)
     assert not decision.is_upgrade
-    out = backend_request_headers(headers, decision, "192.0.2.7", "http", b"backend")
+    out = backend_request_headers(headers, decision, CLIENT, default_host=b"backend")
     assert names(out) == [
         b"host",
         b"content-length",
@@ -184,12 +197,100 @@ def test_hop_by_hop_stripped_and_forwarded_headers_added() -> None:
         b"x-forwarded-for",
         b"x-forwarded-proto",
         b"x-forwarded-host",
+        b"x-forwarded-port",
     ]
     assert value(out, "host") == b"example.org:8080"
     assert value(out, "content-length") == b"3"  # framing headers are never nominated away
-    assert value(out, "x-forwarded-for") == b"203.0.113.1, 192.0.2.7"
+    # An untrusted client's forwarded headers are dropped, not extended.
+    assert value(out, "x-forwarded-for") == b"192.0.2.7"
     assert value(out, "x-forwarded-proto") == b"http"
     assert value(out, "x-forwarded-host") == b"example.org:8080"
+    assert value(out, "x-forwarded-port") == b"8080"
+
+
+FORGED = H(
+    ("Host", "front.test"),
+    ("X-Forwarded-For", "203.0.113.1"),
+    ("x-forwarded-for", " 10.0.0.1 "),
+    ("X-Forwarded-Proto", "https"),
+    ("X-Forwarded-Host", "first.test"),
+    ("X-Forwarded-Port", "443"),
+    ("Forwarded", 'for=203.0.113.1;proto=https;host="first.test:443"'),
+)
+
+
+def test_trusted_proxy_headers_are_extended() -> None:
+    trusted = ClientSide("10.0.0.2", "http", 80, trusted=True)
+    out = backend_request_headers(
+        FORGED, decide_upgrade([]), trusted, forwarded="both", default_host=b"b"
+    )
+    assert value(out, "x-forwarded-for") == b"203.0.113.1, 10.0.0.1, 10.0.0.2"
+    assert value(out, "x-forwarded-proto") == b"https"  # the first proxy saw the client
+    assert value(out, "x-forwarded-host") == b"first.test"
+    assert value(out, "x-forwarded-port") == b"443"
+    assert value(out, "forwarded") == (
+        b'for=203.0.113.1;proto=https;host="first.test:443", for=10.0.0.2;proto=http;'
+        b"host=front.test"
+    )
+
+
+@pytest.mark.parametrize("mode", ["x-forwarded", "rfc7239", "both", "none"])
+def test_untrusted_forwarded_headers_never_pass(mode: str) -> None:
+    out = backend_request_headers(
+        FORGED, decide_upgrade([]), CLIENT, forwarded=mode, default_host=b"b"
+    )
+    assert b"203.0.113.1" not in b"".join(v for _, v in out)
+    families = {n for n in names(out) if n.startswith(b"x-forwarded") or n == b"forwarded"}
+    expected = {
+        "x-forwarded": {
+            b"x-forwarded-for",
+            b"x-forwarded-proto",
+            b"x-forwarded-host",
+            b"x-forwarded-port",
+        },
+        "rfc7239": {b"forwarded"},
+        "both": {
+            b"x-forwarded-for",
+            b"x-forwarded-proto",
+            b"x-forwarded-host",
+            b"x-forwarded-port",
+            b"forwarded",
+        },
+        "none": set(),
+    }[mode]
+    assert families == expected
+
+
+def test_trusted_headers_pass_unchanged_in_the_other_family() -> None:
+    trusted = ClientSide("10.0.0.2", "http", 80, trusted=True)
+    out = backend_request_headers(
+        FORGED, decide_upgrade([]), trusted, forwarded="rfc7239", default_host=b"b"
+    )
+    assert value(out, "x-forwarded-for") == b"203.0.113.1, 10.0.0.1"
+    none = backend_request_headers(
+        FORGED, decide_upgrade([]), trusted, forwarded="none", default_host=b"b"
+    )
+    assert value(none, "forwarded") == b'for=203.0.113.1;proto=https;host="first.test:443"'
+
+
+def test_forwarded_element_quotes_ipv6_and_ports() -> None:
+    six = ClientSide("2001:db8::1", "https", 443, trusted=False)
+    out = backend_request_headers(
+        H(("Host", "h.test:8443")), decide_upgrade([]), six, forwarded="rfc7239", default_host=b"b"
+    )
+    assert value(out, "forwarded") == b'for="[2001:db8::1]";proto=https;host="h.test:8443"'
+
+
+def test_backend_host_header_override() -> None:
+    out = backend_request_headers(
+        H(("Host", "front.test")),
+        decide_upgrade([]),
+        CLIENT,
+        default_host=b"app:9000",
+        host_override=b"app:9000",
+    )
+    assert value(out, "host") == b"app:9000"
+    assert value(out, "x-forwarded-host") == b"front.test"
 
 
 def test_upgrade_request_headers() -> None:
@@ -202,27 +303,119 @@ def test_upgrade_request_headers() -> None:
         ("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits"),
         ("Origin", "http://h"),
     )
-    out = backend_request_headers(headers, decide_upgrade(headers), "::1", "http", b"b")
+    out = backend_request_headers(headers, decide_upgrade(headers), CLIENT, default_host=b"b")
     assert value(out, "connection") == b"upgrade"
     assert value(out, "upgrade") == b"WebSocket"
     for header in headers[3:]:
         assert header in out
 
 
-def test_multiple_forwarded_for_lines_merged() -> None:
-    headers = H(("Host", "h"), ("X-Forwarded-For", "1.1.1.1"), ("x-forwarded-for", " 2.2.2.2 "))
-    out = backend_request_headers(headers, decide_upgrade(headers), "3.3.3.3", "http", b"b")
-    assert value(out, "x-forwarded-for") == b"1.1.1.1, 2.2.2.2, 3.3.3.3"
-
-
 def test_missing_host_gets_the_backend_authority() -> None:
     out = backend_request_headers(
-        H(("Accept", "*/*")), decide_upgrade([]), "1.2.3.4", "http", b"app:9000"
+        H(("Accept", "*/*")), decide_upgrade([]), CLIENT, default_host=b"app:9000"
     )
     assert out[0] == (b"Host", b"app:9000")
     assert value(out, "x-forwarded-host") is None
     # h11 accepts what we produce
     h11.Request(method=b"GET", target=b"/", headers=out)
+
+
+# -- routes --------------------------------------------------------------------------------
+
+ROUTES = [
+    parse_route("/=http://root"),
+    parse_route("/api/=http://api:9001/"),
+    parse_route("/api/v2/=http://v2/new/"),
+    parse_route("/static=http://static"),
+]
+
+
+@pytest.mark.parametrize(
+    ("target", "prefix", "sent"),
+    [
+        (b"/", "/", b"/"),
+        (b"/x?q=1", "/", b"/x?q=1"),
+        (b"/api/x?q=1", "/api/", b"/x?q=1"),
+        (b"/api/v2/y", "/api/v2/", b"/new/y"),
+        (b"/api", "/", b"/api"),
+        (b"/staticfile", "/static", b"/staticfile"),
+        (b"*", "/", b"*"),
+        (b"http://front/api/z", "/api/", b"/z"),
+    ],
+)
+def test_longest_prefix_wins(target: bytes, prefix: str, sent: bytes) -> None:
+    chosen = select_route(ROUTES, target)
+    assert chosen is not None
+    assert chosen[0].prefix == prefix
+    assert chosen[1] == sent
+
+
+def test_no_route() -> None:
+    assert select_route([parse_route("/api/=http://a")], b"/other") is None
+
+
+# -- rewriting the backend's answer ------------------------------------------------------
+
+RULE = ResponseRewrite(
+    backend_origins=(origin("http", "app.internal", 9001), origin("http", "front.test", None)),
+    client_origin="https://front.test",
+    backend_path="/",
+    route_prefix="/api/",
+    cookie_domains=(("app.internal", "front.test"),),
+    cookie_paths=(("/", "/api/"),),
+)
+
+
+@pytest.mark.parametrize(
+    ("location", "expected"),
+    [
+        (b"http://app.internal:9001/x?y=1#f", b"https://front.test/api/x?y=1#f"),
+        (b"HTTP://APP.INTERNAL:9001/", b"https://front.test/api/"),
+        (b"http://front.test/login", b"https://front.test/api/login"),
+        (b"http://front.test:80/login", b"https://front.test/api/login"),
+        (b"http://app.internal/x", b"http://app.internal/x"),  # port 80 is another origin
+        (b"https://front.test/x", b"https://front.test/x"),  # already the client's
+        (b"/relative", b"/relative"),
+        (b"relative", b"relative"),
+        (b"http://elsewhere.test/x", b"http://elsewhere.test/x"),
+        (b"http://[bad", b"http://[bad"),
+    ],
+)
+def test_location_rewriting(location: bytes, expected: bytes) -> None:
+    assert rewrite_url(location, RULE) == expected
+
+
+def test_response_headers_rewritten() -> None:
+    headers = H(
+        ("Location", "http://app.internal:9001/a"),
+        ("Content-Location", "http://app.internal:9001/b"),
+        ("URI", "http://app.internal:9001/c"),
+        ("Link", "<http://app.internal:9001/d>"),
+        ("Set-Cookie", "sid=1; Path=/; Domain=.APP.internal; HttpOnly"),
+        ("Set-Cookie", "other=2; Path=/x; Domain=foreign.test"),
+    )
+    out = rewrite_response_headers(headers, RULE)
+    assert out == H(
+        ("Location", "https://front.test/api/a"),
+        ("Content-Location", "https://front.test/api/b"),
+        ("URI", "https://front.test/api/c"),
+        ("Link", "<http://app.internal:9001/d>"),
+        ("Set-Cookie", "sid=1; Path=/api/; Domain=front.test; HttpOnly"),
+        ("Set-Cookie", "other=2; Path=/api/x; Domain=foreign.test"),
+    )
+
+
+def test_location_rewriting_can_be_off() -> None:
+    rule = dataclasses.replace(RULE, locations=False, cookie_domains=(), cookie_paths=())
+    headers = H(("Location", "http://app.internal:9001/a"), ("Set-Cookie", "a=b; Path=/"))
+    assert rewrite_response_headers(headers, rule) == headers
+
+
+@given(st.binary(max_size=80))
+def test_rewriters_never_crash(value: bytes) -> None:
+    rewrite_url(value, RULE)
+    rewrite_set_cookie(value, RULE)
+    select_route(ROUTES, value)
 
 
 # -- headers toward the client -----------------------------------------------------------------
