@@ -453,6 +453,18 @@ def _file_value(path: str, key: str, dest: str, value: Any) -> Any:
     return out if many else out[0]
 
 
+def _check_table(path: str, where: str, table: dict[str, Any], keys: tuple[str, ...]) -> None:
+    unknown = sorted(set(table) - set(keys))
+    if unknown:
+        raise ConfigError(
+            f"{path}: {where}: unknown key {unknown[0]!r} (this table has {' and '.join(keys)}; "
+            "top-level settings go before the first [[...]] table)"
+        )
+    for name in keys:
+        if not isinstance(table.get(name), str):
+            raise ConfigError(f"{path}: {where}: {name} is required, as a string")
+
+
 def load_config_file(path: str) -> dict[str, Any]:
     """The settings a TOML file gives, by dest; ConfigError naming the file and key."""
     try:
@@ -474,16 +486,7 @@ def load_config_file(path: str) -> dict[str, Any]:
                 where = f"route[{index}]"
                 if not isinstance(table, dict):
                     raise ConfigError(f"{path}: {where}: a route table has prefix and backend")
-                unknown = sorted(set(table) - {"prefix", "backend"})
-                if unknown:
-                    raise ConfigError(
-                        f"{path}: {where}: unknown key {unknown[0]!r} (a route table has prefix "
-                        "and backend)"
-                    )
-                if not isinstance(table.get("prefix"), str) or not isinstance(
-                    table.get("backend"), str
-                ):
-                    raise ConfigError(f"{path}: {where}: prefix and backend are both required")
+                _check_table(path, where, table, ("prefix", "backend"))
                 try:
                     routes.append(parse_route(f"{table['prefix']}={table['backend']}"))
                 except ConfigError as e:
@@ -491,12 +494,10 @@ def load_config_file(path: str) -> dict[str, Any]:
             settings["route"] = routes
             continue
         if key == "certificate":
-            if not isinstance(value, list) or not all(
-                isinstance(t, dict) and set(t) == {"cert", "key"} for t in value
-            ):
-                raise ConfigError(
-                    f"{path}: certificate: use [[certificate]] tables with cert and key"
-                )
+            if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+                raise ConfigError(f"{path}: certificate: use [[certificate]] tables")
+            for index, table in enumerate(value):
+                _check_table(path, f"certificate[{index}]", table, ("cert", "key"))
             settings.setdefault("cert", []).extend(str(t["cert"]) for t in value)
             settings.setdefault("key", []).extend(str(t["key"]) for t in value)
             continue
