@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import re
 import sys
 import tomllib
@@ -197,6 +198,8 @@ SETTINGS: dict[str, tuple[Callable[[str], Any] | None, bool, Any]] = {
     "log_level": (None, False, "info"),
 }
 CHOICES = {"forwarded": FORWARDED_MODES, "log_level": ("debug", "info", "warning", "error")}
+# Settings naming files: relative paths in a config file are relative to that file.
+FILE_PATHS = {"cert", "key", "backend_ca", "backend_cert", "backend_key"}
 BOOLEANS = {"backend_tls", "backend_insecure", "splice", "rewrite_location", "backend_host_header"}
 
 
@@ -498,8 +501,9 @@ def load_config_file(path: str) -> dict[str, Any]:
                 raise ConfigError(f"{path}: certificate: use [[certificate]] tables")
             for index, table in enumerate(value):
                 _check_table(path, f"certificate[{index}]", table, ("cert", "key"))
-            settings.setdefault("cert", []).extend(str(t["cert"]) for t in value)
-            settings.setdefault("key", []).extend(str(t["key"]) for t in value)
+            base = os.path.dirname(os.path.abspath(path))
+            settings.setdefault("cert", []).extend(os.path.join(base, t["cert"]) for t in value)
+            settings.setdefault("key", []).extend(os.path.join(base, t["key"]) for t in value)
             continue
         dest = key.replace("-", "_")
         if dest not in SETTINGS or "_" in key:
@@ -508,6 +512,13 @@ def load_config_file(path: str) -> dict[str, Any]:
                 "without the dashes, e.g. header-timeout)"
             )
         converted = _file_value(path, key, dest, value)
+        if dest in FILE_PATHS:
+            # Relative to the file, not to whatever directory the service starts in.
+            base = os.path.dirname(os.path.abspath(path))
+            if isinstance(converted, list):
+                converted = [os.path.join(base, p) for p in converted]
+            else:
+                converted = os.path.join(base, converted)
         if SETTINGS[dest][1] and dest in settings:
             settings[dest].extend(converted)
         else:

@@ -447,7 +447,9 @@ class Server:
 
     name = "server"
 
-    def __init__(self, backlog: int = 128, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, backlog: int = 128, ssl_context: ssl.SSLContext | None = None, port: int = 0
+    ) -> None:
         self.ssl_context = ssl_context
         self.tls_seen: list[TlsSeen] = []
         self.sni_names: list[str | None] = []
@@ -455,8 +457,12 @@ class Server:
             ssl_context.sni_callback = self._on_sni
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((LOOPBACK, 0))
-        self.listener.listen(backlog)
+        try:
+            self.listener.bind((LOOPBACK, port))  # port 0: the kernel picks
+            self.listener.listen(backlog)
+        except OSError:
+            self.listener.close()
+            raise
         self.port: int = self.listener.getsockname()[1]
         self.stopping = threading.Event()
         self.lock = threading.Lock()
@@ -575,6 +581,13 @@ class HttpBackend(Server):
       /close           200 with Connection: close, then closes
       /unrequested-101 a 101 Switching Protocols, whatever the request
       /refuse/NNN      NNN (e.g. 200, 426) with a body, whatever the request asked
+      .../respond?status=NNN&h=NAME:VALUE&h=...
+                       (any path ending in /respond, so that it is reached under a prefix
+                       too) that status (default 200) with each `h` as a response header
+                       line, in order, and body "METHOD TARGET"; see `respond_target()`
+      .../redirect?to=URL[&status=NNN]
+                       (any path ending in /redirect) that status (default 302) with
+                       `Location: URL`
       anything else    200, body "METHOD TARGET"
     Every response carries `X-Backend-CaSe: MiXeD` plus the hop-by-hop headers `Keep-Alive`
     and `X-Backend-Hop` (named by Connection), which a proxy must not pass on.
@@ -582,13 +595,13 @@ class HttpBackend(Server):
 
     name = "http-backend"
 
-    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None, port: int = 0) -> None:
         self.received: list[ReceivedRequest] = []
         self.protocol_errors: list[str] = []
         self.gate = threading.Event()
         self.first_data = threading.Event()
         self._changed = threading.Condition()
-        super().__init__(ssl_context=ssl_context)
+        super().__init__(ssl_context=ssl_context, port=port)
 
     # what tests read
 
@@ -780,9 +793,30 @@ class HttpBackend(Server):
             status = int(m.group(1))
             extra = [("Upgrade", "websocket")] if status == 426 else []
             send(status, b"upgrade refused", extra)
+        elif path == "/respond" or path.endswith("/respond"):
+            status = int(query.get("status", ["200"])[0])
+            lines = [h.partition(":") for h in query.get("h", [])]
+            send(status, req.method + b" " + req.target, [(k, v) for k, _, v in lines])
+        elif path == "/redirect" or path.endswith("/redirect"):
+            status = int(query.get("status", ["302"])[0])
+            send(status, b"", [("Location", query.get("to", ["/"])[0])])
         else:
             send(200, req.method + b" " + req.target, [("Content-Type", "text/plain")])
         return True
+
+
+def respond_target(
+    path: str = "/respond", headers: Iterable[tuple[str, str]] = (), status: int = 200
+) -> str:
+    """A request target for HttpBackend's `/respond`: the backend answers `status` with the
+    given response header lines (names and values exactly as given, in order)."""
+    query = [("status", str(status))] + [("h", f"{k}:{v}") for k, v in headers]
+    return f"{path}?{urllib.parse.urlencode(query)}"
+
+
+def redirect_target(to: str, path: str = "/redirect", status: int = 302) -> str:
+    """A request target for HttpBackend's `/redirect`: `status` with `Location: to`."""
+    return f"{path}?{urllib.parse.urlencode([('to', to), ('status', str(status))])}"
 
 
 class WsBackend(Server):

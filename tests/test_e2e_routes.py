@@ -1,0 +1,476 @@
+"""Routes, end to end: `--route PREFIX=URL` (repeatable) and `--backend URL` (= `--route /=URL`).
+
+- the longest matching prefix wins, whatever the order on the command line; a prefix is a
+  plain string prefix of the request path (the query does not take part);
+- a route URL without a path forwards the request target unchanged; with a path, the route
+  prefix is replaced by that path (`/api/x?q=1` -> `/x?q=1` or `/v2/x?q=1`); `--backend` may
+  carry a path too;
+- a request that matches no route gets 404 (one log line), nothing reaches a backend, and the
+  connection goes on (after a GET, a POST with a body, an upgrade request);
+- keep-alive (and pipelining) across routes: each request on one client connection reaches
+  its own route's backend;
+- WebSockets on two routes reach two different WsBackends (one of them stripping its prefix),
+  including an upgrade after a plain request to another route on the same connection;
+- bad --route values and a command line with neither --backend nor --route: one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from peers import (
+    HttpBackend,
+    HttpClient,
+    ProxyProcess,
+    WsBackend,
+    WsClient,
+    header_tokens,
+    header_values,
+    parse_head,
+    request_bytes,
+    run_rawproxy,
+    simple_get,
+    ws_accept,
+    ws_key,
+)
+from wsproto.events import CloseConnection
+
+HOST = "app.test"
+
+# --- fixtures and helpers -------------------------------------------------------------------
+
+
+@pytest.fixture
+def launch() -> Iterator[Callable[..., ProxyProcess]]:
+    """`launch(*args, listen=...)`: `python -m rawproxy --listen ... ARGS` (no --backend is
+    added); every proxy is stopped at teardown, and a traceback in its log fails the test."""
+    procs: list[ProxyProcess] = []
+
+    def start(*args: str, listen: str | list[str] = "127.0.0.1:0") -> ProxyProcess:
+        listens = [listen] if isinstance(listen, str) else listen
+        proc = ProxyProcess([*(a for where in listens for a in ("--listen", where)), *args])
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop()
+    for proc in procs:
+        assert "Traceback" not in proc.log_text(), proc.log_text()
+
+
+@pytest.fixture
+def make_backend() -> Iterator[Callable[..., Any]]:
+    """`make_backend(cls)` starts an HttpBackend or WsBackend; all are stopped at teardown, and
+    an HttpBackend that received malformed HTTP fails the test."""
+    made: list[Any] = []
+
+    def make(cls: type = HttpBackend) -> Any:
+        backend = cls()
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        if isinstance(backend, HttpBackend):
+            backend.gate.set()
+        backend.stop()
+    for backend in made:
+        if isinstance(backend, HttpBackend):
+            bad = [e for e in backend.protocol_errors if not e.startswith("incomplete:")]
+            assert not bad, f"the backend received malformed HTTP from the proxy: {bad}"
+        else:
+            assert not backend.errors, backend.errors
+
+
+def url(backend: Any, path: str = "", scheme: str = "http") -> str:
+    return f"{scheme}://127.0.0.1:{backend.port}{path}"
+
+
+def route(prefix: str, backend: Any, path: str = "", scheme: str = "http") -> list[str]:
+    return ["--route", f"{prefix}={url(backend, path, scheme)}"]
+
+
+def targets(backend: HttpBackend) -> list[bytes]:
+    return [r.target for r in backend.requests]
+
+
+def get(c: HttpClient, target: str, host: str = HOST) -> bytes:
+    """GET `target`; returns the body, which every HttpBackend path used here makes
+    "GET <target as the backend received it>"."""
+    resp = c.request(simple_get(target, host))
+    assert resp.status == 200, (target, resp)
+    return resp.body
+
+
+def status_pattern(status: int) -> str:
+    return rf"(?<![\w.]){status}(?![\w.])"
+
+
+def assert_logged_once(proxy: ProxyProcess, since: int, status: int, after: str) -> None:
+    """Exactly one log line since `since` names `status`, not counting the lines about the
+    request to `after` (whose access line is awaited first, so that every earlier line of
+    the proxy has been read)."""
+    proxy.wait_for_log(re.escape(after), since=since)
+    lines = [ln for ln in proxy.logs_matching(status_pattern(status), since) if after not in ln]
+    assert len(lines) == 1, f"expected one line naming {status}:\n{proxy.log_text(since)}"
+
+
+def websocket_head(path: str, host: str = HOST) -> tuple[bytes, str]:
+    key = ws_key()
+    head = request_bytes(
+        "GET",
+        path,
+        [
+            ("Host", host),
+            ("Connection", "keep-alive, Upgrade"),
+            ("Upgrade", "websocket"),
+            ("Sec-WebSocket-Key", key),
+            ("Sec-WebSocket-Version", "13"),
+            ("Origin", f"http://{host}"),
+        ],
+    )
+    return head, key
+
+
+def open_websocket(c: HttpClient, path: str) -> WsClient:
+    head, key = websocket_head(path)
+    c.send(head)
+    status, _, headers, raw = c.read_head()
+    assert status == 101, raw
+    assert header_values(headers, "sec-websocket-accept") == [ws_accept(key)], raw
+    leftover = bytes(c.buf)
+    c.buf.clear()
+    return WsClient(c.sock, leftover)
+
+
+def assert_echoes(ws: WsClient, tag: str) -> None:
+    for message in [f"hello {tag}", f"ünïcödé {tag}".encode(), "x" * 70_000]:
+        ws.send(message)
+        assert ws.recv() == message
+
+
+def handshake_target(head: bytes) -> bytes:
+    start, _ = parse_head(head)
+    method, target, _version = start.split(b" ")
+    assert method == b"GET"
+    return target
+
+
+# --- matching -------------------------------------------------------------------------------
+
+
+def test_longest_prefix_wins_whatever_the_order(launch, make_backend, client):
+    root, api, v2 = make_backend(), make_backend(), make_backend()
+    proxy = launch(*route("/", root), *route("/api/v2/", v2), *route("/api/", api))
+    c = client(proxy.port)
+    sent = {
+        "/api/x": api,
+        "/api/v2/x?q=1": v2,
+        "/api/v2/": v2,
+        "/api/v2": api,  # "/api/v2" does not start with "/api/v2/"
+        "/api/": api,
+        "/api": root,
+        "/apix": root,
+        "/": root,
+        "/other?next=/api/x": root,  # the query takes no part in matching
+    }
+    for target in sent:
+        assert get(c, target) == b"GET " + target.encode()
+    for backend in (root, api, v2):
+        want = [t.encode() for t, b in sent.items() if b is backend]
+        assert targets(backend) == want, f"backend {backend.port} got {targets(backend)}"
+
+
+def test_prefix_is_a_plain_string_prefix(launch, make_backend, client):
+    static, rest = make_backend(), make_backend()
+    proxy = launch(*route("/static", static), *route("/", rest))
+    c = client(proxy.port)
+    for target in [
+        "/static",
+        "/static.css",
+        "/static/app.js",
+        "/staticky?x",
+        "/stat",
+        "/x",
+        "/STATIC/app.js",  # a string prefix: case matters
+    ]:
+        get(c, target)
+    assert targets(static) == [b"/static", b"/static.css", b"/static/app.js", b"/staticky?x"]
+    assert targets(rest) == [b"/stat", b"/x", b"/STATIC/app.js"]
+
+
+def test_absolute_form_is_routed_by_its_path(launch, make_backend, client):
+    """A request target in absolute form (RFC 9112, 3.2.2) is matched on its path."""
+    strip, plain = make_backend(), make_backend()
+    proxy = launch(*route("/api/", strip, "/"), *route("/", plain))
+    c = client(proxy.port)
+    assert get(c, "http://app.test/api/x?q=1") == b"GET /x?q=1"
+    assert get(c, "http://app.test/other") == b"GET http://app.test/other"
+    assert targets(strip) == [b"/x?q=1"]
+    assert targets(plain) == [b"http://app.test/other"]
+
+
+def test_backend_is_shorthand_for_the_root_route(launch, make_backend, client):
+    root, api = make_backend(), make_backend()
+    proxy = launch("--backend", url(root), *route("/api/", api))
+    c = client(proxy.port)
+    for target in ["/api/a", "/b", "/api", "/api/c?d=e"]:
+        get(c, target)
+    assert targets(api) == [b"/api/a", b"/api/c?d=e"]
+    assert targets(root) == [b"/b", b"/api"]
+
+
+# --- rewriting the request target -----------------------------------------------------------
+
+
+def test_route_with_a_path_replaces_the_prefix(launch, make_backend, client):
+    strip, versioned, plain = make_backend(), make_backend(), make_backend()
+    proxy = launch(
+        *route("/api/", strip, "/"),
+        *route("/v/", versioned, "/v2/"),
+        *route("/", plain),
+    )
+    c = client(proxy.port)
+    cases = [
+        ("/api/x?q=1", strip, b"/x?q=1"),
+        ("/api/", strip, b"/"),
+        ("/api/a/b/c?x=/api/", strip, b"/a/b/c?x=/api/"),
+        ("/v/x?q=1", versioned, b"/v2/x?q=1"),
+        ("/v/", versioned, b"/v2/"),
+        ("/v/deep/er", versioned, b"/v2/deep/er"),
+        ("/api", plain, b"/api"),  # matches only "/": forwarded unchanged
+        ("/y?z=1", plain, b"/y?z=1"),
+    ]
+    for target, _backend, want in cases:
+        assert get(c, target) == b"GET " + want, target
+    for backend in (strip, versioned, plain):
+        assert targets(backend) == [want for _, b, want in cases if b is backend]
+
+
+def test_backend_with_a_path(launch, make_backend, client):
+    app = make_backend()
+    proxy = launch("--backend", url(app, "/app/"))
+    c = client(proxy.port)
+    for target in ["/x", "/x?q=1", "/", "/a/b"]:
+        get(c, target)
+    assert targets(app) == [b"/app/x", b"/app/x?q=1", b"/app/", b"/app/a/b"]
+
+
+def test_route_path_with_a_post_body(launch, make_backend, client):
+    api = make_backend()
+    proxy = launch(*route("/api/", api, "/"))
+    c = client(proxy.port)
+    body = b"0123456789" * 10_000
+    resp = c.request(
+        request_bytes(
+            "POST", "/api/echo", [("Host", HOST), ("Content-Length", str(len(body)))], body
+        ),
+        "POST",
+    )
+    assert (resp.status, resp.body) == (200, body)
+    [req] = api.wait_for_requests(1)
+    assert (req.method, req.target, req.body) == (b"POST", b"/echo", body)
+
+
+# --- no route: 404, and the connection goes on ----------------------------------------------
+
+
+@pytest.fixture
+def api_only(launch, make_backend) -> tuple[ProxyProcess, HttpBackend]:
+    api = make_backend()
+    return launch(*route("/api/", api)), api
+
+
+def test_no_route_is_404_and_the_connection_goes_on(api_only, client):
+    proxy, api = api_only
+    mark = proxy.mark()
+    c = client(proxy.port)
+    resp = c.request(simple_get("/nowhere?x=1", HOST))
+    assert resp.status == 404, resp
+    assert get(c, "/api/ok") == b"GET /api/ok"
+    resp = c.request(simple_get("/api", HOST))  # "/api" is not under "/api/"
+    assert resp.status == 404, resp
+    assert get(c, "/api/again") == b"GET /api/again"
+    assert targets(api) == [b"/api/ok", b"/api/again"], "a 404'd request reached the backend"
+    proxy.wait_for_log(re.escape("/api/again"), since=mark)
+    lines = [ln for ln in proxy.logs_matching(status_pattern(404), mark) if "/api/ok" not in ln]
+    lines = [ln for ln in lines if "/api/again" not in ln]
+    assert len(lines) == 2, f"expected one line per 404:\n{proxy.log_text(mark)}"
+
+
+def test_no_route_for_a_request_with_a_body(api_only, client):
+    """The 404'd request's body is not taken for the next request: it is read and dropped."""
+    proxy, api = api_only
+    mark = proxy.mark()
+    c = client(proxy.port)
+    body = b"GET /api/smuggled HTTP/1.1\r\nHost: app.test\r\n\r\n"
+    resp = c.request(
+        request_bytes(
+            "POST", "/nowhere", [("Host", HOST), ("Content-Length", str(len(body)))], body
+        ),
+        "POST",
+    )
+    assert resp.status == 404, resp
+    assert get(c, "/api/after") == b"GET /api/after"
+    assert targets(api) == [b"/api/after"], "the 404'd body reached the backend as a request"
+    assert_logged_once(proxy, mark, 404, "/api/after")
+
+
+def test_no_route_for_an_upgrade_request(api_only, client):
+    proxy, api = api_only
+    mark = proxy.mark()
+    c = client(proxy.port)
+    head, _ = websocket_head("/ws/chat")
+    resp = c.request(head)
+    assert resp.status == 404, resp
+    assert get(c, "/api/after-upgrade") == b"GET /api/after-upgrade"
+    assert targets(api) == [b"/api/after-upgrade"]
+    assert_logged_once(proxy, mark, 404, "/api/after-upgrade")
+
+
+def test_no_route_keeps_other_clients_served(api_only, client):
+    proxy, _api = api_only
+    first, second = client(proxy.port), client(proxy.port)
+    assert first.request(simple_get("/x", HOST)).status == 404
+    assert get(second, "/api/y") == b"GET /api/y"
+    assert get(first, "/api/z") == b"GET /api/z"
+
+
+# --- keep-alive across routes ---------------------------------------------------------------
+
+
+@pytest.fixture
+def two_routes(launch, make_backend) -> tuple[ProxyProcess, HttpBackend, HttpBackend]:
+    a, b = make_backend(), make_backend()
+    return launch(*route("/a/", a, "/"), *route("/b/", b)), a, b
+
+
+def test_keep_alive_across_routes(two_routes, client):
+    proxy, a, b = two_routes
+    c = client(proxy.port)
+    assert get(c, "/a/1") == b"GET /1"
+    assert get(c, "/b/2") == b"GET /b/2"
+    assert get(c, "/a/3") == b"GET /3"
+    assert get(c, "/b/4") == b"GET /b/4"
+    body = b"payload"
+    resp = c.request(
+        request_bytes("POST", "/a/echo", [("Host", HOST), ("Content-Length", "7")], body), "POST"
+    )
+    assert (resp.status, resp.body) == (200, body)
+    assert get(c, "/b/5") == b"GET /b/5"
+    assert targets(a) == [b"/1", b"/3", b"/echo"]
+    assert targets(b) == [b"/b/2", b"/b/4", b"/b/5"]
+
+
+def test_pipelined_requests_across_routes(two_routes, client):
+    proxy, a, b = two_routes
+    c = client(proxy.port)
+    sent = ["/a/1", "/b/2", "/b/3", "/a/4", "/a/5", "/b/6"]
+    c.send(b"".join(simple_get(t, HOST) for t in sent))
+    bodies = [c.read_response().body for _ in sent]
+    assert bodies == [b"GET /1", b"GET /b/2", b"GET /b/3", b"GET /4", b"GET /5", b"GET /b/6"]
+    assert targets(a) == [b"/1", b"/4", b"/5"]
+    assert targets(b) == [b"/b/2", b"/b/3", b"/b/6"]
+
+
+def test_keep_alive_across_routes_with_connection_close_on_one(two_routes, client):
+    """A backend closing after its answer does not end the client's connection."""
+    proxy, a, b = two_routes
+    c = client(proxy.port)
+    assert get(c, "/b/1") == b"GET /b/1"
+    resp = c.request(simple_get("/a/close", HOST))  # reaches a as /close
+    assert (resp.status, resp.body) == (200, b"closing")
+    assert get(c, "/b/2") == b"GET /b/2"
+    assert get(c, "/a/3") == b"GET /3"
+    assert targets(a) == [b"/close", b"/3"]
+    assert targets(b) == [b"/b/1", b"/b/2"]
+
+
+# --- WebSockets on two routes ---------------------------------------------------------------
+
+
+def test_websockets_on_two_routes_reach_two_backends(launch, make_backend, client):
+    ws_a, ws_b, http = make_backend(WsBackend), make_backend(WsBackend), make_backend()
+    proxy = launch(
+        *route("/ws/a/", ws_a, scheme="ws"),
+        *route("/ws/b/", ws_b, "/", scheme="http"),
+        *route("/", http),
+    )
+    # an upgrade after a plain request to another route, on the same connection
+    first = client(proxy.port)
+    assert get(first, "/page") == b"GET /page"
+    sock_a = open_websocket(first, "/ws/a/chat?room=1")
+    second = client(proxy.port)
+    sock_b = open_websocket(second, "/ws/b/chat?room=2")
+    assert_echoes(sock_a, "a")
+    assert_echoes(sock_b, "b")
+    assert_echoes(sock_a, "a again")
+    for ws in (sock_a, sock_b):
+        closing = ws.close()
+        assert isinstance(closing, CloseConnection)
+        assert closing.code == 1000
+    [head_a] = ws_a.wait_handshakes(1)
+    [head_b] = ws_b.wait_handshakes(1)
+    assert handshake_target(head_a) == b"/ws/a/chat?room=1"
+    assert handshake_target(head_b) == b"/chat?room=2"
+    for head in (head_a, head_b):
+        _, headers = parse_head(head)
+        assert header_tokens(headers, "connection") == [b"upgrade"], head
+        assert header_values(headers, "upgrade") == [b"websocket"], head
+        assert header_values(headers, "host") == [HOST.encode()], head
+    assert targets(http) == [b"/page"]
+
+
+def test_plain_request_after_a_refused_upgrade_on_another_route(launch, make_backend, client):
+    """Upgrade detection on a route whose backend refuses: the answer reaches the client and
+    the connection goes on as HTTP, to another route."""
+    refusing, other = make_backend(), make_backend()
+    proxy = launch(*route("/r/", refusing, "/"), *route("/", other))
+    c = client(proxy.port)
+    head, _ = websocket_head("/r/refuse/426")
+    resp = c.request(head)
+    assert (resp.status, resp.body) == (426, b"upgrade refused")
+    assert get(c, "/next") == b"GET /next"
+    [refused] = refusing.wait_for_requests(1)
+    assert refused.target == b"/refuse/426"
+    assert refused.values("upgrade") == [b"websocket"]
+    assert targets(other) == [b"/next"]
+
+
+# --- bad command lines ----------------------------------------------------------------------
+
+
+def assert_one_line_error(done, *mentions: str) -> None:
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode != 0, f"exit 0 for a bad start-up; stderr: {done.stderr}"
+    assert "Traceback" not in done.stderr, done.stderr
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{done.stderr}"
+    for word in mentions:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "/api/",  # no URL
+        "api/=http://127.0.0.1:9",  # the prefix must start with "/"
+        "/api/=ftp://127.0.0.1:21",  # unknown scheme
+        "/api/=http://",  # no host
+        "/api/=http://127.0.0.1:99999",  # bad port
+    ],
+)
+def test_bad_route_is_one_line(value):
+    done = run_rawproxy("--listen", "127.0.0.1:0", "--route", value)
+    assert_one_line_error(done, "--route")
+    assert done.returncode == 2
+
+
+def test_neither_backend_nor_route_is_one_line():
+    done = run_rawproxy("--listen", "127.0.0.1:0")
+    assert_one_line_error(done)
+    assert "--backend" in done.stderr or "--route" in done.stderr, done.stderr
+    assert done.returncode == 2
