@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from rawproxy import __version__
+from rawproxy import __version__, systemd
 from rawproxy.config import (
     FORWARDED_MODES,
     CertPair,
@@ -87,9 +87,11 @@ errors rawproxy answers itself:
 Each is one line in the log; other clients are not affected.
 
 signals:
-  SIGTERM, SIGINT   stop: close the listeners and every connection, exit 0
-  SIGHUP            re-read the --cert/--key files for new connections; open connections and
-                    tunnels keep theirs; a broken file keeps the old certificate (logged)
+  SIGTERM, SIGINT   drain and stop: listeners close at once, requests under way finish,
+                    tunnels get --drain-timeout, then exit 0; a second signal stops at once
+  SIGHUP            re-read the config file (--config) and the certificates for new
+                    connections; listeners added or removed; open connections and tunnels
+                    keep the settings they started with; an error keeps the old ones (logged)
 
 examples:
   rawproxy --listen :8080 --backend 127.0.0.1:9000
@@ -184,6 +186,7 @@ SETTINGS: dict[str, tuple[Callable[[str], Any] | None, bool, Any]] = {
     "connect_timeout": (parse_positive_duration, False, 5.0),
     "response_timeout": (parse_positive_duration, False, 60.0),
     "idle_timeout": (parse_positive_duration, False, 60.0),
+    "drain_timeout": (parse_duration, False, 30.0),
     "tunnel_idle_timeout": (parse_optional_duration, False, None),
     "tcp_keepalive": (parse_seconds, False, 60),
     "max_header_size": (parse_size, False, 64 * 1024),
@@ -196,10 +199,16 @@ SETTINGS: dict[str, tuple[Callable[[str], Any] | None, bool, Any]] = {
     "cookie_domain": (lambda t: parse_rewrite(t, "--cookie-domain"), LIST, []),
     "cookie_path": (lambda t: parse_rewrite(t, "--cookie-path"), LIST, []),
     "log_level": (None, False, "info"),
+    "access_log": (str, False, None),
+    "access_log_format": (None, False, "combined"),
 }
-CHOICES = {"forwarded": FORWARDED_MODES, "log_level": ("debug", "info", "warning", "error")}
+CHOICES = {
+    "forwarded": FORWARDED_MODES,
+    "log_level": ("debug", "info", "warning", "error"),
+    "access_log_format": ("combined", "json"),
+}
 # Settings naming files: relative paths in a config file are relative to that file.
-FILE_PATHS = {"cert", "key", "backend_ca", "backend_cert", "backend_key"}
+FILE_PATHS = {"cert", "key", "backend_ca", "backend_cert", "backend_key", "access_log"}
 BOOLEANS = {"backend_tls", "backend_insecure", "splice", "rewrite_location", "backend_host_header"}
 
 
@@ -376,6 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         timeouts,
+        "--drain-timeout",
+        "on SIGTERM, open tunnels (WebSockets) get this long to finish before they are "
+        "closed; requests under way finish first either way (default: 30)",
+        metavar="SECONDS",
+    )
+    add(
+        timeouts,
         "--tunnel-idle-timeout",
         "close an upgraded connection (WebSocket) silent in "
         "both directions for this long (default: none; dead peers are found by --tcp-keepalive "
@@ -419,6 +435,20 @@ def build_parser() -> argparse.ArgumentParser:
         "debug adds one line per upgrade decision, naming the Connection and "
         "Upgrade values that decided it (default: info: one line per request and per tunnel)",
         choices=CHOICES["log_level"],
+    )
+    add(
+        logs,
+        "--access-log",
+        "write the access log (one line per request, one per tunnel when it closes) to FILE, "
+        "reopened on SIGHUP for logrotate (default: stderr, with the rest of the log)",
+        metavar="FILE",
+    )
+    add(
+        logs,
+        "--access-log-format",
+        "combined (Apache's, the tunnel's duration, bytes each way and ending appended) or "
+        "json, one object per line (default: combined)",
+        choices=CHOICES["access_log_format"],
     )
     return parser
 
@@ -529,11 +559,12 @@ def load_config_file(path: str) -> dict[str, Any]:
 # -- settings into a Config ----------------------------------------------------------------
 
 
-def build_config(settings: dict[str, Any]) -> Config:
-    """Validate the merged settings; ConfigError says what is wrong."""
+def build_config(settings: dict[str, Any], activated: bool = False) -> Config:
+    """Validate the merged settings; ConfigError says what is wrong. `activated`: systemd
+    passes listening sockets, so --listen may be left out."""
     merged = {dest: default for dest, (_, _, default) in SETTINGS.items()}
     merged.update(settings)
-    if not merged["listen"]:
+    if not merged["listen"] and not activated:
         raise ConfigError("--listen is required (or listen = [...] in the config file)")
     routes: list[Route] = list(merged["route"])
     if merged["backend"] is not None:
@@ -574,11 +605,14 @@ def build_config(settings: dict[str, Any]) -> Config:
         connect_timeout=merged["connect_timeout"],
         response_timeout=merged["response_timeout"],
         idle_timeout=merged["idle_timeout"],
+        drain_timeout=merged["drain_timeout"],
         tunnel_idle_timeout=merged["tunnel_idle_timeout"],
         tcp_keepalive=merged["tcp_keepalive"],
         max_header_size=merged["max_header_size"],
         max_connections=merged["max_connections"],
         log_level=merged["log_level"],
+        access_log=merged["access_log"],
+        access_log_format=merged["access_log_format"],
         splice=merged["splice"],
         forwarded=merged["forwarded"],
         trusted_proxies=tuple(merged["trusted_proxy"]),
@@ -657,7 +691,7 @@ def setup_logging(level: str) -> None:
     )
 
 
-def load_settings(args: argparse.Namespace) -> tuple[Config, str | None]:
+def load_settings(args: argparse.Namespace, activated: bool = False) -> tuple[Config, str | None]:
     """Config from the file (if any) and the flags; which file it came from."""
     given = vars(args).copy()
     path = given.pop("check_config", None) or given.pop("config", None)
@@ -665,7 +699,7 @@ def load_settings(args: argparse.Namespace) -> tuple[Config, str | None]:
     settings = load_config_file(path) if path else {}
     settings.update(given)  # flags win; a repeated flag replaces the file's list
     try:
-        return build_config(settings), path
+        return build_config(settings, activated), path
     except ConfigError as e:
         if path and not str(e).startswith(path):
             raise ConfigError(f"{path}: {e}") from e
@@ -676,8 +710,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     checking = getattr(args, "check_config", None) is not None
+    activated = systemd.activated() and not checking
     try:
-        config, path = load_settings(args)
+        config, path = load_settings(args, activated)
     except ConfigError as e:
         print(f"rawproxy: error: {e}", file=sys.stderr)
         return 1 if checking or getattr(args, "config", None) else 2
@@ -694,8 +729,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log_level)
     from rawproxy.server import Server, StartupError
 
+    def reread() -> Config:
+        return load_settings(args, activated)[0]
+
     try:
-        server = Server(config)
+        server = Server(config, reread=reread, inherited=systemd.listen_fds())
         server.open()
     except StartupError as e:
         print(f"rawproxy: error: {e}", file=sys.stderr)

@@ -87,11 +87,14 @@ class Config:
     connect_timeout: float = 5.0
     response_timeout: float = 60.0
     idle_timeout: float = 60.0
+    drain_timeout: float = 30.0
     tunnel_idle_timeout: float | None = None
     tcp_keepalive: int = 60
     max_header_size: int = 64 * 1024
     max_connections: int = 10000
     log_level: str = "info"
+    access_log: str | None = None
+    access_log_format: str = "combined"
     splice: bool = True
     forwarded: str = "x-forwarded"
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()

@@ -15,10 +15,12 @@ import ssl
 from collections.abc import Callable
 from typing import Protocol
 
+from rawproxy.accesslog import AccessLog
 from rawproxy.config import Backend, Config, ConfigError, ListenAddress, Route
 from rawproxy.http import origin
 from rawproxy.loop import READ, Loop, Timer
 from rawproxy.session import DONE, Session
+from rawproxy.systemd import Notifier
 from rawproxy.tls import ServerTLS, backend_context
 from rawproxy.tunnel import PipePool
 
@@ -39,6 +41,8 @@ class StartupError(Exception):
 
 class Connection(Protocol):
     def shutdown(self) -> None: ...
+
+    def drain(self) -> None: ...
 
 
 class Target:
@@ -189,45 +193,132 @@ def _shown(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class Server:
+class Runtime:
+    """The settings connections work with. A reload builds a new one; every connection keeps
+    the one it started with until it ends."""
+
+    __slots__ = ("client_tls", "config", "routes", "targets", "trusted")
+
     def __init__(self, config: Config) -> None:
-        self.config = config
-        self.loop = Loop()
-        self.pipes = PipePool()
-        self.splice = config.splice and hasattr(os, "splice")
-        self.connections: set[Connection] = set()
-        self.listeners: list[socket.socket] = []
-        self.listener_tls: dict[int, bool] = {}
-        self.accepting = False
-        self.resume_timer: Timer | None = None
-        self.accept_failures = 0
-        self.accept_failure_logged = -ACCEPT_FAILURE_LOG_EVERY
+        """Reads certificates and resolves backend names: StartupError when one fails."""
         try:
             self.client_tls = ServerTLS(config.certs) if config.certs else None
             self.targets = make_targets(config)
         except ConfigError as e:
             raise StartupError(str(e)) from e
-        # Longest prefix first, so that the first match is the route (http.select_route does
-        # not depend on the order; this only makes the start-up log read well).
+        self.config = config
+        # Longest prefix first (select_route does not depend on it; the log reads better).
         self.routes = tuple(sorted(config.routes, key=lambda r: len(r.prefix), reverse=True))
         self.trusted = config.trusted_proxies
+
+    def target_for(self, route: Route) -> Target:
+        return self.targets[target_key(route.backend)]
+
+    def describe(self) -> None:
+        config = self.config
+        for target in self.targets.values():
+            if target.tls is None:
+                log.info("backend %s: plain TCP", target.name)
+            elif config.backend_insecure:
+                log.warning(
+                    "backend %s: TLS WITHOUT certificate verification (--backend-insecure): "
+                    "anyone on the path can impersonate the backend",
+                    target.name,
+                )
+            else:
+                log.info(
+                    "backend %s: TLS, certificate verified against %s for the name %r "
+                    "(sent as SNI)",
+                    target.name,
+                    config.backend_ca or "the system's CA store",
+                    target.sni,
+                )
+        for route in self.routes:
+            log.info(
+                "route %s -> %s (%s)",
+                route.prefix,
+                route.backend,
+                ", ".join(f"{a[0]}:{a[1]}" for _, a in self.target_for(route).addresses),
+            )
+
+
+# How often the STATUS= line systemd shows is refreshed.
+STATUS_EVERY = 10.0
+
+
+class Server:
+    def __init__(
+        self,
+        config: Config,
+        reread: Callable[[], Config] | None = None,
+        inherited: list[tuple[str, socket.socket]] | None = None,
+    ) -> None:
+        """`reread` gives the configuration anew on SIGHUP (from the config file and the
+        flags); `inherited` are sockets passed by systemd, with their names."""
+        self.runtime = Runtime(config)
+        self.reread = reread
+        self.loop = Loop()
+        self.pipes = PipePool()
+        self.splice = config.splice and hasattr(os, "splice")
+        self.connections: set[Connection] = set()
+        # Listening sockets with what they came from: a ListenAddress, or a systemd name.
+        self.listening: list[tuple[ListenAddress | str, list[socket.socket]]] = []
+        self.listener_tls: dict[int, bool | None] = {}  # None: TLS when certificates exist
+        self.inherited = inherited or []
+        self.accepting = False
+        self.resume_timer: Timer | None = None
+        self.accept_failures = 0
+        self.accept_failure_logged = -ACCEPT_FAILURE_LOG_EVERY
+        self.draining = False
+        self.drain_timer: Timer | None = None
+        self.notifier = Notifier()
+        try:
+            self.access = AccessLog(config.access_log, config.access_log_format)
+        except OSError as e:
+            raise StartupError(
+                f"cannot open --access-log {config.access_log}: {e.strerror or e}"
+            ) from e
+
+    @property
+    def config(self) -> Config:
+        return self.runtime.config
+
+    @property
+    def listeners(self) -> list[socket.socket]:
+        return [sock for _, socks in self.listening for sock in socks]
 
     # -- listeners -------------------------------------------------------------------------
 
     def open(self) -> None:
         try:
+            for name, sock in self.inherited:
+                self._add_listener(f"systemd:{name}", [sock], _tls_of_name(name))
             for where in self.config.listen:
-                tls = bool(self.config.certs) if where.tls is None else where.tls
-                for sock in open_listener(where):
-                    self.listeners.append(sock)
-                    self.listener_tls[sock.fileno()] = tls
+                self._add_listener(where, open_listener(where), where.tls)
         except StartupError:
             self.close_listeners()
             raise
         self._accept_on()
 
+    def _add_listener(
+        self, key: ListenAddress | str, socks: list[socket.socket], tls: bool | None
+    ) -> None:
+        self.listening.append((key, socks))
+        for sock in socks:
+            self.listener_tls[sock.fileno()] = tls
+            if self.accepting:
+                self.loop.add(sock.fileno(), READ, self._make_acceptor(sock))
+
+    def _remove_listener(self, index: int) -> None:
+        _key, socks = self.listening.pop(index)
+        for sock in socks:
+            if self.accepting:
+                self.loop.remove(sock.fileno())
+            del self.listener_tls[sock.fileno()]
+            sock.close()
+
     def _accept_on(self) -> None:
-        if not self.accepting:
+        if not self.accepting and not self.draining:
             for sock in self.listeners:
                 self.loop.add(sock.fileno(), READ, self._make_acceptor(sock))
             self.accepting = True
@@ -245,12 +336,12 @@ class Server:
         return on_ready
 
     def _accept(self, listener: socket.socket) -> None:
-        limit = self.config.max_connections
-        tls = (
-            self.client_tls.context
-            if self.listener_tls[listener.fileno()] and self.client_tls
-            else None
-        )
+        runtime = self.runtime
+        limit = runtime.config.max_connections
+        wanted = self.listener_tls[listener.fileno()]
+        tls = None
+        if runtime.client_tls is not None and wanted is not False:
+            tls = runtime.client_tls.context
         for _ in range(ACCEPTS_PER_EVENT):
             if len(self.connections) >= limit:
                 log.warning(
@@ -299,6 +390,11 @@ class Server:
 
     def forget(self, connection: Connection) -> None:
         self.connections.discard(connection)
+        if self.draining:
+            if not self.connections:
+                log.info("drained: every connection ended")
+                self.loop.stop()
+            return
         if (
             not self.accepting
             and self.resume_timer is None
@@ -308,7 +404,7 @@ class Server:
             self._accept_on()
 
     def target_for(self, route: Route) -> Target:
-        return self.targets[target_key(route.backend)]
+        return self.runtime.target_for(route)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -316,74 +412,128 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.loop.add_signal_handler(sig, self._on_stop_signal)
         self.loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
-        for sock in self.listeners:
-            kind = "tls" if self.listener_tls[sock.fileno()] else "plain"
-            log.info("listening on %s (%s)", _shown(sock), kind)
-        config = self.config
-        for target in self.targets.values():
-            if target.tls is None:
-                log.info("backend %s: plain TCP", target.name)
-            elif config.backend_insecure:
-                log.warning(
-                    "backend %s: TLS WITHOUT certificate verification (--backend-insecure): "
-                    "anyone on the path can impersonate the backend",
-                    target.name,
-                )
-            else:
-                log.info(
-                    "backend %s: TLS, certificate verified against %s for the name %r "
-                    "(sent as SNI)",
-                    target.name,
-                    config.backend_ca or "the system's CA store",
-                    target.sni,
-                )
-        for route in self.routes:
-            target = self.target_for(route)
-            log.info(
-                "route %s -> %s (%s)",
-                route.prefix,
-                route.backend,
-                ", ".join(f"{a[0]}:{a[1]}" for _, a in target.addresses),
-            )
-        log.info("ready: %d listener(s), %d route(s)", len(self.listeners), len(self.routes))
+        self._log_listeners(self.listeners)
+        self.runtime.describe()
+        log.info(
+            "ready: %d listener(s), %d route(s)", len(self.listeners), len(self.runtime.routes)
+        )
+        self.notifier.ready(self._status())
+        if self.notifier.watchdog_interval:
+            self._watchdog()
+        if self.notifier.sock is not None:
+            self.loop.call_later(STATUS_EVERY, self._report_status)
         try:
             self.loop.run()
         finally:
             self.stop()
 
+    def _log_listeners(self, socks: list[socket.socket]) -> None:
+        for sock in socks:
+            wanted = self.listener_tls[sock.fileno()]
+            tls = bool(self.config.certs) if wanted is None else wanted
+            log.info("listening on %s (%s)", _shown(sock), "tls" if tls else "plain")
+
+    def _status(self) -> str:
+        tunnels = sum(1 for c in self.connections if not isinstance(c, Session))
+        return f"{len(self.connections) - tunnels} HTTP connections, {tunnels} tunnels" + (
+            ", draining" if self.draining else ""
+        )
+
+    def _report_status(self) -> None:
+        self.notifier.status(self._status())
+        if self.loop.running:
+            self.loop.call_later(STATUS_EVERY, self._report_status)
+
+    def _watchdog(self) -> None:
+        self.notifier.watchdog()
+        interval = self.notifier.watchdog_interval
+        if interval and self.loop.running is not False:
+            self.loop.call_later(interval, self._watchdog)
+
+    # -- reload ----------------------------------------------------------------------------
+
     def _on_reload_signal(self, _signum: int) -> None:
-        """SIGHUP: new certificates for new connections; open ones keep what they have."""
-        config = self.config
+        """SIGHUP: the configuration file and certificates read anew, for new connections;
+        open connections and tunnels keep the settings they started with."""
+        self.notifier.reloading()
         try:
-            if self.client_tls is not None:
-                self.client_tls.reload()
-            contexts = {
-                key: backend_context(
-                    config.backend_ca, config.backend_insecure, config.backend_client_cert
-                )
-                for key, target in self.targets.items()
-                if target.tls is not None
-            }
-        except ConfigError as e:
-            log.error("SIGHUP: keeping the current certificates: %s", e)
+            self.reload()
+        finally:
+            self.notifier.ready(self._status())
+
+    def reload(self) -> None:
+        try:
+            self.access.reopen()
+        except OSError as e:
+            log.error("SIGHUP: cannot reopen the access log: %s; still writing the old one", e)
+        old = self.runtime
+        try:
+            config = self.reread() if self.reread is not None else old.config
+            runtime = Runtime(config)
+        except (ConfigError, StartupError) as e:
+            log.error("SIGHUP: keeping the current configuration and certificates: %s", e)
             return
-        for key, context in contexts.items():
-            self.targets[key].tls = context
+        # Listeners that stay are matched one to one (two equal --listen :0 are two sockets).
+        unmatched = [
+            i for i, (key, _) in enumerate(self.listening) if isinstance(key, ListenAddress)
+        ]
+        added: list[socket.socket] = []
+        for where in config.listen:
+            same = next((i for i in unmatched if self.listening[i][0] == where), None)
+            if same is not None:
+                unmatched.remove(same)
+                continue
+            try:
+                socks = open_listener(where)
+            except StartupError as e:
+                log.error("SIGHUP: %s; keeping the other listeners", e)
+                continue
+            self._add_listener(where, socks, where.tls)
+            added.extend(socks)
+        for index in sorted(unmatched, reverse=True):
+            log.info("SIGHUP: no longer listening on %s", self.listening[index][0])
+            self._remove_listener(index)
+        self.runtime = runtime
+        self._log_listeners(added)
+        runtime.describe()
         log.info(
-            "SIGHUP: reloaded certificates (%s); open connections keep theirs",
+            "SIGHUP: reloaded configuration and certificates (%s); open connections keep theirs",
             ", ".join(pair.cert for pair in config.certs) or "no listener certificates",
         )
 
+    # -- stopping --------------------------------------------------------------------------
+
     def _on_stop_signal(self, signum: int) -> None:
-        log.info("%s received; stopping", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if self.draining:
+            log.info("%s received while draining; stopping now", name)
+            self.loop.stop()
+            return
+        drain = self.config.drain_timeout
+        log.info(
+            "%s received; draining: no new connections, requests finish, tunnels get %gs "
+            "(--drain-timeout); send it again to stop at once",
+            name,
+            drain,
+        )
+        self.draining = True
+        self.notifier.stopping(self._status())
+        self.close_listeners()
+        for connection in list(self.connections):
+            connection.drain()
+        if not self.connections:
+            self.loop.stop()
+            return
+        self.drain_timer = self.loop.call_later(drain, self._drain_over)
+
+    def _drain_over(self) -> None:
+        log.info("drain time over: closing %d connection(s) still open", len(self.connections))
         self.loop.stop()
 
     def close_listeners(self) -> None:
         self._accept_off()
-        for sock in self.listeners:
-            sock.close()
-        self.listeners.clear()
-        self.listener_tls.clear()
+        while self.listening:
+            self._remove_listener(len(self.listening) - 1)
 
     def stop(self) -> None:
         self.close_listeners()
@@ -391,4 +541,17 @@ class Server:
             connection.shutdown()
         self.connections.clear()
         self.pipes.close()
+        self.notifier.close()
+        self.access.close()
         self.loop.close()
+
+
+def _tls_of_name(name: str) -> bool | None:
+    """A socket-activated listener's kind from its FileDescriptorName=: tls..., or
+    tcp.../plain.../http..., else TLS exactly when certificates are configured."""
+    lowered = name.lower()
+    if lowered.startswith(("tls", "https")):
+        return True
+    if lowered.startswith(("tcp", "plain", "http")):
+        return False
+    return None

@@ -57,7 +57,6 @@ if TYPE_CHECKING:
     from rawproxy.server import Server, Target
 
 log = logging.getLogger("rawproxy")
-access_log = logging.getLogger("rawproxy.access")
 
 HEAD, IDLE, CONNECTING, EXCHANGE, CLOSING, DONE, HANDSHAKE, REJECT = range(8)
 
@@ -69,6 +68,10 @@ _NO_MORE = (h11.NEED_DATA, h11.PAUSED)
 # A request without a route is answered 404 on the same connection when what is left of its
 # body is this small; a larger body is not read: 404 and close.
 REJECT_BODY_LIMIT = 64 * 1024
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
 
 
 def _header(request: h11.Request, name: bytes) -> bytes | None:
@@ -128,6 +131,7 @@ class Session:
         "client_ip",
         "config",
         "decision",
+        "draining",
         "exchange_start",
         "head_bytes",
         "local_port",
@@ -143,6 +147,7 @@ class Session:
         "response_started",
         "response_status",
         "route",
+        "runtime",
         "scheme",
         "server",
         "target",
@@ -158,7 +163,10 @@ class Session:
     ) -> None:
         self.server = server
         self.loop = server.loop
-        self.config = server.config
+        # The settings of the moment: a reload does not change them under this connection.
+        self.runtime = server.runtime
+        self.config = self.runtime.config
+        self.draining = False
         self.client_ip, self.peer = format_peer(address)
         self.client = Leg(self.loop, sock, self._on_client)
         self.scheme = "https" if tls is not None else "http"
@@ -418,7 +426,11 @@ class Session:
         self._to_client(h11.EndOfMessage())
         client_h11 = self.client_h11
         self.request = None
-        if client_h11.our_state is not h11.DONE or client_h11.their_state is not h11.DONE:
+        if (
+            client_h11.our_state is not h11.DONE
+            or client_h11.their_state is not h11.DONE
+            or self.draining
+        ):
             self._close_gracefully()
             return
         client_h11.start_next_cycle()
@@ -444,8 +456,7 @@ class Session:
         if problem is not None:
             self._fail(400, problem)
             return
-        server = self.server
-        chosen = select_route(server.routes, request.target)
+        chosen = select_route(self.runtime.routes, request.target)
         if chosen is None:
             # Answered here once the request (and any small body) is in; the connection stays.
             self.phase = REJECT
@@ -453,7 +464,7 @@ class Session:
             return
         route, target = chosen
         self.route = route
-        backend_target = server.target_for(route)
+        backend_target = self.runtime.target_for(route)
         decision = self.decision = decide_upgrade(request.headers)
         if decision.considered and log.isEnabledFor(logging.DEBUG):
             log.debug("%s upgrade decision: %s", self._describe(), decision.reason)
@@ -493,12 +504,12 @@ class Session:
     def client_side(self) -> ClientSide:
         ip = self.client_ip
         trusted = False
-        if self.server.trusted:
+        if self.runtime.trusted:
             try:
                 address = ipaddress.ip_address(ip)
             except ValueError:
                 address = None
-            trusted = address is not None and any(address in net for net in self.server.trusted)
+            trusted = address is not None and any(address in net for net in self.runtime.trusted)
         return ClientSide(ip, self.scheme, self.local_port, trusted)
 
     def _client_drained(self) -> None:
@@ -716,6 +727,8 @@ class Session:
         rule = self._response_rewrite()
         if rule is not None:
             headers = rewrite_response_headers(headers, rule)
+        if self.draining:
+            headers.append((b"Connection", b"close"))  # the proxy stops after this answer
         self._to_client(
             h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)
         )
@@ -804,14 +817,22 @@ class Session:
     # -- end of an exchange ----------------------------------------------------------------
 
     def _log_access(self, status: int) -> None:
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                "%s %d %d %.3fs",
-                self._describe(),
-                status,
-                self.response_bytes,
-                self.loop.now - self.exchange_start,
-            )
+        access = self.server.access
+        request = self.request
+        if request is None or not access.enabled():
+            return
+        access.request(
+            client=self.client_ip,
+            method=request.method.decode("latin-1"),
+            target=request.target.decode("latin-1"),
+            version=request.http_version.decode("latin-1"),
+            status=status,
+            size=self.response_bytes,
+            referer=_text(_header(request, b"referer")),
+            user_agent=_text(_header(request, b"user-agent")),
+            duration=self.loop.now - self.exchange_start,
+            backend=self.target.name if self.target is not None else None,
+        )
 
     def _exchange_done(self) -> None:
         self._log_access(self.response_status)
@@ -823,7 +844,11 @@ class Session:
             self._drop_backend()
         client_h11 = self.client_h11
         self.request = None
-        if client_h11.our_state is not h11.DONE or client_h11.their_state is not h11.DONE:
+        if (
+            client_h11.our_state is not h11.DONE
+            or client_h11.their_state is not h11.DONE
+            or self.draining
+        ):
             # The client asked to close, spoke HTTP/1.0, or is still sending a body the
             # backend did not wait for: finish the answer, then close.
             self._close_gracefully()
@@ -879,8 +904,28 @@ class Session:
         request_rest = bytes(backend.backlog or b"")
         to_client = head + backend_rest
         to_backend = request_rest + client_rest
-        self._log_access(101)
-        describe = f"{self._describe()} -> {self.current_target.name}"
+        request = self.request
+        assert request is not None
+        access = self.server.access
+        client_ip = self.client_ip
+        backend_name = self.current_target.name
+
+        def closed(tunnel: Tunnel, how: str, duration: float) -> None:
+            server.forget(tunnel)
+            access.tunnel(
+                client=client_ip,
+                method=request.method.decode("latin-1"),
+                target=request.target.decode("latin-1"),
+                version=request.http_version.decode("latin-1"),
+                referer=_text(_header(request, b"referer")),
+                user_agent=_text(_header(request, b"user-agent")),
+                duration=duration,
+                to_backend=tunnel.c2b.moved,
+                to_client=tunnel.b2c.moved,
+                ended=how,
+                backend=backend_name,
+            )
+
         if self.timer is not None:
             self.timer.cancel()
         self.phase = DONE
@@ -902,8 +947,7 @@ class Session:
             splice=server.splice and not self.client.tls and not backend.tls,
             idle_timeout=self.config.tunnel_idle_timeout,
             keepalive=self.config.tcp_keepalive,
-            describe=describe,
-            on_close=lambda: server.forget(tunnel),
+            on_close=closed,
         )
         server.remember(tunnel)
         tunnel.start()
@@ -1003,6 +1047,13 @@ class Session:
 
     def abort(self) -> None:
         self._close(reset=True)
+
+    def drain(self) -> None:
+        """The proxy is stopping: a request under way is finished, then the connection
+        closes; an idle one closes now."""
+        self.draining = True
+        if self.phase in (IDLE, HANDSHAKE) or (self.phase == HEAD and not self.head_bytes):
+            self._close()
 
     def shutdown(self) -> None:
         """The proxy is stopping."""

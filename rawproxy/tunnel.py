@@ -37,7 +37,6 @@ from rawproxy.transport import (
 )
 
 log = logging.getLogger("rawproxy")
-access_log = logging.getLogger("rawproxy.access")
 
 PIPE_SIZE = 1024 * 1024
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -124,7 +123,6 @@ class Tunnel:
         "client",
         "client_fd",
         "client_interest",
-        "describe",
         "ended",
         "idle_timeout",
         "last_active",
@@ -153,8 +151,7 @@ class Tunnel:
         splice: bool,
         idle_timeout: float | None,
         keepalive: int,
-        describe: str,
-        on_close: Callable[[], None],
+        on_close: Callable[[Tunnel, str, float], None],
     ) -> None:
         self.loop = loop
         self.pipes = pipes
@@ -168,7 +165,6 @@ class Tunnel:
         self.on_client = self._on_client
         self.on_backend = self._on_backend
         self.splice = splice
-        self.describe = describe
         self.on_close = on_close
         self.started = time.monotonic()
         self.ended: str | None = None
@@ -386,6 +382,9 @@ class Tunnel:
     def shutdown(self) -> None:
         self.close("proxy shutting down")
 
+    def drain(self) -> None:
+        """The proxy is stopping: the tunnel runs on until the drain time is over."""
+
     def close(self, how: str, reset: bool = False) -> None:
         if self.client_fd < 0:
             return
@@ -405,14 +404,4 @@ class Tunnel:
                 abort_on_close(sock)
             sock.close()
         self.client_fd = self.backend_fd = -1
-        duration = time.monotonic() - self.started
-        access_log.info(
-            "%s tunnel closed after %.3fs: client->backend %d bytes, backend->client %d bytes, "
-            "ended by %s",
-            self.describe,
-            duration,
-            self.c2b.moved,
-            self.b2c.moved,
-            how,
-        )
-        self.on_close()
+        self.on_close(self, how, time.monotonic() - self.started)

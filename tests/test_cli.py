@@ -137,7 +137,8 @@ def test_signal_exits_zero(start_proxy, http_backend, sig):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_exits_zero_with_open_websocket(start_proxy, ws_backend, sig):
-    proxy = start_proxy(ws_backend.port)
+    # The tunnel gets --drain-timeout to finish; then the proxy closes it and exits 0.
+    proxy = start_proxy(ws_backend.port, "--drain-timeout", "1")
     key = ws_key()
     with HttpClient(proxy.port, timeout=5) as c:
         c.send(

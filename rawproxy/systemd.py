@@ -1,0 +1,101 @@
+"""The two systemd protocols rawproxy speaks, written out (they are a few lines each).
+
+- Notify (sd_notify(3)): datagrams like `READY=1` to the AF_UNIX socket named by
+  $NOTIFY_SOCKET (a leading `@` is the abstract namespace). Used for Type=notify start-up,
+  reload and stop, STATUS= lines, and the watchdog.
+- Socket activation (sd_listen_fds(3)): listening sockets passed from fd 3 on, counted by
+  $LISTEN_FDS, meant for us when $LISTEN_PID is our PID, named by $LISTEN_FDNAMES.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+
+
+class Notifier:
+    """Sends sd_notify messages; does nothing when not started by systemd with a notify
+    socket. Errors are swallowed: telling systemd is never worth failing a request for."""
+
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        address = env.get("NOTIFY_SOCKET", "")
+        self.address: str | bytes | None = None
+        if address.startswith("@"):
+            self.address = b"\0" + address[1:].encode()
+        elif address.startswith("/"):
+            self.address = address
+        self.sock: socket.socket | None = None
+        if self.address is not None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self.sock.setblocking(False)
+        usec = env.get("WATCHDOG_USEC", "")
+        pid = env.get("WATCHDOG_PID", "")
+        self.watchdog_interval: float | None = None
+        if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
+            # Half the period, as sd_watchdog_enabled(3) recommends.
+            self.watchdog_interval = int(usec) / 2_000_000
+
+    def send(self, *lines: str) -> None:
+        if self.sock is None or self.address is None:
+            return
+        with contextlib.suppress(OSError):
+            self.sock.sendto("\n".join(lines).encode(), self.address)
+
+    def ready(self, status: str) -> None:
+        self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+
+    def reloading(self) -> None:
+        # MONOTONIC_USEC lets Type=notify-reload units match the reload to the signal.
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
+
+    def stopping(self, status: str) -> None:
+        self.send("STOPPING=1", f"STATUS={status}")
+
+    def status(self, status: str) -> None:
+        self.send(f"STATUS={status}")
+
+    def watchdog(self) -> None:
+        self.send("WATCHDOG=1")
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+LISTEN_FDS_START = 3
+
+
+def listen_fds(environ: dict[str, str] | None = None) -> list[tuple[str, socket.socket]]:
+    """The sockets systemd passed us, with their names, and the variables removed so that no
+    child takes them for its own. Empty when we were not socket-activated."""
+    env = os.environ if environ is None else environ
+    pid = env.get("LISTEN_PID", "")
+    count = env.get("LISTEN_FDS", "")
+    names = env.get("LISTEN_FDNAMES", "")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(name, None)
+    if pid != str(os.getpid()) or not count.isdigit():
+        return []
+    labels = names.split(":") if names else []
+    out = []
+    for index in range(int(count)):
+        fd = LISTEN_FDS_START + index
+        os.set_inheritable(fd, False)
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        label = labels[index] if index < len(labels) else "unknown"
+        out.append((label, sock))
+    return out
+
+
+def activated() -> bool:
+    """Whether systemd passed us sockets (before listen_fds() consumed the variables)."""
+    return (
+        os.environ.get("LISTEN_PID") == str(os.getpid())
+        and os.environ.get("LISTEN_FDS", "").isdigit()
+    )
