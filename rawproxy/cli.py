@@ -200,6 +200,7 @@ SETTINGS: dict[str, tuple[Callable[[str], Any] | None, bool, Any]] = {
     "cookie_path": (lambda t: parse_rewrite(t, "--cookie-path"), LIST, []),
     "log_level": (None, False, "info"),
     "access_log": (str, False, None),
+    "admin_listen": (parse_listen, False, None),
     "access_log_format": (None, False, "combined"),
 }
 CHOICES = {
@@ -438,6 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         logs,
+        "--admin-listen",
+        "serve /metrics (Prometheus text format, every name rawproxy_*) and /healthz (200, or "
+        "503 while draining) here; keep it on loopback or a management network",
+        metavar="[HOST]:PORT",
+    )
+    add(
+        logs,
         "--access-log",
         "write the access log (one line per request, one per tunnel when it closes) to FILE, "
         "reopened on SIGHUP for logrotate (default: stderr, with the rest of the log)",
@@ -612,6 +620,7 @@ def build_config(settings: dict[str, Any], activated: bool = False) -> Config:
         max_connections=merged["max_connections"],
         log_level=merged["log_level"],
         access_log=merged["access_log"],
+        admin_listen=merged["admin_listen"],
         access_log_format=merged["access_log_format"],
         splice=merged["splice"],
         forwarded=merged["forwarded"],
@@ -735,6 +744,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = Server(config, reread=reread, inherited=systemd.listen_fds())
         server.open()
+        server.open_admin()
     except StartupError as e:
         print(f"rawproxy: error: {e}", file=sys.stderr)
         return 1

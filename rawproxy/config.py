@@ -94,6 +94,7 @@ class Config:
     max_connections: int = 10000
     log_level: str = "info"
     access_log: str | None = None
+    admin_listen: ListenAddress | None = None
     access_log_format: str = "combined"
     splice: bool = True
     forwarded: str = "x-forwarded"

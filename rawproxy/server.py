@@ -6,6 +6,7 @@ with a message for the admin; the CLI prints it as one line.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -19,10 +20,11 @@ from rawproxy.accesslog import AccessLog
 from rawproxy.config import Backend, Config, ConfigError, ListenAddress, Route
 from rawproxy.http import origin
 from rawproxy.loop import READ, Loop, Timer
+from rawproxy.metrics import CONTENT_TYPE, Metrics
 from rawproxy.session import DONE, Session
 from rawproxy.systemd import Notifier
 from rawproxy.tls import ServerTLS, backend_context
-from rawproxy.tunnel import PipePool
+from rawproxy.tunnel import PipePool, Tunnel
 
 log = logging.getLogger("rawproxy")
 
@@ -272,6 +274,8 @@ class Server:
         self.draining = False
         self.drain_timer: Timer | None = None
         self.notifier = Notifier()
+        self.metrics = Metrics()
+        self.admin: list[socket.socket] = []
         try:
             self.access = AccessLog(config.access_log, config.access_log_format)
         except OSError as e:
@@ -374,6 +378,7 @@ class Server:
                 # ECONNABORTED and friends: that client gave up already; take the next one.
                 continue
             sock.setblocking(False)
+            self.metrics.connections_total += 1
             session = Session(self, sock, address, tls)
             if session.phase != DONE:
                 self.connections.add(session)
@@ -503,6 +508,46 @@ class Server:
 
     # -- stopping --------------------------------------------------------------------------
 
+    # -- the admin listener: /metrics and /healthz ------------------------------------------
+
+    def open_admin(self) -> None:
+        where = self.config.admin_listen
+        if where is None:
+            return
+        self.admin = open_listener(where)
+        for sock in self.admin:
+            self.loop.add(sock.fileno(), READ, self._make_admin_acceptor(sock))
+            log.info("admin on %s: /metrics, /healthz", _shown(sock))
+
+    def _make_admin_acceptor(self, listener: socket.socket) -> Callable[[int], None]:
+        def on_ready(_mask: int) -> None:
+            for _ in range(16):
+                try:
+                    sock, _address = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    return
+                AdminRequest(self, sock)
+
+        return on_ready
+
+    def render_metrics(self) -> bytes:
+        metrics = self.metrics
+        tunnels = [c for c in self.connections if isinstance(c, Tunnel)]
+        metrics.tunnels_open = len(tunnels)
+        metrics.connections_open = len(self.connections) - len(tunnels)
+        # Live tunnels count their bytes so far, so that the totals move while they run.
+        live_up = sum(t.c2b.moved for t in tunnels)
+        live_down = sum(t.b2c.moved for t in tunnels)
+        metrics.bytes_client_to_backend += live_up
+        metrics.bytes_backend_to_client += live_down
+        try:
+            return metrics.render()
+        finally:
+            metrics.bytes_client_to_backend -= live_up
+            metrics.bytes_backend_to_client -= live_down
+
     def _on_stop_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if self.draining:
@@ -537,6 +582,10 @@ class Server:
 
     def stop(self) -> None:
         self.close_listeners()
+        for sock in self.admin:
+            self.loop.remove(sock.fileno())
+            sock.close()
+        self.admin.clear()
         for connection in list(self.connections):
             connection.shutdown()
         self.connections.clear()
@@ -555,3 +604,83 @@ def _tls_of_name(name: str) -> bool | None:
     if lowered.startswith(("tcp", "plain", "http")):
         return False
     return None
+
+
+class AdminRequest:
+    """One request to the admin listener, answered and closed. Small and bounded: the head
+    must fit in 8 KiB and arrive within 5 seconds."""
+
+    __slots__ = ("buffer", "fd", "server", "sock", "timer")
+
+    LIMIT = 8192
+
+    def __init__(self, server: Server, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.buffer = bytearray()
+        sock.setblocking(False)
+        server.loop.add(self.fd, READ, self._on_read)
+        self.timer: Timer | None = server.loop.call_later(5.0, self.abort)
+
+    def _on_read(self, _mask: int) -> None:
+        try:
+            data = self.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.abort()
+            return
+        if not data:
+            self.abort()
+            return
+        self.buffer += data
+        if b"\r\n\r\n" not in self.buffer and b"\n\n" not in self.buffer:
+            if len(self.buffer) > self.LIMIT:
+                self._answer(431, b"head too large\n")
+            return
+        line = bytes(self.buffer).split(b"\n", 1)[0].strip().split()
+        if len(line) != 3 or line[0] not in (b"GET", b"HEAD"):
+            self._answer(405 if len(line) == 3 else 400, b"GET /metrics or GET /healthz\n")
+            return
+        path = line[1].split(b"?", 1)[0]
+        if path == b"/metrics":
+            self._answer(200, self.server.render_metrics(), CONTENT_TYPE, head=line[0] == b"HEAD")
+        elif path == b"/healthz":
+            if self.server.draining:
+                self._answer(503, b"draining\n")
+            else:
+                self._answer(200, b"ok\n", head=line[0] == b"HEAD")
+        else:
+            self._answer(404, b"GET /metrics or GET /healthz\n")
+
+    def _answer(
+        self, status: int, body: bytes, content_type: str = "text/plain", head: bool = False
+    ) -> None:
+        reasons = {
+            200: "OK",
+            400: "Bad Request",
+            404: "Not Found",
+            405: "Method Not Allowed",
+            431: "Request Header Fields Too Large",
+            503: "Service Unavailable",
+        }
+        response = (
+            f"HTTP/1.1 {status} {reasons[status]}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode() + (b"" if head else body)
+        # One non-blocking send: a fresh socket's buffer takes a metrics page whole, and the
+        # loop never waits on a scraper (one that reads too slowly gets a short answer).
+        with contextlib.suppress(OSError):
+            self.sock.send(response)
+            self.sock.shutdown(socket.SHUT_WR)
+        self.abort()
+
+    def abort(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.fd >= 0:
+            self.server.loop.remove(self.fd)
+            self.sock.close()
+            self.fd = -1

@@ -49,6 +49,7 @@ from rawproxy.http import (
     select_route,
 )
 from rawproxy.loop import READ, WRITE, Timer
+from rawproxy.metrics import classify_connect_error
 from rawproxy.transport import Leg, TlsSocket, set_nodelay
 from rawproxy.tunnel import Tunnel
 
@@ -130,6 +131,7 @@ class Session:
         "client_handshake",
         "client_ip",
         "config",
+        "connect_started",
         "decision",
         "draining",
         "exchange_start",
@@ -142,6 +144,7 @@ class Session:
         "progress",
         "rejected_bytes",
         "request",
+        "request_at",
         "request_done",
         "response_bytes",
         "response_started",
@@ -177,6 +180,7 @@ class Session:
         self.route: Route | None = None
         self.target: Target | None = None
         self.rejected_bytes = 0
+        self.connect_started = self.request_at = self.loop.now
         self.client_h11 = h11.Connection(
             h11.SERVER, max_incomplete_event_size=self.config.max_header_size
         )
@@ -305,6 +309,7 @@ class Session:
             wants = self.client.handshake()
         except ssl.SSLError as e:
             log.info("%s TLS handshake failed: %s", self.peer, _tls_reason(e))
+            self.server.metrics.tls_handshake_failures["client"] += 1
             if e.reason == "HTTP_REQUEST":
                 # Say it in the client's language, past the SSL object (as nginx does).
                 with contextlib.suppress(OSError):
@@ -412,6 +417,7 @@ class Session:
 
     def _answer_locally(self, status: int, detail: str) -> None:
         """Answer a complete request ourselves and keep the connection for the next one."""
+        self.server.metrics.count_request(status)
         log.warning("%s -> %d: %s", self._describe(), status, detail)
         request = self.request
         assert request is not None
@@ -438,6 +444,7 @@ class Session:
 
     def _on_request(self, request: h11.Request) -> None:
         self.request = request
+        self.request_at = self.loop.now
         self.request_done = False
         self.body_sent = 0
         self.response_started = False
@@ -555,8 +562,9 @@ class Session:
         err = sock.connect_ex(address)
         if err not in (0, errno.EINPROGRESS):
             sock.close()
-            self._connect_failed(os.strerror(err))
+            self._connect_failed(os.strerror(err), err)
             return
+        self.connect_started = self.loop.now
         self.backend = Leg(self.loop, sock, self._on_backend)
         self.backend_h11 = h11.Connection(
             h11.CLIENT, max_incomplete_event_size=self.config.max_header_size
@@ -565,12 +573,18 @@ class Session:
         self.backend_reused = False
         self._arm(self.config.connect_timeout, self._on_timeout)
 
-    def _connect_failed(self, reason: str) -> None:
+    def _connect_failed(self, reason: str, err: int | None = None) -> None:
         self._drop_backend()
         if self.next_address < len(self.current_target.addresses):
             self._connect()
             return
+        self.server.metrics.backend_connect_errors[classify_connect_error(err)] += 1
         self._fail(502, f"cannot connect to backend {self.current_target.name}: {reason}")
+
+    def _backend_ready(self) -> None:
+        self.backend_state = _READY
+        self.server.metrics.observe_connect_latency(self.loop.now - self.connect_started)
+        self._send_request_head()
 
     def _on_backend(self, mask: int) -> None:
         backend = self.backend
@@ -581,14 +595,13 @@ class Session:
             if state == _TCP_CONNECTING:
                 err = backend.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
-                    self._connect_failed(os.strerror(err))
+                    self._connect_failed(os.strerror(err), err)
                 else:
                     self.next_address = 0
                     set_nodelay(backend.sock)
                     tls = self.current_target.tls
                     if tls is None:
-                        self.backend_state = _READY
-                        self._send_request_head()
+                        self._backend_ready()
                     else:
                         backend.start_tls(tls, self.current_target.sni)
                         self._backend_handshake_step()
@@ -617,6 +630,7 @@ class Session:
         try:
             wants = backend.handshake()
         except ssl.SSLCertVerificationError as e:
+            self._count_backend_tls_failure()
             self._fail(
                 502,
                 f"TLS to backend {self.current_target.name} failed: certificate verify failed: "
@@ -624,6 +638,7 @@ class Session:
             )
             return
         except ssl.SSLError as e:
+            self._count_backend_tls_failure()
             self._fail(
                 502,
                 f"TLS handshake with backend {self.current_target.name} failed: {_tls_reason(e)}",
@@ -632,8 +647,12 @@ class Session:
         if wants:
             self.backend_state = wants
             return
-        self.backend_state = _READY
-        self._send_request_head()
+        self._backend_ready()
+
+    def _count_backend_tls_failure(self) -> None:
+        metrics = self.server.metrics
+        metrics.tls_handshake_failures["backend"] += 1
+        metrics.backend_connect_errors["tls"] += 1
 
     def _send_request_head(self) -> None:
         assert self.backend_request is not None
@@ -721,6 +740,7 @@ class Session:
         return True
 
     def _on_response(self, response: h11.Response) -> None:
+        self.server.metrics.observe_head_latency(self.loop.now - self.request_at)
         self.response_started = True
         self.response_status = response.status_code
         headers = client_response_headers(response.headers.raw_items(), False)
@@ -817,6 +837,10 @@ class Session:
     # -- end of an exchange ----------------------------------------------------------------
 
     def _log_access(self, status: int) -> None:
+        metrics = self.server.metrics
+        metrics.count_request(status)
+        metrics.bytes_backend_to_client += self.response_bytes
+        metrics.bytes_client_to_backend += self.body_sent
         access = self.server.access
         request = self.request
         if request is None or not access.enabled():
@@ -910,8 +934,14 @@ class Session:
         client_ip = self.client_ip
         backend_name = self.current_target.name
 
+        metrics = self.server.metrics
+        metrics.tunnels_total += 1
+        metrics.count_request(101)
+
         def closed(tunnel: Tunnel, how: str, duration: float) -> None:
             server.forget(tunnel)
+            metrics.bytes_client_to_backend += tunnel.c2b.moved
+            metrics.bytes_backend_to_client += tunnel.b2c.moved
             access.tunnel(
                 client=client_ip,
                 method=request.method.decode("latin-1"),
@@ -956,6 +986,7 @@ class Session:
 
     def _fail(self, status: int, detail: str) -> None:
         """Answer `status` ourselves (one log line), then close the client connection."""
+        self.server.metrics.count_request(status)
         log.warning("%s -> %d: %s", self._describe(), status, detail)
         if self.response_started:
             self._close(reset=True)
@@ -1013,6 +1044,7 @@ class Session:
             )
             self._close()
         elif phase == CONNECTING:
+            self.server.metrics.backend_connect_errors["timeout"] += 1
             self._fail(
                 502,
                 f"backend {self.current_target.name} did not accept the connection "
