@@ -201,16 +201,26 @@ SETTINGS: dict[str, tuple[Callable[[str], Any] | None, bool, Any]] = {
     "log_level": (None, False, "info"),
     "access_log": (str, False, None),
     "admin_listen": (parse_listen, False, None),
+    "accept_proxy_protocol": (None, False, False),
+    "send_proxy_protocol": (None, False, None),
     "access_log_format": (None, False, "combined"),
 }
 CHOICES = {
     "forwarded": FORWARDED_MODES,
     "log_level": ("debug", "info", "warning", "error"),
     "access_log_format": ("combined", "json"),
+    "send_proxy_protocol": ("v1", "v2"),
 }
 # Settings naming files: relative paths in a config file are relative to that file.
 FILE_PATHS = {"cert", "key", "backend_ca", "backend_cert", "backend_key", "access_log"}
-BOOLEANS = {"backend_tls", "backend_insecure", "splice", "rewrite_location", "backend_host_header"}
+BOOLEANS = {
+    "accept_proxy_protocol",
+    "backend_tls",
+    "backend_insecure",
+    "splice",
+    "rewrite_location",
+    "backend_host_header",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,6 +296,20 @@ def build_parser() -> argparse.ArgumentParser:
         "leave Location, Content-Location and URI headers as the backend sent them",
         dest="rewrite_location",
         action="store_false",
+    )
+    add(
+        http,
+        "--accept-proxy-protocol",
+        "every listener expects a PROXY protocol v1 or v2 header first (behind an L4 balancer "
+        "such as HAProxy in TCP mode), only from --trusted-proxy addresses; the client address "
+        "it carries is then the client",
+        action="store_true",
+    )
+    add(
+        http,
+        "--send-proxy-protocol",
+        "send a PROXY protocol header with the client's address to the backend first",
+        choices=("v1", "v2"),
     )
     add(
         http,
@@ -621,6 +645,8 @@ def build_config(settings: dict[str, Any], activated: bool = False) -> Config:
         log_level=merged["log_level"],
         access_log=merged["access_log"],
         admin_listen=merged["admin_listen"],
+        accept_proxy_protocol=merged["accept_proxy_protocol"],
+        send_proxy_protocol=merged["send_proxy_protocol"],
         access_log_format=merged["access_log_format"],
         splice=merged["splice"],
         forwarded=merged["forwarded"],

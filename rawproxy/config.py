@@ -95,6 +95,8 @@ class Config:
     log_level: str = "info"
     access_log: str | None = None
     admin_listen: ListenAddress | None = None
+    accept_proxy_protocol: bool = False
+    send_proxy_protocol: str | None = None
     access_log_format: str = "combined"
     splice: bool = True
     forwarded: str = "x-forwarded"

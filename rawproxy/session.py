@@ -6,6 +6,7 @@ Two h11 state machines drive it: `client_h11` (server role, toward the client) a
 rawproxy.http; this module only moves bytes and keeps time.
 
 Phases:
+    PROXY_HEADER  waiting for the PROXY protocol header (--accept-proxy-protocol)
     HANDSHAKE   TLS handshake with the client (TLS listeners); header timeout running
     HEAD        waiting for (the rest of) a request head; header timeout running
     IDLE        between requests on a kept-alive connection; idle timeout running
@@ -50,6 +51,14 @@ from rawproxy.http import (
 )
 from rawproxy.loop import READ, WRITE, Timer
 from rawproxy.metrics import classify_connect_error
+from rawproxy.proxyproto import (
+    NEED_MORE,
+    ProxyHeader,
+    ProxyProtocolError,
+    encode_v1,
+    encode_v2,
+    parse_proxy_header,
+)
 from rawproxy.transport import Leg, TlsSocket, set_nodelay
 from rawproxy.tunnel import Tunnel
 
@@ -59,13 +68,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rawproxy")
 
-HEAD, IDLE, CONNECTING, EXCHANGE, CLOSING, DONE, HANDSHAKE, REJECT = range(8)
+HEAD, IDLE, CONNECTING, EXCHANGE, CLOSING, DONE, HANDSHAKE, REJECT, PROXY_HEADER = range(9)
 
 # How long a closing connection keeps reading (and discarding) what the client still sends,
 # so that our last answer is not destroyed by a reset.
 LINGER_SECONDS = 2.0
 
 _NO_MORE = (h11.NEED_DATA, h11.PAUSED)
+# The longest PROXY header we read: v2's fixed part and its largest accepted block.
+PROXY_HEADER_LIMIT = 16 + 4096
 # A request without a route is answered 404 on the same connection when what is left of its
 # body is this small; a larger body is not read: 404 and close.
 REJECT_BODY_LIMIT = 64 * 1024
@@ -130,18 +141,22 @@ class Session:
         "client_h11",
         "client_handshake",
         "client_ip",
+        "client_port",
         "config",
         "connect_started",
         "decision",
         "draining",
         "exchange_start",
         "head_bytes",
+        "local_address",
         "local_port",
         "loop",
         "next_address",
         "peer",
+        "pending_tls",
         "phase",
         "progress",
+        "proxy_buffer",
         "rejected_bytes",
         "request",
         "request_at",
@@ -171,12 +186,17 @@ class Session:
         self.config = self.runtime.config
         self.draining = False
         self.client_ip, self.peer = format_peer(address)
+        self.client_port = address[1] if isinstance(address, tuple) else 0
         self.client = Leg(self.loop, sock, self._on_client)
         self.scheme = "https" if tls is not None else "http"
         try:
-            self.local_port = sock.getsockname()[1]
+            local = sock.getsockname()
+            self.local_address: tuple[str, int] = (format_peer(local)[0], local[1])
         except OSError:
-            self.local_port = 0
+            self.local_address = ("0.0.0.0", 0)
+        self.local_port = self.local_address[1]
+        self.pending_tls: ssl.SSLContext | None = None
+        self.proxy_buffer: bytearray | None = None
         self.route: Route | None = None
         self.target: Target | None = None
         self.rejected_bytes = 0
@@ -205,17 +225,79 @@ class Session:
         # The header timeout bounds the TLS handshake and the first head together.
         self._arm(self.config.header_timeout, self._on_timeout)
         self.client_handshake = 0
+        if self.config.accept_proxy_protocol:
+            # The balancer's PROXY header comes first, before any TLS.
+            if not self.client_side().trusted:
+                self.server.metrics.proxy_protocol_errors += 1
+                log.warning(
+                    "%s PROXY protocol from an address not in --trusted-proxy; closed", self.peer
+                )
+                self._close(reset=True)
+                return
+            self.phase = PROXY_HEADER
+            self.pending_tls = tls
+            self.proxy_buffer = bytearray()
+        else:
+            self._start(tls, b"")
+        self._update_interest()
+
+    def _start(self, tls: ssl.SSLContext | None, early: bytes) -> None:
+        """Begin with the client: TLS handshake or the first request head. `early` are bytes
+        already read past a PROXY header."""
         if tls is None:
             self.phase = HEAD
-        else:
-            self.phase = HANDSHAKE
-            try:
-                self.client.start_tls(tls)
-            except OSError as e:  # the client is gone already (getpeername fails)
-                self._client_lost(e)
-                return
-            self.client_handshake = READ
-        self._update_interest()
+            if early:
+                self._take_client_bytes(memoryview(early))
+            return
+        self.phase = HANDSHAKE
+        try:
+            self.client.start_tls(tls)
+        except OSError as e:  # the client is gone already (getpeername fails)
+            self._client_lost(e)
+            return
+        self.client_handshake = READ
+        if early:
+            sock = self.client.sock
+            assert isinstance(sock, TlsSocket)
+            sock.feed(early)
+            self._client_handshake_step()
+
+    def _read_proxy_header(self) -> None:
+        buffer = self.proxy_buffer
+        assert buffer is not None
+        sock = self.client.sock
+        assert isinstance(sock, socket.socket)  # TLS starts after the PROXY header
+        try:
+            data = sock.recv(PROXY_HEADER_LIMIT - len(buffer))
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:
+            log.info("%s closed before its PROXY header was complete", self.peer)
+            self._close()
+            return
+        buffer += data
+        try:
+            header = parse_proxy_header(buffer)
+        except ProxyProtocolError as e:
+            self.server.metrics.proxy_protocol_errors += 1
+            log.warning("%s bad PROXY protocol header: %s; closed", self.peer, e)
+            self._close(reset=True)
+            return
+        if header is NEED_MORE:
+            return
+        assert isinstance(header, ProxyHeader)
+        if header.source is not None:
+            balancer = self.peer
+            self.client_ip, self.peer = format_peer(header.source)
+            self.client_port = header.source[1]
+            log.debug("%s PROXY v%d: client %s", balancer, header.version, self.peer)
+        if header.destination is not None:
+            self.local_address = header.destination
+            self.local_port = header.destination[1]
+        early = bytes(buffer[header.length :])
+        self.proxy_buffer = None
+        self._start(self.pending_tls, early)
+        self.pending_tls = None
 
     def __repr__(self) -> str:
         return f"<Session {self.peer} phase={self.phase} backend={self.backend is not None}>"
@@ -264,7 +346,7 @@ class Session:
 
     def _client_wants_read(self) -> bool:
         phase = self.phase
-        if phase in (HEAD, IDLE, CLOSING, REJECT):
+        if phase in (HEAD, IDLE, CLOSING, REJECT, PROXY_HEADER):
             return True
         backend = self.backend
         return (
@@ -284,7 +366,9 @@ class Session:
 
     def _on_client(self, mask: int) -> None:
         try:
-            if self.phase == HANDSHAKE:
+            if self.phase == PROXY_HEADER:
+                self._read_proxy_header()
+            elif self.phase == HANDSHAKE:
                 self._client_handshake_step()
             else:
                 if mask & WRITE and self.client.flush():
@@ -363,6 +447,9 @@ class Session:
             # The client left (or a browser's spare connection closed) before a request.
             self._close()
             return
+        self._take_client_bytes(data)
+
+    def _take_client_bytes(self, data: memoryview) -> None:
         if self.head_bytes is not None:
             self.head_bytes += data
         self.progress = self.loop.now
@@ -581,6 +668,15 @@ class Session:
         self.server.metrics.backend_connect_errors[classify_connect_error(err)] += 1
         self._fail(502, f"cannot connect to backend {self.current_target.name}: {reason}")
 
+    def _send_proxy_header(self, backend: Leg) -> None:
+        version = self.config.send_proxy_protocol
+        if version is None:
+            return
+        source = (self.client_ip, self.client_port)
+        encode = encode_v2 if version == "v2" else encode_v1
+        # The first bytes on a fresh connection: its send buffer takes them whole.
+        backend.sock.send(encode(source, self.local_address))
+
     def _backend_ready(self) -> None:
         self.backend_state = _READY
         self.server.metrics.observe_connect_latency(self.loop.now - self.connect_started)
@@ -599,6 +695,7 @@ class Session:
                 else:
                     self.next_address = 0
                     set_nodelay(backend.sock)
+                    self._send_proxy_header(backend)
                     tls = self.current_target.tls
                     if tls is None:
                         self._backend_ready()
@@ -1021,7 +1118,15 @@ class Session:
     def _on_timeout(self) -> None:
         phase = self.phase
         config = self.config
-        if phase == HANDSHAKE:
+        if phase == PROXY_HEADER:
+            self.server.metrics.proxy_protocol_errors += 1
+            log.warning(
+                "%s no complete PROXY header within %gs (--header-timeout); closed",
+                self.peer,
+                config.header_timeout,
+            )
+            self._close(reset=True)
+        elif phase == HANDSHAKE:
             log.info(
                 "%s TLS handshake not complete within %gs (--header-timeout); closed",
                 self.peer,

@@ -76,6 +76,11 @@ class TlsSocket:
 
     # -- the socket API the proxy uses -------------------------------------------------------
 
+    def feed(self, data: bytes) -> None:
+        """Raw TLS bytes that were read from the socket before it became TLS (after a PROXY
+        protocol header): they are the start of the stream."""
+        self._incoming.write(data)
+
     def fileno(self) -> int:
         return self.raw.fileno()
 
