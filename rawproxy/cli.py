@@ -142,6 +142,14 @@ def parse_count(text: str) -> int:
     return int(text)
 
 
+def parse_workers(text: str) -> int:
+    if text.strip() == "auto":
+        return os.cpu_count() or 1
+    if not text.strip().isdigit() or not 1 <= int(text) <= 256:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a number from 1 to 256, or auto")
+    return int(text)
+
+
 def parse_seconds(text: str) -> int:
     if not text.strip().isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds")
@@ -202,6 +210,7 @@ SETTINGS: dict[str, tuple[Callable[[str], Any] | None, bool, Any]] = {
     "access_log": (str, False, None),
     "admin_listen": (parse_listen, False, None),
     "accept_proxy_protocol": (None, False, False),
+    "workers": (parse_workers, False, 1),
     "send_proxy_protocol": (None, False, None),
     "access_log_format": (None, False, "combined"),
 }
@@ -447,6 +456,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         limits,
+        "--workers",
+        "event-loop processes sharing the listeners, supervised (a worker that dies is "
+        "restarted; signals are passed on); auto = one per CPU; the admin listener of worker N "
+        "is on its port + N (default: 1)",
+        metavar="N|auto",
+    )
+    add(
+        limits,
         "--no-splice",
         "copy tunnel bytes through a buffer instead of moving them with "
         "splice(2) between plain TCP sockets (slower; for troubleshooting)",
@@ -646,6 +663,7 @@ def build_config(settings: dict[str, Any], activated: bool = False) -> Config:
         access_log=merged["access_log"],
         admin_listen=merged["admin_listen"],
         accept_proxy_protocol=merged["accept_proxy_protocol"],
+        workers=merged["workers"],
         send_proxy_protocol=merged["send_proxy_protocol"],
         access_log_format=merged["access_log_format"],
         splice=merged["splice"],
@@ -767,6 +785,14 @@ def main(argv: list[str] | None = None) -> int:
     def reread() -> Config:
         return load_settings(args, activated)[0]
 
+    if config.workers > 1:
+        from rawproxy.workers import run_workers
+
+        try:
+            return run_workers(config, reread, systemd.listen_fds(), config.workers)
+        except StartupError as e:
+            print(f"rawproxy: error: {e}", file=sys.stderr)
+            return 1
     try:
         server = Server(config, reread=reread, inherited=systemd.listen_fds())
         server.open()

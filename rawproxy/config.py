@@ -96,6 +96,7 @@ class Config:
     access_log: str | None = None
     admin_listen: ListenAddress | None = None
     accept_proxy_protocol: bool = False
+    workers: int = 1
     send_proxy_protocol: str | None = None
     access_log_format: str = "combined"
     splice: bool = True

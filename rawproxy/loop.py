@@ -161,6 +161,20 @@ class Loop:
     def stop(self) -> None:
         self.running = False
 
+    def forget_in_child(self) -> None:
+        """In a forked child: drop the parent's loop (selector, signal wake-up) so that the
+        child builds its own. Nothing here touches the parent's copies."""
+        if self._wakeup_r is not None:
+            signal.set_wakeup_fd(-1)
+            for signum in self._signal_handlers:
+                signal.signal(signum, signal.SIG_DFL)
+            self._wakeup_r.close()
+            assert self._wakeup_w is not None
+            self._wakeup_w.close()
+            self._wakeup_r = self._wakeup_w = None
+        self._signal_handlers.clear()
+        self.selector.close()
+
     def close(self) -> None:
         if self._wakeup_r is not None:
             signal.set_wakeup_fd(-1)

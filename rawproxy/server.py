@@ -7,6 +7,7 @@ with a message for the admin; the CLI prints it as one line.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -248,15 +249,23 @@ class Runtime:
 STATUS_EVERY = 10.0
 
 
+# A listening socket group: what it came from, its sockets, whether it is TLS (None: TLS when
+# certificates are configured).
+Listener = tuple[ListenAddress | str, list[socket.socket], bool | None]
+
+
 class Server:
     def __init__(
         self,
         config: Config,
         reread: Callable[[], Config] | None = None,
         inherited: list[tuple[str, socket.socket]] | None = None,
+        preopened: list[Listener] | None = None,
+        worker: int | None = None,
     ) -> None:
         """`reread` gives the configuration anew on SIGHUP (from the config file and the
-        flags); `inherited` are sockets passed by systemd, with their names."""
+        flags); `inherited` are sockets passed by systemd, with their names; `preopened` are
+        the listeners a --workers supervisor opened for this worker number `worker`."""
         self.runtime = Runtime(config)
         self.reread = reread
         self.loop = Loop()
@@ -267,6 +276,8 @@ class Server:
         self.listening: list[tuple[ListenAddress | str, list[socket.socket]]] = []
         self.listener_tls: dict[int, bool | None] = {}  # None: TLS when certificates exist
         self.inherited = inherited or []
+        self.preopened = preopened
+        self.worker = worker
         self.accepting = False
         self.resume_timer: Timer | None = None
         self.accept_failures = 0
@@ -294,9 +305,14 @@ class Server:
     # -- listeners -------------------------------------------------------------------------
 
     def open(self) -> None:
+        if self.preopened is not None:
+            for key, socks, tls in self.preopened:
+                self._add_listener(key, socks, tls)
+            self._accept_on()
+            return
         try:
             for name, sock in self.inherited:
-                self._add_listener(f"systemd:{name}", [sock], _tls_of_name(name))
+                self._add_listener(*inherited_listener(name, sock, self.config))
             for where in self.config.listen:
                 self._add_listener(where, open_listener(where), where.tls)
         except StartupError:
@@ -417,11 +433,16 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.loop.add_signal_handler(sig, self._on_stop_signal)
         self.loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
-        self._log_listeners(self.listeners)
-        self.runtime.describe()
-        log.info(
-            "ready: %d listener(s), %d route(s)", len(self.listeners), len(self.runtime.routes)
-        )
+        if self.worker is not None:
+            log.info("worker %d (pid %d) serving", self.worker, os.getpid())
+        else:
+            self._log_listeners(self.listeners)
+            self.runtime.describe()
+            log.info(
+                "ready: %d listener(s), %d route(s)",
+                len(self.listeners),
+                len(self.runtime.routes),
+            )
         self.notifier.ready(self._status())
         if self.notifier.watchdog_interval:
             self._watchdog()
@@ -446,13 +467,12 @@ class Server:
 
     def _report_status(self) -> None:
         self.notifier.status(self._status())
-        if self.loop.running:
-            self.loop.call_later(STATUS_EVERY, self._report_status)
+        self.loop.call_later(STATUS_EVERY, self._report_status)
 
     def _watchdog(self) -> None:
         self.notifier.watchdog()
         interval = self.notifier.watchdog_interval
-        if interval and self.loop.running is not False:
+        if interval:
             self.loop.call_later(interval, self._watchdog)
 
     # -- reload ----------------------------------------------------------------------------
@@ -478,6 +498,10 @@ class Server:
         except (ConfigError, StartupError) as e:
             log.error("SIGHUP: keeping the current configuration and certificates: %s", e)
             return
+        if self.preopened is not None and list(config.listen) != list(old.config.listen):
+            log.warning("SIGHUP: listeners change only with a restart when --workers is used")
+            config = dataclasses.replace(config, listen=old.config.listen)
+            runtime = Runtime(config)
         # Listeners that stay are matched one to one (two equal --listen :0 are two sockets).
         unmatched = [
             i for i, (key, _) in enumerate(self.listening) if isinstance(key, ListenAddress)
@@ -514,6 +538,9 @@ class Server:
         where = self.config.admin_listen
         if where is None:
             return
+        if self.worker and where.port:
+            # One admin port per worker: worker N serves on the given port + N.
+            where = dataclasses.replace(where, port=where.port + self.worker)
         self.admin = open_listener(where)
         for sock in self.admin:
             self.loop.add(sock.fileno(), READ, self._make_admin_acceptor(sock))
@@ -595,7 +622,19 @@ class Server:
         self.loop.close()
 
 
-def _tls_of_name(name: str) -> bool | None:
+def inherited_listener(name: str, sock: socket.socket, config: Config) -> Listener:
+    """A socket systemd passed, as a listener; StartupError when its name asks for TLS and
+    there is no certificate to serve it with."""
+    tls = tls_of_name(name)
+    if tls and not config.certs:
+        raise StartupError(
+            f"the socket systemd passed as {name!r} (FileDescriptorName=) is a TLS listener, "
+            "but no certificate is configured: add --cert/--key, or name it tcp"
+        )
+    return f"systemd:{name}", [sock], tls
+
+
+def tls_of_name(name: str) -> bool | None:
     """A socket-activated listener's kind from its FileDescriptorName=: tls..., or
     tcp.../plain.../http..., else TLS exactly when certificates are configured."""
     lowered = name.lower()

@@ -61,6 +61,12 @@ class Notifier:
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")
 
+    def forget_in_child(self) -> None:
+        """In a forked worker: only the supervisor speaks to systemd."""
+        self.close()
+        self.address = None
+        self.watchdog_interval = None
+
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()

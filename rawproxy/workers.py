@@ -1,0 +1,138 @@
+"""--workers N: one supervising process and N event-loop processes sharing the listeners.
+
+The supervisor opens every listening socket (or takes systemd's), then forks the workers,
+which inherit them: the kernel hands each new connection to one worker. It restarts a worker
+that dies, forwards SIGTERM/SIGINT/SIGHUP, speaks to systemd, and exits 0 when the last worker
+has drained. A worker is the single-process proxy, minus listening and minus systemd.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+
+from rawproxy.config import Config
+from rawproxy.loop import Loop
+from rawproxy.server import Listener, Server, _shown, inherited_listener, open_listener
+from rawproxy.systemd import Notifier
+
+log = logging.getLogger("rawproxy")
+
+# A worker that dies sooner than this after its start is restarted only after this long, so
+# that a worker crashing at start-up does not make the supervisor spin.
+QUICK_DEATH = 1.0
+
+
+def run_workers(
+    config: Config,
+    reread: Callable[[], Config],
+    inherited: list[tuple[str, socket.socket]],
+    count: int,
+) -> int:
+    listeners: list[Listener] = [inherited_listener(name, sock, config) for name, sock in inherited]
+    for where in config.listen:
+        listeners.append((where, open_listener(where), where.tls))
+    for _, socks, tls in listeners:
+        for sock in socks:
+            kind = bool(config.certs) if tls is None else tls
+            log.info("listening on %s (%s)", _shown(sock), "tls" if kind else "plain")
+    loop = Loop()
+    notifier = Notifier()
+    children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, start time)
+    stopping = False
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                loop.forget_in_child()
+                notifier.forget_in_child()
+                for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+                    os.environ.pop(name, None)
+                server = Server(config, reread=reread, preopened=listeners, worker=index)
+                server.open()
+                server.open_admin()
+                server.run()
+                code = 0
+            except BaseException:
+                log.exception("worker %d failed", index)
+            finally:
+                os._exit(code)
+        children[pid] = (index, loop.now)
+        log.info("worker %d started (pid %d)", index, pid)
+
+    def reap(_signum: int) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            index, started = children.pop(pid, (-1, 0.0))
+            if index < 0:
+                continue
+            how = (
+                f"killed by {signal.Signals(-os.waitstatus_to_exitcode(status)).name}"
+                if os.WIFSIGNALED(status)
+                else f"exit code {os.waitstatus_to_exitcode(status)}"
+            )
+            if stopping:
+                log.info("worker %d (pid %d) ended (%s)", index, pid, how)
+                continue
+            delay = QUICK_DEATH if loop.now - started < QUICK_DEATH else 0.0
+            log.warning("worker %d (pid %d) ended (%s); restarting", index, pid, how)
+            loop.call_later(delay, lambda index=index: spawn(index))  # type: ignore[misc]
+        if stopping and not children:
+            loop.stop()
+
+    def stop(signum: int) -> None:
+        nonlocal stopping
+        name = signal.Signals(signum).name
+        if stopping:
+            log.info("%s received again: workers stop at once", name)
+        else:
+            stopping = True
+            log.info("%s received; the workers drain", name)
+            notifier.stopping("draining")
+            for _, socks, _ in listeners:
+                for sock in socks:
+                    sock.close()  # the workers hold their own copies
+        for pid in list(children):
+            os.kill(pid, signum)
+        if not children:
+            loop.stop()
+
+    def reload(signum: int) -> None:
+        notifier.reloading()
+        log.info("SIGHUP received; passed to the workers")
+        for pid in list(children):
+            os.kill(pid, signum)
+        notifier.ready(f"{len(children)} workers")
+
+    loop.add_signal_handler(signal.SIGCHLD, reap)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    for index in range(count):
+        spawn(index)
+    log.info("ready: %d workers", count)
+    notifier.ready(f"{count} workers")
+    if notifier.watchdog_interval:
+
+        def watchdog() -> None:
+            notifier.watchdog()
+            assert notifier.watchdog_interval is not None
+            loop.call_later(notifier.watchdog_interval, watchdog)
+
+        watchdog()
+    try:
+        loop.run()
+    finally:
+        notifier.close()
+        loop.close()
+    return 0
