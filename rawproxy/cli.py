@@ -704,7 +704,9 @@ def describe_config(config: Config) -> str:
     }
     for name, value in values.items():
         key = renames.get(name, name.replace("_", "-"))
-        if name in ("cookie_domains", "cookie_paths"):
+        if name == "admin_listen" and value is not None:
+            value = _listen_text(value)
+        elif name in ("cookie_domains", "cookie_paths"):
             value = [f"{a}={b}" for a, b in value]
         elif name == "trusted_proxies":
             value = [str(n) for n in value]
