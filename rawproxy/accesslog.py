@@ -59,11 +59,15 @@ class AccessLog:
     def enabled(self) -> bool:
         return self.file is not None or logger.isEnabledFor(logging.INFO)
 
-    def _write(self, line: str) -> None:
+    def _write(self, line: str, level: int = logging.INFO) -> None:
         if self.file is not None:
             self.file.write(line + "\n")
         else:
-            logger.info("%s", line)
+            logger.log(level, "%s", line)
+
+    @property
+    def to_file(self) -> bool:
+        return self.file is not None
 
     def request(
         self,
@@ -78,10 +82,14 @@ class AccessLog:
         user_agent: str | None,
         duration: float,
         backend: str | None,
+        error: str | None = None,
     ) -> None:
-        if not self.enabled():
+        """One request. `error`: what the proxy answered itself and why; on stderr this line
+        is then the error's one line, at WARNING."""
+        if not self.enabled() and error is None:
             return
         now = time.time()
+        level = logging.WARNING if error is not None else logging.INFO
         if self.fmt == "json":
             self._write(
                 json.dumps(
@@ -98,16 +106,21 @@ class AccessLog:
                         "user_agent": user_agent,
                         "duration": round(duration, 6),
                         "backend": backend,
+                        **({"error": error} if error is not None else {}),
                     },
                     separators=(",", ":"),
-                )
+                ),
+                level,
             )
             return
-        self._write(
+        line = (
             f'{client} - - [{_clf_time(now)}] "{_quoted(f"{method} {target} HTTP/{version}")}" '
             f"{status} {size if size else '-'} "
             f'"{_quoted(referer or "-")}" "{_quoted(user_agent or "-")}"'
         )
+        if error is not None:
+            line += f' error="{_quoted(error)}"'
+        self._write(line, level)
 
     def tunnel(
         self,

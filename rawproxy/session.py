@@ -225,6 +225,7 @@ class Session:
         # The header timeout bounds the TLS handshake and the first head together.
         self._arm(self.config.header_timeout, self._on_timeout)
         self.client_handshake = 0
+        self.phase = HEAD
         if self.config.accept_proxy_protocol:
             # The balancer's PROXY header comes first, before any TLS.
             if not self.client_side().trusted:
@@ -504,8 +505,7 @@ class Session:
 
     def _answer_locally(self, status: int, detail: str) -> None:
         """Answer a complete request ourselves and keep the connection for the next one."""
-        self.server.metrics.count_request(status)
-        log.warning("%s -> %d: %s", self._describe(), status, detail)
+        self._report(status, detail)
         request = self.request
         assert request is not None
         body = error_body(status, detail)
@@ -517,17 +517,7 @@ class Session:
         if request.method != b"HEAD":
             self._to_client(h11.Data(data=body))
         self._to_client(h11.EndOfMessage())
-        client_h11 = self.client_h11
-        self.request = None
-        if (
-            client_h11.our_state is not h11.DONE
-            or client_h11.their_state is not h11.DONE
-            or self.draining
-        ):
-            self._close_gracefully()
-            return
-        client_h11.start_next_cycle()
-        self._next_request()
+        self._client_cycle_done()
 
     def _on_request(self, request: h11.Request) -> None:
         self.request = request
@@ -933,14 +923,26 @@ class Session:
 
     # -- end of an exchange ----------------------------------------------------------------
 
-    def _log_access(self, status: int) -> None:
+    def _report(self, status: int, detail: str) -> None:
+        """An answer the proxy gives itself: one line on stderr, whatever the access log does.
+        With the access log on stderr that line is the access line with the reason (at
+        WARNING); with --access-log FILE the request goes there and the reason to stderr."""
+        if self.request is None:
+            self.server.metrics.count_request(status)
+            log.warning("%s -> %d: %s", self._describe(), status, detail)
+            return
+        if self.server.access.to_file:
+            log.warning("%s -> %d: %s", self._describe(), status, detail)
+        self._log_access(status, detail)
+
+    def _log_access(self, status: int, error: str | None = None) -> None:
         metrics = self.server.metrics
         metrics.count_request(status)
         metrics.bytes_backend_to_client += self.response_bytes
         metrics.bytes_client_to_backend += self.body_sent
         access = self.server.access
         request = self.request
-        if request is None or not access.enabled():
+        if request is None or (error is None and not access.enabled()):
             return
         access.request(
             client=self.client_ip,
@@ -953,6 +955,7 @@ class Session:
             user_agent=_text(_header(request, b"user-agent")),
             duration=self.loop.now - self.exchange_start,
             backend=self.target.name if self.target is not None else None,
+            error=error,
         )
 
     def _exchange_done(self) -> None:
@@ -963,6 +966,12 @@ class Session:
             backend_h11.start_next_cycle()
         else:
             self._drop_backend()
+        self._client_cycle_done()
+
+    def _client_cycle_done(self) -> None:
+        """The answer to the client is complete: keep the connection for the next request,
+        or close it (the client asked to, spoke HTTP/1.0, is still sending a body nobody
+        waited for, or the proxy is draining)."""
         client_h11 = self.client_h11
         self.request = None
         if (
@@ -970,8 +979,6 @@ class Session:
             or client_h11.their_state is not h11.DONE
             or self.draining
         ):
-            # The client asked to close, spoke HTTP/1.0, or is still sending a body the
-            # backend did not wait for: finish the answer, then close.
             self._close_gracefully()
             return
         client_h11.start_next_cycle()
@@ -1083,8 +1090,7 @@ class Session:
 
     def _fail(self, status: int, detail: str) -> None:
         """Answer `status` ourselves (one log line), then close the client connection."""
-        self.server.metrics.count_request(status)
-        log.warning("%s -> %d: %s", self._describe(), status, detail)
+        self._report(status, detail)
         if self.response_started:
             self._close(reset=True)
             return
