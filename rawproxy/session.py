@@ -1035,9 +1035,17 @@ class Session:
         request = self.request
         assert request is not None
         access = self.server.access
-        client_ip = self.client_ip
-        backend_name = self.current_target.name
-
+        # What the tunnel's access line needs, as a few strings: an open tunnel must not keep
+        # the whole request (its headers are kilobytes; thousands of WebSockets stay open).
+        line = (
+            self.client_ip,
+            request.method.decode("latin-1"),
+            request.target.decode("latin-1"),
+            request.http_version.decode("latin-1"),
+            _text(_header(request, b"referer")),
+            _text(_header(request, b"user-agent")),
+            self.current_target.name,
+        )
         metrics = self.server.metrics
         metrics.tunnels_total += 1
         metrics.count_request(101)
@@ -1046,13 +1054,14 @@ class Session:
             server.forget(tunnel)
             metrics.bytes_client_to_backend += tunnel.c2b.moved
             metrics.bytes_backend_to_client += tunnel.b2c.moved
+            client, method, target, version, referer, user_agent, backend_name = line
             access.tunnel(
-                client=client_ip,
-                method=request.method.decode("latin-1"),
-                target=request.target.decode("latin-1"),
-                version=request.http_version.decode("latin-1"),
-                referer=_text(_header(request, b"referer")),
-                user_agent=_text(_header(request, b"user-agent")),
+                client=client,
+                method=method,
+                target=target,
+                version=version,
+                referer=referer,
+                user_agent=user_agent,
                 duration=duration,
                 to_backend=tunnel.c2b.moved,
                 to_client=tunnel.b2c.moved,
