@@ -434,6 +434,12 @@ class Server:
             self.loop.add_signal_handler(sig, self._on_stop_signal)
         self.loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         if self.worker is not None:
+            # The supervisor forked us with these blocked (see workers.spawn): now they have
+            # handlers, let them in, including any that arrived meanwhile.
+            signal.pthread_sigmask(
+                signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+            )
+        if self.worker is not None:
             log.info("worker %d (pid %d) serving", self.worker, os.getpid())
         else:
             self._log_listeners(self.listeners)

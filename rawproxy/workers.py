@@ -24,6 +24,7 @@ log = logging.getLogger("rawproxy")
 # A worker that dies sooner than this after its start is restarted only after this long, so
 # that a worker crashing at start-up does not make the supervisor spin.
 QUICK_DEATH = 1.0
+WORKER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
 
 
 def run_workers(
@@ -45,7 +46,12 @@ def run_workers(
     stopping = False
 
     def spawn(index: int) -> None:
+        # Signals stay blocked across the fork until the worker has its own handlers: a
+        # SIGHUP passed on right after READY=1 must not kill a worker still starting.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
         pid = os.fork()
+        if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         if pid == 0:
             code = 1
             try:

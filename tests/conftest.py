@@ -7,9 +7,12 @@ The proxy is started exactly as a user starts it, `python -m rawproxy --listen 1
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
-from collections.abc import Callable, Iterator
+import subprocess
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import peers
@@ -37,6 +40,34 @@ def start_proxy() -> Iterator[Callable[..., peers.ProxyProcess]]:
     yield start
     for proc in procs:
         proc.stop()
+    for proc in procs:
+        log = proc.log_text()
+        assert "Traceback" not in log, f"a traceback in the proxy's log:\n{log}"
+
+
+@pytest.fixture
+def run_proxy() -> Iterator[Callable[..., peers.ProxyProcess]]:
+    """`run_proxy(*args, env=None, launcher=())`: `python -m rawproxy ARGS` exactly (nothing
+    added; see `peers.ProxyProcess` for `env` and `launcher`). At teardown each proxy still
+    running gets SIGTERM, and a second one if it is still draining 5 s later; a traceback in
+    any proxy's log fails the test."""
+    procs: list[peers.ProxyProcess] = []
+
+    def start(
+        *args: str, env: dict[str, str] | None = None, launcher: Iterable[str] = ()
+    ) -> peers.ProxyProcess:
+        proc = peers.ProxyProcess(list(args), env=env, launcher=launcher)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.proc.poll() is None:
+            proc.proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.proc.wait(5)
+        proc.stop()  # the second signal stops a proxy still draining at once
     for proc in procs:
         log = proc.log_text()
         assert "Traceback" not in log, f"a traceback in the proxy's log:\n{log}"

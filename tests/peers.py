@@ -5,7 +5,10 @@
 - backends: `HttpBackend` (h11, records requests), `WsBackend` (wsproto echo, records
   handshakes), `ScriptedBackend` (runs a test's script after the request head),
   `BlackholeBackend` (connects hang) and `refused_port()`;
-- `ProxyProcess`: `python -m rawproxy` as a user runs it, with its stderr collected.
+- `ProxyProcess`: `python -m rawproxy` as a user runs it, with its stderr collected (in a
+  given environment, or behind a launcher such as `socket_activate_launcher()`);
+- the production side: `admin_get()` and `Metrics` (a parsed /metrics scrape), and
+  `NotifySocket` (systemd's end of sd_notify, with each sender's PID).
 
 Every backend takes `ssl_context=` (a server-side context) to serve TLS instead, and
 `HttpClient` takes one (client side) to connect with TLS; both then use a
@@ -30,6 +33,7 @@ import queue
 import random
 import re
 import select
+import shutil
 import signal
 import socket
 import ssl
@@ -69,8 +73,14 @@ Header = tuple[bytes, bytes]
 # --- small socket helpers (used by backends and clients alike) ------------------------------
 
 
-def connect(port: int, timeout: float = DEFAULT_TIMEOUT) -> socket.socket:
-    sock = socket.create_connection((LOOPBACK, port), timeout=timeout)
+def connect(
+    port: int, timeout: float = DEFAULT_TIMEOUT, source: str | None = None
+) -> socket.socket:
+    """A connection to 127.0.0.1:port, from the loopback address `source` if given (any of
+    127.0.0.0/8 works on Linux: a client the proxy can tell from 127.0.0.1)."""
+    sock = socket.create_connection(
+        (LOOPBACK, port), timeout=timeout, source_address=(source, 0) if source else None
+    )
     sock.settimeout(timeout)
     return sock
 
@@ -293,10 +303,11 @@ class HttpClient:
         timeout: float = DEFAULT_TIMEOUT,
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = "localhost",
+        source: str | None = None,
     ) -> None:
         self.sock: Any
         if ssl_context is None:
-            self.sock = connect(port, timeout)
+            self.sock = connect(port, timeout, source)
         else:
             self.sock = TlsStream.connect(port, ssl_context, server_hostname, timeout)
         self.buf = bytearray()
@@ -985,19 +996,31 @@ STOP_TIMEOUT = 10.0
 
 
 class ProxyProcess:
-    """A running `python -m rawproxy` with its stderr collected line by line."""
+    """A running `python -m rawproxy` with its stderr collected line by line.
 
-    def __init__(self, args: list[str]) -> None:
+    `env` replaces the environment (None: inherited); `launcher` is a command that execs the
+    proxy, put in front of it (e.g. `systemd-socket-activate -l ...`: it execs, so `pid` stays
+    the proxy's). `admin_port` is the port of a `--admin-listen` logged before `ready` (None
+    without one)."""
+
+    def __init__(
+        self,
+        args: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        launcher: Iterable[str] = (),
+    ) -> None:
         self.args = args
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self._eof = False
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rawproxy", *args],
+            [*launcher, sys.executable, "-m", "rawproxy", *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             cwd=REPO,
+            env=env,
         )
         self.pid = self.proc.pid
         self._reader = threading.Thread(target=self._read_stderr, name="proxy-stderr", daemon=True)
@@ -1012,9 +1035,12 @@ class ProxyProcess:
             ) from None
         with self._cond:
             before_ready = self.lines[: self.lines.index(ready)]
+        self.admin_port: int | None = None
         for line in before_ready:
             if m := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
                 self.ports.append(int(m.group(1)))
+            elif m := re.search(r"admin on 127\.0\.0\.1:(\d+)", line):
+                self.admin_port = int(m.group(1))
         if not self.ports:
             self.stop(signal.SIGKILL)
             raise RuntimeError(
@@ -1132,3 +1158,186 @@ def run_rawproxy(*args: str, timeout: float = 30.0) -> subprocess.CompletedProce
         timeout=timeout,
         cwd=REPO,
     )
+
+
+# --- the admin listener (/metrics, /healthz) --------------------------------------------------
+
+MetricKey = tuple[str, frozenset[tuple[str, str]]]
+_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def admin_get(port: int, path: str, timeout: float = 5.0) -> Response:
+    """GET `path` from an admin listener (the answer ends with the connection)."""
+    with HttpClient(port, timeout) as c:
+        return c.request(simple_get(path, "admin.test"))
+
+
+def parse_metrics(text: str) -> dict[MetricKey, float]:
+    """Samples of a Prometheus text page by (name, labels); HELP/TYPE lines are checked to
+    come before their family's samples, and every line must parse."""
+    samples: dict[MetricKey, float] = {}
+    typed: set[str] = set()
+    for line in text.splitlines():
+        if not line:
+            continue
+        if line.startswith("# TYPE "):
+            typed.add(line.split()[2])
+            continue
+        if line.startswith("#"):
+            continue
+        m = _SAMPLE.fullmatch(line)
+        assert m, f"bad metrics line {line!r}"
+        name, labels_text, value = m.groups()
+        family = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert name in typed or family in typed, f"sample before its TYPE line: {line!r}"
+        labels = frozenset(_LABEL.findall(labels_text or ""))
+        key = (name, labels)
+        assert key not in samples, f"duplicate sample {line!r}"
+        samples[key] = float(value)
+    return samples
+
+
+class Metrics:
+    """One scrape of /metrics: `m("rawproxy_requests_total", code_class="5xx")`."""
+
+    def __init__(self, port: int) -> None:
+        resp = admin_get(port, "/metrics")
+        assert resp.status == 200, resp
+        assert (resp.header("content-type") or b"").startswith(b"text/plain"), resp
+        self.text = resp.body.decode()
+        self.samples = parse_metrics(self.text)
+
+    def __call__(self, name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        assert key in self.samples, f"no sample {name}{labels} in:\n{self.text}"
+        return self.samples[key]
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (for programs that cannot listen on port 0 and
+    report it; another process may take it in between: retry on failure)."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def websocket_request(target: str = "/ws", host: str = "app.test", key: str = "") -> bytes:
+    """A browser-like WebSocket handshake request (Chrome's Connection/Upgrade spelling)."""
+    return request_bytes(
+        "GET",
+        target,
+        [
+            ("Host", host),
+            ("Connection", "Upgrade"),
+            ("Upgrade", "websocket"),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", key or ws_key()),
+            ("User-Agent", "peers-ws/1"),
+        ],
+    )
+
+
+def open_websocket(c: HttpClient, target: str = "/ws", host: str = "app.test") -> WsClient:
+    """Upgrade the client connection `c` (through the proxy to a WsBackend): the WebSocket."""
+    key = ws_key()
+    c.send(websocket_request(target, host, key))
+    status, _, headers, raw = c.read_head()
+    assert status == 101, raw
+    assert header_values(headers, "sec-websocket-accept") == [ws_accept(key)], raw
+    leftover = bytes(c.buf)
+    c.buf.clear()
+    return WsClient(c.sock, leftover)
+
+
+# --- systemd's side of sd_notify -------------------------------------------------------------
+
+
+class NotifySocket:
+    """What systemd listens on for sd_notify: an AF_UNIX datagram socket (a path, or bytes
+    starting with NUL for the abstract namespace). Each datagram is one message, parsed into
+    its KEY=VALUE lines; `senders` holds each one's sender PID, from SCM_CREDENTIALS as
+    systemd reads it (what NotifyAccess=main checks)."""
+
+    def __init__(self, address: str | bytes) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(address)
+        self.messages: list[dict[str, str]] = []
+        self.senders: list[int | None] = []
+        self.arrived: list[float] = []
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _receive(self, timeout: float) -> bool:
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(12))
+        except TimeoutError:
+            return False
+        sender = None
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                sender = struct.unpack("iII", payload[:12])[0]
+        lines = data.decode().split("\n")
+        assert all("=" in line for line in lines if line), data
+        self.messages.append(dict(line.split("=", 1) for line in lines if line))
+        self.senders.append(sender)
+        self.arrived.append(time.monotonic())
+        return True
+
+    def wait_for(
+        self, predicate: Callable[[dict[str, str]], bool], since: int = 0, timeout: float = 5.0
+    ) -> int:
+        """The index of the first message from `since` on for which `predicate` holds."""
+        deadline = time.monotonic() + timeout
+        index = since
+        while True:
+            while index < len(self.messages):
+                if predicate(self.messages[index]):
+                    return index
+                index += 1
+            left = deadline - time.monotonic()
+            if left <= 0 or (not self._receive(left) and time.monotonic() >= deadline):
+                raise TimeoutError(f"no such notify message within {timeout} s: {self.messages}")
+
+    def collect(self, seconds: float) -> None:
+        """Receive whatever arrives for `seconds`."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self._receive(left)
+
+
+def has(key: str, value: str | None = None) -> Callable[[dict[str, str]], bool]:
+    """A NotifySocket.wait_for predicate: the message has KEY (=value)."""
+    return lambda m: key in m and (value is None or m[key] == value)
+
+
+def notify_env(address: str, **extra: str) -> dict[str, str]:
+    """This environment, for a proxy that notifies `address` (without any WATCHDOG_ or
+    LISTEN_ variables of ours), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WATCHDOG_", "LISTEN_"))}
+    env["NOTIFY_SOCKET"] = address
+    env.update(extra)
+    return env
+
+
+def socket_activate_launcher(ports: Iterable[int], names: Iterable[str]) -> list[str]:
+    """A `ProxyProcess` launcher: Debian's `systemd-socket-activate` listening on 127.0.0.1
+    at each port, the sockets named `names` (FileDescriptorName). It starts the proxy at the
+    first connection to one of them, passing this environment on (but for systemd's own
+    variables), and execs, so LISTEN_PID is the proxy's PID."""
+    tool = shutil.which("systemd-socket-activate")
+    assert tool, "systemd-socket-activate is missing (Debian: apt-get install -y systemd)"
+    keep = [
+        f"--setenv={name}={value}"
+        for name, value in os.environ.items()
+        if not name.startswith(("LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_"))
+    ]
+    return [
+        tool,
+        *(f"--listen=127.0.0.1:{port}" for port in ports),
+        f"--fdname={':'.join(names)}",
+        *keep,
+    ]

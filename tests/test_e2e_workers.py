@@ -1,0 +1,401 @@
+"""`--workers N|auto`: worker processes sharing the listening sockets, supervised by the main
+process, end to end:
+
+- N workers, children of the main process, serve the requests (every client connection is
+  held by a worker, none by the main process; with enough connections, both workers);
+- a worker killed with SIGKILL is replaced (`restarting` in the log) and requests keep being
+  served, before and while it comes back;
+- SIGHUP reaches every worker (each reloads: new connections see the new config file);
+- SIGTERM to the main process drains every worker (the listener closes at once, an open
+  tunnel keeps working until it ends), then everything exits 0;
+- `auto` is one worker per CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from peers import (
+    Background,
+    HttpBackend,
+    HttpClient,
+    Metrics,
+    NotifySocket,
+    ProxyProcess,
+    admin_get,
+    free_port,
+    has,
+    notify_env,
+    open_websocket,
+    run_rawproxy,
+    simple_get,
+    socket_activate_launcher,
+)
+
+PROMPT = 3.0
+
+
+def _has_workers_flag() -> bool:
+    done = run_rawproxy("--help")
+    return "--workers" in done.stdout
+
+
+pytestmark = pytest.mark.skipif(
+    not _has_workers_flag(), reason="rawproxy has no --workers flag (not implemented yet)"
+)
+
+
+def children(pid: int) -> set[int]:
+    """The live child processes of `pid`."""
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "children").read_text()
+        except FileNotFoundError:
+            continue
+        out |= {int(p) for p in text.split()}
+    return {p for p in out if _alive(p)}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    state = re.search(r"^State:\s+(\S)", status, re.MULTILINE)
+    return state is not None and state.group(1) != "Z"
+
+
+def wait_for_children(
+    pid: int, count: int, exclude: frozenset[int] = frozenset(), timeout: float = 10.0
+) -> set[int]:
+    """Once `pid` has `count` live children, none of them in `exclude`: their PIDs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = children(pid)
+        if len(found) == count and not found & exclude:
+            return found
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"children of {pid}: {found}, wanted {count} not in {exclude}")
+        time.sleep(0.05)
+
+
+def socket_inodes(pid: int) -> set[int]:
+    out = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except FileNotFoundError:
+            continue
+        if m := re.fullmatch(r"socket:\[(\d+)\]", target):
+            out.add(int(m.group(1)))
+    return out
+
+
+def proxy_side_inode(proxy_port: int, client_port: int) -> int:
+    """The inode of the proxy's end of the loopback connection from `client_port`."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, inode = fields[1], fields[2], int(fields[9])
+        if int(local.split(":")[1], 16) == proxy_port and int(remote.split(":")[1], 16) == (
+            client_port
+        ):
+            return inode
+    raise AssertionError(f"no connection {proxy_port} <- {client_port} in /proc/net/tcp")
+
+
+def owners(pids: set[int], inode: int) -> list[int]:
+    return [pid for pid in pids if inode in socket_inodes(pid)]
+
+
+def get_ok(port: int, target: str = "/w") -> None:
+    with HttpClient(port, timeout=5) as c:
+        resp = c.request(simple_get(target))
+    assert (resp.status, resp.body) == (200, b"GET " + target.encode()), resp
+
+
+@pytest.fixture
+def backends() -> Iterator[dict[str, HttpBackend]]:
+    made = {"a": HttpBackend(), "b": HttpBackend()}
+    yield made
+    for backend in made.values():
+        backend.stop()
+    for backend in made.values():
+        assert not [e for e in backend.protocol_errors if not e.startswith("incomplete")]
+
+
+def start_workers(
+    run_proxy, backend_port: int, *flags: str, workers: str = "2", env=None
+) -> ProxyProcess:
+    return run_proxy(
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        f"127.0.0.1:{backend_port}",
+        "--workers",
+        workers,
+        *flags,
+        env=env,
+    )
+
+
+def test_workers_serve_the_connections(run_proxy, http_backend):
+    proxy = start_workers(run_proxy, http_backend.port)
+    workers = wait_for_children(proxy.pid, 2)
+    for pid in workers:
+        ppid = re.search(r"^PPid:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M)
+        assert ppid is not None
+        assert int(ppid.group(1)) == proxy.pid
+
+    # Held connections: each one is a worker's, never the main process's; both take some.
+    held: list[HttpClient] = []
+    seen: dict[int, int] = dict.fromkeys(workers, 0)
+    try:
+        for i in range(40):
+            c = HttpClient(proxy.port, timeout=5)
+            held.append(c)
+            assert c.request(simple_get(f"/held-{i}")).status == 200
+            inode = proxy_side_inode(proxy.port, c.sock.getsockname()[1])
+            owner = owners({*workers, proxy.pid}, inode)
+            assert len(owner) == 1, owner
+            assert owner[0] in workers, "the main process holds a client connection"
+            seen[owner[0]] += 1
+            if i >= 7 and all(seen.values()):
+                break
+        assert all(seen.values()), f"one worker served every connection: {seen}"
+    finally:
+        for c in held:
+            c.close()
+    assert proxy.stop() == 0
+    assert not any(_alive(pid) for pid in workers), "a worker outlived the main process"
+
+
+def test_killed_worker_is_restarted_and_service_goes_on(run_proxy, http_backend):
+    proxy = start_workers(run_proxy, http_backend.port)
+    workers = wait_for_children(proxy.pid, 2)
+    for i in range(5):
+        get_ok(proxy.port, f"/before-{i}")
+    victim = min(workers)
+    mark = proxy.mark()
+    os.kill(victim, signal.SIGKILL)
+    # Served throughout: right after the kill, while the worker comes back, and after.
+    deadline = time.monotonic() + 2
+    served = 0
+    while time.monotonic() < deadline:
+        get_ok(proxy.port, f"/during-{served}")
+        served += 1
+    assert served >= 5
+    proxy.wait_for_log(r"restarting", since=mark)
+    line = proxy.logs_matching(r"restarting", since=mark)[0]
+    assert str(victim) in line, line
+    new = wait_for_children(proxy.pid, 2, exclude=frozenset({victim}))
+    assert len(new - workers) == 1, (workers, new)
+    for i in range(10):
+        get_ok(proxy.port, f"/after-{i}")
+    assert proxy.stop() == 0
+
+
+def test_sighup_reaches_every_worker(run_proxy, backends, tmp_path: Path):
+    a, b = backends["a"], backends["b"]
+    config = tmp_path / "rawproxy.toml"
+
+    def write(backend: HttpBackend) -> None:
+        config.write_text(
+            f'listen = ["127.0.0.1:0"]\n\n[[route]]\nprefix = "/"\n'
+            f'backend = "http://127.0.0.1:{backend.port}"\n'
+        )
+
+    write(a)
+    proxy = run_proxy("--config", str(config), "--workers", "2")
+    workers = wait_for_children(proxy.pid, 2)
+    for i in range(6):
+        get_ok(proxy.port, f"/a-{i}")
+    assert len(a.heads) == 6
+    write(b)
+    mark = proxy.mark()
+    proxy.proc.send_signal(signal.SIGHUP)
+    proxy.wait_for_logs(r"reloaded", 2, since=mark)  # one per worker
+    for i in range(12):
+        get_ok(proxy.port, f"/b-{i}")
+    assert len(a.heads) == 6, "a worker still uses the old configuration"
+    assert len(b.heads) == 12
+    assert children(proxy.pid) == workers, "a reload restarted workers"
+
+
+def test_sighup_right_after_ready_kills_no_worker(run_proxy, http_backend):
+    """systemd may reload as soon as READY=1: a worker that has not installed its signal
+    handlers yet must not die of the SIGHUP passed on to it (SIGHUP's default action). The
+    window is a few milliseconds after the fork, so the start is tried a few times."""
+    for _ in range(4):
+        proxy = start_workers(run_proxy, http_backend.port)
+        proxy.proc.send_signal(signal.SIGHUP)  # at once: `ready` was just logged
+        workers = wait_for_children(proxy.pid, 2)
+        time.sleep(0.5)
+        assert not proxy.logs_matching(r"restarting|killed"), proxy.log_text()
+        assert children(proxy.pid) == workers
+        get_ok(proxy.port)
+        assert proxy.stop() == 0
+
+
+def test_sigterm_drains_every_worker(run_proxy, ws_backend, client):
+    proxy = start_workers(run_proxy, ws_backend.port)
+    workers = wait_for_children(proxy.pid, 2)
+    ws_client = client(proxy.port)
+    ws = open_websocket(ws_client)
+    ws.send("before")
+    assert ws.recv() == "before"
+
+    mark = proxy.mark()
+    proxy.proc.send_signal(signal.SIGTERM)
+    proxy.wait_for_log(r"drain", since=mark)
+    deadline = time.monotonic() + PROMPT
+    while True:  # the listener closes at once, in every process
+        try:
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=2).close()
+        except ConnectionRefusedError:
+            break
+        assert time.monotonic() < deadline, "the listener still accepts while draining"
+        time.sleep(0.02)
+    time.sleep(0.5)
+    assert proxy.proc.poll() is None, proxy.log_text()
+    ws.send("while draining")
+    assert ws.recv() == "while draining"
+    ws.close()
+    ws_client.close()
+    assert proxy.proc.wait(PROMPT + 2) == 0
+    assert not any(_alive(pid) for pid in workers)
+
+
+def test_workers_auto_is_one_per_cpu(run_proxy, http_backend):
+    proxy = start_workers(run_proxy, http_backend.port, workers="auto")
+    cpus = {os.cpu_count(), len(os.sched_getaffinity(0))}
+    found = children(proxy.pid)
+    deadline = time.monotonic() + 10
+    while len(found) not in cpus and time.monotonic() < deadline:
+        time.sleep(0.05)
+        found = children(proxy.pid)
+    assert len(found) in cpus, (found, cpus)
+    get_ok(proxy.port)
+
+
+def test_only_the_main_process_speaks_to_systemd(run_proxy, http_backend, tmp_path: Path):
+    """With NotifyAccess=main, systemd listens to the main PID only: READY, RELOADING,
+    STOPPING and the watchdog must all come from it (SCM_CREDENTIALS tell the sender)."""
+    address = str(tmp_path / "notify")
+    notify = NotifySocket(address)
+    try:
+        proxy = start_workers(
+            run_proxy,
+            http_backend.port,
+            env=notify_env(address, WATCHDOG_USEC="400000"),
+        )
+        workers = wait_for_children(proxy.pid, 2)
+        ready = notify.wait_for(has("READY", "1"))
+        assert notify.messages[ready].get("MAINPID") == str(proxy.pid), notify.messages[ready]
+        notify.wait_for(has("WATCHDOG", "1"), since=ready)
+        get_ok(proxy.port)
+        mark = len(notify.messages)
+        proxy.proc.send_signal(signal.SIGHUP)
+        reloading = notify.wait_for(has("RELOADING", "1"), since=mark)
+        notify.wait_for(has("READY", "1"), since=reloading + 1)
+        proxy.wait_for_logs(r"reloaded", 2)
+        get_ok(proxy.port)
+        mark = len(notify.messages)
+        proxy.proc.send_signal(signal.SIGTERM)
+        notify.wait_for(has("STOPPING", "1"), since=mark)
+        assert proxy.proc.wait(PROMPT + 2) == 0
+        notify.collect(0.1)
+        assert set(notify.senders) == {proxy.pid}, (notify.senders, workers)
+    finally:
+        notify.close()
+
+
+SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
+
+
+@pytest.mark.skipif(SOCKET_ACTIVATE is None, reason="no systemd-socket-activate (apt: systemd)")
+def test_workers_share_sockets_from_systemd(run_proxy, http_backend):
+    for attempt in range(2):
+        port = free_port()
+        first = Background(_first_request, port)
+        try:
+            proxy = run_proxy(
+                "--backend",
+                f"127.0.0.1:{http_backend.port}",
+                "--workers",
+                "2",
+                launcher=socket_activate_launcher([port], ["http"]),
+            )
+        except RuntimeError:
+            with contextlib.suppress(Exception):
+                first.join(15)
+            if attempt:
+                raise
+            continue
+        break
+    assert first.join(15) == 200
+    workers = wait_for_children(proxy.pid, 2)
+    for i in range(10):
+        get_ok(port, f"/activated-{i}")
+    assert children(proxy.pid) == workers
+    assert proxy.stop() == 0
+
+
+def _first_request(port: int) -> int:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with HttpClient(port, timeout=10) as c:
+                return c.request(simple_get("/first")).status
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def test_each_worker_has_its_own_admin_listener(run_proxy, http_backend):
+    """--admin-listen 127.0.0.1:0: each worker serves /metrics of its own on a port of its
+    own; the counters of all workers add up to the traffic."""
+    proxy = start_workers(run_proxy, http_backend.port, "--admin-listen", "127.0.0.1:0")
+    workers = wait_for_children(proxy.pid, 2)
+    lines = proxy.wait_for_logs(r"admin on 127\.0\.0\.1:\d+", 2)
+    ports = {int(re.search(r"admin on 127\.0\.0\.1:(\d+)", line).group(1)) for line in lines}
+    assert len(ports) == 2, lines
+    # Each admin port belongs to one worker.
+    holders = set()
+    for port in ports:
+        inode = listening_inode(port)
+        owner = owners(workers | {proxy.pid}, inode)
+        assert len(owner) == 1, owner
+        assert owner[0] in workers
+        holders.add(owner[0])
+    assert holders == workers
+    before = {port: Metrics(port) for port in ports}
+    for i in range(20):
+        get_ok(proxy.port, f"/counted-{i}")
+    after = {port: Metrics(port) for port in ports}
+
+    def total(name: str, **labels: str) -> float:
+        return sum(after[p](name, **labels) - before[p](name, **labels) for p in ports)
+
+    assert total("rawproxy_requests_total", code_class="2xx") == 20
+    assert total("rawproxy_connections_total") == 20
+    for port in ports:
+        assert admin_get(port, "/healthz").status == 200
+
+
+def listening_inode(port: int) -> int:
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":  # LISTEN
+            return int(fields[9])
+    raise AssertionError(f"nothing listens on {port}")
