@@ -274,6 +274,7 @@ class Tunnel:
     def _pump_splice(self, d: Direction) -> None:
         src_fd = d.src.fileno()
         dst_fd = d.dst.fileno()
+        drained = False
         for _ in range(ROUNDS):
             if d.backlog is not None and not self._send_backlog(d):
                 return
@@ -293,6 +294,14 @@ class Tunnel:
             if d.eof:
                 self._release_pipe(d)
                 self._finish(d)
+                return
+            if drained:
+                # The last read took less than it could: the socket was empty then. Asking
+                # again would most likely cost a system call for EAGAIN (one in three for a
+                # small WebSocket message); the level-triggered selector says when there is
+                # more, end of stream included.
+                self._release_pipe(d)
+                d.want = WANT_READ
                 return
             if d.pipe is None:
                 d.pipe = self.pipes.take()
@@ -316,6 +325,7 @@ class Tunnel:
             else:
                 d.in_pipe = n
                 d.moved += n
+                drained = n < self.pipes.size
         d.want = WANT_WRITE if d.in_pipe else WANT_READ
 
     def _release_pipe(self, d: Direction) -> None:
@@ -326,11 +336,15 @@ class Tunnel:
 
     def _pump_copy(self, d: Direction) -> None:
         view = self.loop.read_view
+        drained = False
         for _ in range(ROUNDS):
             if d.backlog is not None and not self._send_backlog(d):
                 return
             if d.eof:
                 self._finish(d)
+                return
+            if drained:
+                d.want = WANT_READ  # as in _pump_splice: the source was empty
                 return
             try:
                 n = receive_into(d.src, view)
@@ -343,6 +357,9 @@ class Tunnel:
                 d.eof = True
                 continue
             d.moved += n
+            # Not for TLS: its end of stream (close_notify) may have been read with the data,
+            # and no readiness event would announce it again.
+            drained = n < len(view) and not isinstance(d.src, TlsSocket)
             try:
                 sent = d.dst.send(view[:n])
             except WOULD_BLOCK:
