@@ -52,7 +52,7 @@ class Target:
     """A backend as the I/O layer needs it: resolved addresses, TLS, the names it goes by.
     Routes to the same scheme, host and port share one (their paths may differ)."""
 
-    __slots__ = ("addresses", "authority", "name", "origin", "sni", "tls")
+    __slots__ = ("addresses", "authority", "name", "origin", "sni", "tls", "tls_session")
 
     def __init__(self, backend: Backend, config: Config) -> None:
         use_tls = backend.tls if config.backend_tls is None else config.backend_tls
@@ -62,6 +62,7 @@ class Target:
             else None
         )
         self.sni = config.backend_sni or backend.host
+        self.tls_session: ssl.SSLSession | None = None  # the last one, offered for resumption
         self.addresses = resolve_backend(backend)
         scheme = "https" if use_tls else "http"
         self.name = f"{scheme}://{_bracketed(backend.host)}:{backend.port}"

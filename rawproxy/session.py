@@ -669,6 +669,11 @@ class Session:
 
     def _backend_ready(self) -> None:
         self.backend_state = _READY
+        backend = self.backend
+        if backend is not None and isinstance(backend.sock, TlsSocket):
+            # Kept for the next connection to this backend: a resumed handshake instead of
+            # a full one (nginx and HAProxy do the same).
+            self.current_target.tls_session = backend.sock.session
         self.server.metrics.observe_connect_latency(self.loop.now - self.connect_started)
         self._send_request_head()
 
@@ -690,7 +695,8 @@ class Session:
                     if tls is None:
                         self._backend_ready()
                     else:
-                        backend.start_tls(tls, self.current_target.sni)
+                        target = self.current_target
+                        backend.start_tls(tls, target.sni, target.tls_session)
                         self._backend_handshake_step()
             elif state != _READY:
                 self._backend_handshake_step()
@@ -914,6 +920,15 @@ class Session:
         self._fail(502, f"backend {self.current_target.name} {detail}")
 
     def _drop_backend(self) -> None:
+        backend = self.backend
+        if (
+            backend is not None
+            and self.backend_state == _READY
+            and isinstance(backend.sock, TlsSocket)
+            and self.target is not None
+        ):
+            # By now a TLS 1.3 session ticket (sent after the handshake) has been read.
+            self.target.tls_session = backend.sock.session
         if self.backend is not None:
             self.backend.close()
             self.backend = None

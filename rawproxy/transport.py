@@ -58,7 +58,11 @@ class TlsSocket:
     )
 
     def __init__(
-        self, raw: socket.socket, context: ssl.SSLContext, server_hostname: str | None
+        self,
+        raw: socket.socket,
+        context: ssl.SSLContext,
+        server_hostname: str | None,
+        session: ssl.SSLSession | None = None,
     ) -> None:
         self.raw = raw
         self._incoming = ssl.MemoryBIO()
@@ -68,6 +72,7 @@ class TlsSocket:
             self._outgoing,
             server_side=server_hostname is None,
             server_hostname=server_hostname,
+            session=session,
         )
         self._out = bytearray()  # ciphertext the kernel did not take yet
         self._unacked = 0  # plaintext bytes whose ciphertext is still in _out
@@ -95,6 +100,10 @@ class TlsSocket:
 
     def shutdown(self, how: int) -> None:
         self.raw.shutdown(how)
+
+    @property
+    def session(self) -> ssl.SSLSession | None:
+        return self._obj.session
 
     def version(self) -> str | None:
         return self._obj.version()
@@ -182,7 +191,20 @@ class TlsSocket:
     def _flush(self) -> bool:
         """Write pending ciphertext to the kernel; True when none is left."""
         if self._outgoing.pending:
-            self._out += self._outgoing.read()
+            data = self._outgoing.read()
+            if not self._out:
+                # The usual case: nothing older waits, so the BIO's bytes go straight to the
+                # kernel and only what it did not take is copied (profiling showed the copy
+                # into a bytearray costing twice the encryption itself).
+                try:
+                    sent = self.raw.send(data)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                if sent == len(data):
+                    return True
+                self._out += memoryview(data)[sent:]
+                return False
+            self._out += data
         out = self._out
         if not out:
             return True
@@ -263,10 +285,16 @@ class Leg:
         self.queued: list[Buffer] | None = None
         self.tls = isinstance(sock, TlsSocket)
 
-    def start_tls(self, context: ssl.SSLContext, server_hostname: str | None = None) -> None:
-        """Wrap the (connected) socket; the handshake is then run by `handshake()`."""
+    def start_tls(
+        self,
+        context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> None:
+        """Wrap the (connected) socket; the handshake is then run by `handshake()`. A
+        `session` from an earlier connection to the same backend is offered for resumption."""
         assert isinstance(self.sock, socket.socket)
-        self.sock = TlsSocket(self.sock, context, server_hostname)
+        self.sock = TlsSocket(self.sock, context, server_hostname, session)
         self.tls = True
 
     def handshake(self) -> int:
