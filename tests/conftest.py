@@ -168,3 +168,22 @@ def blob() -> memoryview:
 @pytest.fixture(scope="session")
 def blob_sha(blob: memoryview) -> str:
     return peers.sha256(blob)
+
+
+@pytest.fixture
+def launch() -> Iterator[Callable[..., peers.ProxyProcess]]:
+    """`launch(*args, listen=...)`: `python -m rawproxy --listen ... ARGS` (no --backend is
+    added); every proxy is stopped at teardown, and a traceback in its log fails the test."""
+    procs: list[peers.ProxyProcess] = []
+
+    def start(*args: str, listen: str | list[str] = "127.0.0.1:0") -> peers.ProxyProcess:
+        listens = [listen] if isinstance(listen, str) else listen
+        proc = peers.ProxyProcess([*(a for where in listens for a in ("--listen", where)), *args])
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop()
+    for proc in procs:
+        assert "Traceback" not in proc.log_text(), proc.log_text()

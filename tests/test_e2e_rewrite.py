@@ -25,7 +25,6 @@ import pytest
 from peers import (
     HttpBackend,
     HttpClient,
-    ProxyProcess,
     redirect_target,
     respond_target,
     simple_get,
@@ -41,25 +40,6 @@ URL_HEADERS = ("Location", "Content-Location", "URI")
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(tmp_path_factory.mktemp("pki-rewrite"))
-
-
-@pytest.fixture
-def launch() -> Iterator[Callable[..., ProxyProcess]]:
-    """`launch(*args, listen=...)`: `python -m rawproxy --listen ... ARGS` (no --backend is
-    added); every proxy is stopped at teardown, and a traceback in its log fails the test."""
-    procs: list[ProxyProcess] = []
-
-    def start(*args: str, listen: str | list[str] = "127.0.0.1:0") -> ProxyProcess:
-        listens = [listen] if isinstance(listen, str) else listen
-        proc = ProxyProcess([*(a for where in listens for a in ("--listen", where)), *args])
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        proc.stop()
-    for proc in procs:
-        assert "Traceback" not in proc.log_text(), proc.log_text()
 
 
 @pytest.fixture
