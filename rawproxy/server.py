@@ -15,7 +15,7 @@ import signal
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from rawproxy.accesslog import AccessLog
 from rawproxy.config import Backend, Config, ConfigError, ListenAddress, Route
@@ -109,6 +109,12 @@ def resolve_backend(backend: Backend) -> list[tuple[int, tuple[str, int]]]:
             f"cannot resolve the backend host {backend.host!r}: {e.strerror}; check the name "
             "or give an IP address"
         ) from e
+    return _unique_addresses(infos)
+
+
+def _unique_addresses(infos: list[Any]) -> list[tuple[int, tuple[str, int]]]:
+    """(family, (host, port)) of getaddrinfo's answers, in its order, each once (it lists an
+    address once per socket type and protocol)."""
     seen: list[tuple[int, tuple[str, int]]] = []
     for family, _, _, _, address in infos:
         entry = (int(family), (str(address[0]), int(address[1])))
@@ -151,10 +157,7 @@ def open_listener(where: ListenAddress) -> list[socket.socket]:
             raise StartupError(
                 f"cannot listen on {where}: cannot resolve {where.host!r}: {e.strerror}"
             ) from e
-        for info in infos:
-            entry = (int(info[0]), (str(info[4][0]), int(info[4][1])))
-            if entry not in candidates:
-                candidates.append(entry)
+        candidates = _unique_addresses(infos)
     sockets: list[socket.socket] = []
     for family, address in candidates:
         try:

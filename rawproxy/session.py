@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import h11
 
 from rawproxy.http import (
+    LOCATION_HEADERS,
     REASONS,
     ClientSide,
     ResponseRewrite,
@@ -77,6 +78,8 @@ LINGER_SECONDS = 2.0
 _NO_MORE = (h11.NEED_DATA, h11.PAUSED)
 # The longest PROXY header we read: v2's fixed part and its largest accepted block.
 PROXY_HEADER_LIMIT = 16 + 4096
+# Response headers a ResponseRewrite may change.
+REWRITTEN_HEADERS = LOCATION_HEADERS | {b"set-cookie"}
 # A request without a route is answered 404 on the same connection when what is left of its
 # body is this small; a larger body is not read: 404 and close.
 REJECT_BODY_LIMIT = 64 * 1024
@@ -837,9 +840,11 @@ class Session:
         self.response_started = True
         self.response_status = response.status_code
         headers = client_response_headers(response.headers.raw_items(), False)
-        rule = self._response_rewrite()
-        if rule is not None:
-            headers = rewrite_response_headers(headers, rule)
+        # Most answers carry nothing to rewrite: build the rule only when one could apply.
+        if any(name.lower() in REWRITTEN_HEADERS for name, _ in headers):
+            rule = self._response_rewrite()
+            if rule is not None:
+                headers = rewrite_response_headers(headers, rule)
         if self.draining:
             headers.append((b"Connection", b"close"))  # the proxy stops after this answer
         self._to_client(
