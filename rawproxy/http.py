@@ -302,6 +302,142 @@ def client_response_headers(raw_headers: Iterable[Header], switching: bool) -> l
     return out
 
 
+# -- the common case without h11 -----------------------------------------------------------
+#
+# Most exchanges are a bodiless request answered with a Content-Length body. For those the
+# proxy need not run four h11 passes (parse the request, re-validate it on the way out, the
+# same for the response): `parse_simple_request` and `parse_simple_response` accept a strict
+# SUBSET of what h11 accepts, and return None for anything else, which then goes to h11 as
+# before. The subset is chosen so that framing cannot be in doubt: HTTP/1.1 only, CRLF line
+# ends only, header values of visible ASCII, no Transfer-Encoding, no Upgrade, no Expect, a
+# Connection header only of `keep-alive`, exactly one Host; a request has no body (no
+# Content-Length, or `0`); a response has exactly one decimal Content-Length and a status that
+# carries a body (not 1xx, 204 or 304). tests/test_simple_heads.py checks with hypothesis that
+# whatever these accept, h11 accepts with the same meaning, and that `write_head` writes what
+# h11 would write.
+
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+_VALUE = rb"(?:[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*)?"
+_SIMPLE_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.1\r\n")
+_SIMPLE_STATUS_LINE = re.compile(rb"HTTP/1\.1 ([2-5][0-9][0-9]) ([\x21-\x7e \t]*)\r\n")
+_SIMPLE_HEADER = rb"(" + _TOKEN + rb"):[ \t]*(" + _VALUE + rb")[ \t]*\r\n"
+_SIMPLE_HEADER_LINE = re.compile(_SIMPLE_HEADER)
+_SIMPLE_HEADER_BLOCK = re.compile(rb"(?:" + _SIMPLE_HEADER + rb")*\r\n")
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+# Request headers that send a request to h11: framing, upgrades and 100-continue are its job.
+_NOT_SIMPLE_REQUEST = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
+
+
+@dataclasses.dataclass(slots=True)
+class SimpleRequest:
+    """A request head accepted by `parse_simple_request`: the fields the proxy uses of an
+    h11.Request, with the header items as the client wrote them (case kept)."""
+
+    method: bytes
+    target: bytes
+    raw: list[Header]
+    http_version: bytes = b"1.1"
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header `name` (lower case), or None."""
+        for key, value in self.raw:
+            if key.lower() == name:
+                return value
+        return None
+
+
+@dataclasses.dataclass(slots=True)
+class SimpleResponse:
+    """A response head accepted by `parse_simple_response`."""
+
+    status: int
+    reason: bytes
+    raw: list[Header]
+    head_size: int  # bytes of the head, where the body starts
+    content_length: int
+
+
+def _only_keep_alive(value: bytes) -> bool:
+    return all(token.strip(b" \t").lower() in (b"keep-alive", b"") for token in value.split(b","))
+
+
+def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:
+    """`data` as one simple request head (all of `data`, nothing after it), or None."""
+    size = len(data)
+    if size > max_size or not data.endswith(b"\r\n\r\n"):
+        return None
+    line = _SIMPLE_REQUEST_LINE.match(data)
+    if line is None:
+        return None
+    start = line.end()
+    if _SIMPLE_HEADER_BLOCK.fullmatch(data, start) is None:
+        return None
+    raw = _SIMPLE_HEADER_LINE.findall(data, start)
+    hosts = 0
+    for name, value in raw:
+        lower = name.lower()
+        if lower == b"host":
+            hosts += 1
+        elif lower in _NOT_SIMPLE_REQUEST:
+            return None
+        elif lower == b"content-length":
+            if value != b"0":
+                return None
+        elif lower == b"connection" and not _only_keep_alive(value):
+            return None
+    if hosts != 1:
+        return None
+    return SimpleRequest(line[1], line[2], raw)
+
+
+def parse_simple_response(data: bytes) -> SimpleResponse | None:
+    """The simple response head at the start of `data` (a body may follow), or None."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = data[: end + 4]
+    line = _SIMPLE_STATUS_LINE.match(head)
+    if line is None:
+        return None
+    status = int(line[1])
+    if status in (204, 304):
+        return None
+    start = line.end()
+    if _SIMPLE_HEADER_BLOCK.fullmatch(head, start) is None:
+        return None
+    raw = _SIMPLE_HEADER_LINE.findall(head, start)
+    length = -1
+    for name, value in raw:
+        lower = name.lower()
+        if lower == b"content-length":
+            if length >= 0 or _DIGITS.fullmatch(value) is None:
+                return None
+            length = int(value)
+        elif lower == b"transfer-encoding" or (
+            lower == b"connection" and not _only_keep_alive(value)
+        ):
+            return None
+    if length < 0:
+        return None
+    return SimpleResponse(status, line[2], raw, end + 4, length)
+
+
+def write_head(start_line: bytes, headers: Iterable[Header]) -> bytes:
+    """A head as h11 writes it: the start line (with its CRLF), Host first, then the other
+    headers in order, then the empty line."""
+    hosts = []
+    lines = [start_line]
+    for name, value in headers:
+        if name.lower() == b"host":
+            hosts.append(b"%s: %s\r\n" % (name, value))
+        else:
+            lines.append(b"%s: %s\r\n" % (name, value))
+    if hosts:
+        lines[1:1] = hosts
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
 # -- routes ---------------------------------------------------------------------------------
 
 

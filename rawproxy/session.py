@@ -28,6 +28,7 @@ import logging
 import os
 import socket
 import ssl
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import h11
@@ -37,6 +38,8 @@ from rawproxy.http import (
     REASONS,
     ClientSide,
     ResponseRewrite,
+    SimpleRequest,
+    SimpleResponse,
     UpgradeDecision,
     backend_request_headers,
     client_response_headers,
@@ -47,8 +50,11 @@ from rawproxy.http import (
     framing_error,
     head_error,
     origin_of_host,
+    parse_simple_request,
+    parse_simple_response,
     rewrite_response_headers,
     select_route,
+    write_head,
 )
 from rawproxy.loop import READ, WRITE, Timer
 from rawproxy.metrics import classify_connect_error
@@ -89,11 +95,17 @@ def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode("latin-1")
 
 
-def _header(request: h11.Request, name: bytes) -> bytes | None:
+def _header(request: h11.Request | SimpleRequest, name: bytes) -> bytes | None:
+    if isinstance(request, SimpleRequest):
+        return request.header(name)
     for key, value in request.headers:
         if key == name:
             return value
     return None
+
+
+# The decision for a simple request (parse_simple_request refuses any with Upgrade).
+_NO_UPGRADE = UpgradeDecision(None, "not an upgrade", considered=False)
 
 
 # Backend connection states beside READ and WRITE (what its TLS handshake waits for).
@@ -145,11 +157,15 @@ class Session:
         "client_handshake",
         "client_ip",
         "client_port",
+        "client_side_cache",
         "config",
         "connect_started",
         "decision",
         "draining",
         "exchange_start",
+        "fast_extra",
+        "fast_head",
+        "fast_remaining",
         "head_bytes",
         "local_address",
         "local_port",
@@ -214,8 +230,8 @@ class Session:
         self.backend_reused = False
         self.next_address = 0
         self.timer: Timer | None = None
-        self.request: h11.Request | None = None
-        self.backend_request: h11.Request | None = None
+        self.request: h11.Request | SimpleRequest | None = None
+        self.backend_request: h11.Request | SimpleRequest | None = None
         self.decision: UpgradeDecision | None = None
         self.request_done = False
         self.body_sent = 0
@@ -225,6 +241,14 @@ class Session:
         self.exchange_start = self.loop.now
         self.progress = self.loop.now
         self.head_bytes: bytearray | None = bytearray()
+        # The exchange under way bypasses h11 (see _take_simple_request): its request head as
+        # the client sent it (replayed into h11 if the exchange leaves the fast path), the
+        # response body bytes still to relay (-1 before the response head) and whether the
+        # backend sent more than the body (its connection is then not reused).
+        self.fast_head: bytes | None = None
+        self.fast_remaining = -1
+        self.fast_extra = False
+        self.client_side_cache: ClientSide | None = None
         # The header timeout bounds the TLS handshake and the first head together.
         self._arm(self.config.header_timeout, self._on_timeout)
         self.client_handshake = 0
@@ -294,6 +318,7 @@ class Session:
             balancer = self.peer
             self.client_ip, self.peer = format_peer(header.source)
             self.client_port = header.source[1]
+            self.client_side_cache = None
             log.debug("%s PROXY v%d: client %s", balancer, header.version, self.peer)
         if header.destination is not None:
             self.local_address = header.destination
@@ -454,12 +479,161 @@ class Session:
         self._take_client_bytes(data)
 
     def _take_client_bytes(self, data: memoryview) -> None:
-        if self.head_bytes is not None:
-            self.head_bytes += data
         self.progress = self.loop.now
+        head_bytes = self.head_bytes
+        if head_bytes is not None:
+            if not head_bytes and self._take_simple_request(data):
+                return
+            head_bytes += data
         # h11 copies what it is given (its annotation says bytes; any bytes-like works).
         self.client_h11.receive_data(data)  # type: ignore[arg-type]
         self._pump_client()
+
+    def _take_simple_request(self, data: memoryview) -> bool:
+        """The fast path: a whole simple request head (rawproxy.http.parse_simple_request) in
+        one read, on a connection whose backend is connected, idle and the one its route
+        names, is forwarded without h11. True when it was taken."""
+        backend = self.backend
+        if (
+            backend is None
+            or self.backend_state != _READY
+            or self.draining
+            or self.phase != HEAD
+            or backend.backlog is not None
+            or self.client_h11.their_state is not h11.IDLE
+        ):
+            return False
+        config = self.config
+        raw = bytes(data)
+        request = parse_simple_request(raw, config.max_header_size)
+        if request is None:
+            return False
+        chosen = select_route(self.runtime.routes, request.target)
+        if chosen is None:
+            return False
+        route, target = chosen
+        backend_target = self.runtime.target_for(route)
+        if backend_target is not self.target:
+            return False
+        headers = backend_request_headers(
+            request.raw,
+            _NO_UPGRADE,
+            self.client_side(),
+            forwarded=config.forwarded,
+            default_host=backend_target.authority,
+            host_override=backend_target.authority if config.backend_host_header else None,
+        )
+        self.route = route
+        self.request = request
+        self.backend_request = SimpleRequest(request.method, target, headers)
+        self.decision = _NO_UPGRADE
+        self.fast_head = raw
+        self.fast_remaining = -1
+        self.fast_extra = False
+        self.head_bytes = None
+        self.request_at = self.loop.now
+        self.request_done = True
+        self.body_sent = 0
+        self.response_started = False
+        self.response_status = 0
+        self.response_bytes = 0
+        self.backend_reused = True
+        self.phase = EXCHANGE
+        self._arm(config.response_timeout, self._on_timeout)
+        backend.queue((write_head(b"%s %s HTTP/1.1\r\n" % (request.method, target), headers),))
+        return True
+
+    def _leave_fast_path(self) -> bool:
+        """Hand the exchange under way to h11 as if h11 had parsed it: the request head is
+        replayed into both machines (what they would send was sent already). False (and the
+        connection closed) if h11 refuses what the fast path accepted, which the tests of
+        rawproxy.http say cannot happen."""
+        head = self.fast_head
+        sent = self.backend_request
+        assert head is not None
+        assert isinstance(sent, SimpleRequest)
+        self.fast_head = None
+        client_h11 = self.client_h11
+        try:
+            client_h11.receive_data(head)
+            request = client_h11.next_event()
+            end = client_h11.next_event()
+            if not isinstance(request, h11.Request) or not isinstance(end, h11.EndOfMessage):
+                raise h11.LocalProtocolError(f"h11 read {request!r}, {end!r}")
+            backend_request = h11.Request(method=sent.method, target=sent.target, headers=sent.raw)
+            if self.backend_h11 is not None:
+                self.backend_h11.send(backend_request)
+                self.backend_h11.send(h11.EndOfMessage())
+        except h11.ProtocolError as e:
+            log.error("%s fast path and h11 disagree on a request: %s", self._describe(), e)
+            self._close(reset=True)
+            return False
+        self.request = request
+        self.backend_request = backend_request
+        return True
+
+    def _relay_simple_response(self, data: memoryview) -> None:
+        """The backend's answer to a fast-path request: a simple response is relayed here;
+        anything else (or a backend that closed) goes to h11 from its first byte."""
+        remaining = self.fast_remaining
+        body: memoryview | bytes
+        if remaining < 0:
+            chunk = bytes(data)
+            request = self.request
+            assert request is not None
+            response = None
+            if not self.draining and request.method != b"HEAD":
+                response = parse_simple_response(chunk)
+            if response is None:
+                if self._leave_fast_path():
+                    assert self.backend_h11 is not None
+                    self.backend_h11.receive_data(chunk)
+                    self._pump_backend()
+                return
+            self._on_simple_response(response)
+            remaining = response.content_length
+            body = memoryview(chunk)[response.head_size :]
+        elif not data:
+            self._backend_lost("closed the connection")
+            return
+        else:
+            body = bytes(data)  # the loop's read buffer is reused by the next read
+        size = len(body)
+        if size > remaining:
+            self.fast_extra = True
+            body = body[:remaining]
+            size = remaining
+        if size:
+            self.client.queue((body,))
+            self.response_bytes += size
+            remaining -= size
+        self.fast_remaining = remaining
+        if remaining == 0:
+            self._simple_exchange_done()
+
+    def _on_simple_response(self, response: SimpleResponse) -> None:
+        self.server.metrics.observe_head_latency(self.loop.now - self.request_at)
+        self.response_started = True
+        self.response_status = response.status
+        headers = self._response_headers(response.raw)
+        start = b"HTTP/1.1 %d %s\r\n" % (response.status, response.reason)
+        self.client.queue((write_head(start, headers),))
+
+    def _simple_exchange_done(self) -> None:
+        self.fast_head = None
+        self.fast_remaining = -1
+        self._log_access(self.response_status)
+        if self.fast_extra:
+            log.debug(
+                "%s backend sent bytes after its response; its connection is not reused",
+                self._describe(),
+            )
+            self._drop_backend()
+        self.request = None
+        if self.draining:
+            self._close_gracefully()
+            return
+        self._next_request()
 
     def _pump_client(self) -> None:
         """Turn what h11 holds from the client into actions, until it needs more bytes, the
@@ -589,6 +763,12 @@ class Session:
         return target
 
     def client_side(self) -> ClientSide:
+        side = self.client_side_cache
+        if side is None:
+            side = self.client_side_cache = self._client_side()
+        return side
+
+    def _client_side(self) -> ClientSide:
         ip = self.client_ip
         trusted = False
         if self.runtime.trusted:
@@ -602,7 +782,7 @@ class Session:
     def _client_drained(self) -> None:
         if self.phase == CLOSING:
             self._shutdown_client()
-        elif self.phase == EXCHANGE:
+        elif self.phase == EXCHANGE and self.fast_head is None:
             self._pump_backend()
 
     def _to_client(self, event: h11.Event) -> None:
@@ -751,7 +931,8 @@ class Session:
         metrics.backend_connect_errors["tls"] += 1
 
     def _send_request_head(self) -> None:
-        assert self.backend_request is not None
+        # Only an h11 exchange connects (a fast-path one that retries has left the fast path).
+        assert isinstance(self.backend_request, h11.Request)
         self.phase = EXCHANGE
         self.progress = self.loop.now
         self._arm(self.config.response_timeout, self._on_timeout)
@@ -783,6 +964,9 @@ class Session:
             self._drop_backend()
             return
         self.progress = self.loop.now
+        if self.fast_head is not None:
+            self._relay_simple_response(data)
+            return
         self.backend_h11.receive_data(data)  # type: ignore[arg-type]
         self._pump_backend()
 
@@ -839,7 +1023,14 @@ class Session:
         self.server.metrics.observe_head_latency(self.loop.now - self.request_at)
         self.response_started = True
         self.response_status = response.status_code
-        headers = client_response_headers(response.headers.raw_items(), False)
+        headers = self._response_headers(response.headers.raw_items())
+        self._to_client(
+            h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)
+        )
+
+    def _response_headers(self, raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """The headers of a backend's (non-101) answer as the client gets them."""
+        headers = client_response_headers(raw, False)
         # Most answers carry nothing to rewrite: build the rule only when one could apply.
         if any(name.lower() in REWRITTEN_HEADERS for name, _ in headers):
             rule = self._response_rewrite()
@@ -847,9 +1038,7 @@ class Session:
                 headers = rewrite_response_headers(headers, rule)
         if self.draining:
             headers.append((b"Connection", b"close"))  # the proxy stops after this answer
-        self._to_client(
-            h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)
-        )
+        return headers
 
     def _response_rewrite(self) -> ResponseRewrite | None:
         """How this exchange's answer is rewritten for the client (ProxyPassReverse), if at all."""
@@ -897,6 +1086,9 @@ class Session:
         """The backend connection failed or closed in the middle of an exchange."""
         if self.phase != EXCHANGE:
             self._drop_backend()
+            return
+        # h11 decides on a retry (and writes it, on a new connection).
+        if self.fast_head is not None and not self.response_started and not self._leave_fast_path():
             return
         if (
             self.backend_reused
@@ -982,9 +1174,15 @@ class Session:
         self._log_access(self.response_status)
         backend_h11 = self.backend_h11
         assert backend_h11 is not None
-        if backend_h11.our_state is h11.DONE and backend_h11.their_state is h11.DONE:
+        if (
+            backend_h11.our_state is h11.DONE
+            and backend_h11.their_state is h11.DONE
+            and not backend_h11.trailing_data[0]
+        ):
             backend_h11.start_next_cycle()
         else:
+            # Bytes after the end of the answer belong to no request: on a reused connection
+            # they would be read as the answer to the next client's request.
             self._drop_backend()
         self._client_cycle_done()
 
