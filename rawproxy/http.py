@@ -374,6 +374,7 @@ def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:
         return None
     raw = _SIMPLE_HEADER_LINE.findall(data, start)
     hosts = 0
+    lengths = 0
     for name, value in raw:
         lower = name.lower()
         if lower == b"host":
@@ -381,7 +382,8 @@ def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:
         elif lower in _NOT_SIMPLE_REQUEST:
             return None
         elif lower == b"content-length":
-            if value != b"0":
+            lengths += 1
+            if value != b"0" or lengths > 1:  # h11 merges repeated values into one
                 return None
         elif lower == b"connection" and not _only_keep_alive(value):
             return None

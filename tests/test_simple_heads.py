@@ -1,0 +1,391 @@
+"""The fast path's parsers against h11: whatever parse_simple_request / parse_simple_response
+accept, h11 must accept with the same meaning (method, target, header items, status, reason,
+body length), and write_head must write the bytes h11 would. A head they refuse goes to h11,
+so refusing too much costs speed only; accepting what h11 reads differently would be a
+request the proxy frames one way and the backend another. Sans-IO: no sockets."""
+
+from __future__ import annotations
+
+import pathlib
+
+import h11
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from rawproxy.http import (
+    SimpleRequest,
+    parse_simple_request,
+    parse_simple_response,
+    write_head,
+)
+
+HANDSHAKES = pathlib.Path(__file__).resolve().parent / "data" / "handshakes"
+LIMIT = 64 * 1024
+
+# -- what h11 makes of the same bytes --------------------------------------------------------
+
+
+def h11_request(data: bytes) -> tuple[h11.Request, list[object]] | None:
+    """h11's reading of `data` as a request and the events up to its end, or None when h11
+    refuses it or needs more bytes."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(data)
+    try:
+        request = conn.next_event()
+        if not isinstance(request, h11.Request):
+            return None
+        rest = [conn.next_event()]
+    except h11.RemoteProtocolError:
+        return None
+    return request, rest
+
+
+def h11_response(method: bytes, data: bytes) -> list[object] | None:
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method=method, target="/", headers=[("Host", "b")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(data)
+    events: list[object] = []
+    try:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return events
+            events.append(event)
+            if isinstance(event, h11.EndOfMessage):
+                return events
+    except h11.RemoteProtocolError:
+        return None
+
+
+def h11_writes_request(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    conn = h11.Connection(h11.CLIENT)
+    out = conn.send(h11.Request(method=method, target=target, headers=headers))
+    assert out is not None
+    return out
+
+
+def h11_writes_response(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n")
+    conn.next_event()
+    conn.next_event()
+    out = conn.send(h11.Response(status_code=status, reason=reason, headers=headers))
+    assert out is not None
+    return out
+
+
+def check_request(data: bytes) -> SimpleRequest | None:
+    """The property: an accepted request is h11's request, bodiless, written back alike."""
+    simple = parse_simple_request(data, LIMIT)
+    if simple is None:
+        return None
+    seen = h11_request(data)
+    assert seen is not None, f"fast path accepted what h11 refuses: {data!r}"
+    request, rest = seen
+    assert request.method == simple.method
+    assert request.target == simple.target
+    assert request.http_version == b"1.1"
+    assert list(request.headers.raw_items()) == simple.raw
+    assert isinstance(rest[0], h11.EndOfMessage), "a simple request has no body"
+    start = b"%s %s HTTP/1.1\r\n" % (simple.method, simple.target)
+    assert write_head(start, simple.raw) == h11_writes_request(
+        simple.method, simple.target, simple.raw
+    )
+    return simple
+
+
+def check_response(data: bytes, body: bytes = b"") -> bool:
+    response = parse_simple_response(data)
+    if response is None:
+        return False
+    events = h11_response(b"GET", data[: response.head_size] + body)
+    assert events is not None, f"fast path accepted a response h11 refuses: {data!r}"
+    head = events[0]
+    assert isinstance(head, h11.Response)
+    assert head.status_code == response.status
+    assert head.reason == response.reason
+    assert list(head.headers.raw_items()) == response.raw
+    # h11 frames the body by the same Content-Length.
+    got = b"".join(bytes(e.data) for e in events[1:] if isinstance(e, h11.Data))
+    assert got == body[: response.content_length]
+    if len(body) >= response.content_length:
+        assert isinstance(events[-1], h11.EndOfMessage)
+    start = b"HTTP/1.1 %d %s\r\n" % (response.status, response.reason)
+    assert write_head(start, response.raw) == h11_writes_response(
+        response.status, response.reason, response.raw
+    )
+    return True
+
+
+# -- examples: what must and must not take the fast path -------------------------------------
+
+SIMPLE_REQUESTS = [
+    b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET /x?y=1 HTTP/1.1\r\nhost: a:8080\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n",
+    b"GET / HTTP/1.1\r\nConnection: keep-alive\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Keep-Alive, keep-alive\r\n\r\n",
+    b"DELETE /r HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost:a\r\nX-Empty:\r\nX-Spaces:  a  b\t \r\n\r\n",
+    b"GET http://a/p HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n",
+]
+
+NOT_SIMPLE_REQUESTS = [
+    b"GET / HTTP/1.0\r\nHost: a\r\n\r\n",  # HTTP/1.0: keep-alive rules differ
+    b"GET / HTTP/1.1\r\n\r\n",  # no Host
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",  # two Hosts
+    b"GET / HTTP/1.1\nHost: a\n\n",  # bare LF
+    b"GET / HTTP/1.1\r\nHost: a\n\r\n",
+    b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",  # leading empty line
+    b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n 2\r\n\r\n",  # obs-fold
+    b"GET / HTTP/1.1\r\nHost: a\r\nX: caf\xc3\xa9\r\n\r\n",  # obs-text
+    b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX : 1\r\n\r\n",  # space before colon
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n",  # a body
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 00\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n",
+    b"PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",  # pipelined
+    b"GET / HTTP/1.1\r\nHost: a\r\n\r\nX",  # bytes after the head
+    b"GET / HTTP/1.1\r\nHost: a\r\n",  # incomplete
+    b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"G\xc3T / HTTP/1.1\r\nHost: a\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("data", SIMPLE_REQUESTS)
+def test_simple_requests_are_h11s(data: bytes) -> None:
+    assert check_request(data) is not None
+
+
+@pytest.mark.parametrize("data", NOT_SIMPLE_REQUESTS)
+def test_not_simple_requests_go_to_h11(data: bytes) -> None:
+    assert parse_simple_request(data, LIMIT) is None
+
+
+def test_a_head_over_the_limit_goes_to_h11() -> None:
+    data = b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"x" * 100 + b"\r\n\r\n"
+    assert parse_simple_request(data, len(data)) is not None
+    assert parse_simple_request(data, len(data) - 1) is None
+
+
+def test_browser_handshakes_are_never_simple() -> None:
+    """Upgrades are decided by decide_upgrade on the h11 path; the fast path never sees one."""
+    files = sorted(HANDSHAKES.glob("*.txt"))
+    assert files
+    for path in files:
+        head = path.read_bytes().split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+        if head.startswith(b"GET"):
+            assert h11_request(head) is not None
+            assert parse_simple_request(head, LIMIT) is None, path.name
+
+
+def test_a_browser_get_takes_the_fast_path() -> None:
+    data = (
+        b"GET /tests/42 HTTP/1.1\r\nHost: openqa.example\r\nConnection: keep-alive\r\n"
+        b'sec-ch-ua: "Chromium";v="156", "Not)A;Brand";v="99"\r\nsec-ch-ua-mobile: ?0\r\n'
+        b"Upgrade-Insecure-Requests: 1\r\n"
+        b"User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko)\r\n"
+        b"Accept: text/html,application/xhtml+xml,*/*;q=0.8\r\nSec-Fetch-Site: none\r\n"
+        b"Accept-Encoding: gzip, deflate, br, zstd\r\nAccept-Language: en-US,en;q=0.9\r\n"
+        b"Cookie: mojolicious=eyJhIjoxfQ--abc; other=1\r\n\r\n"
+    )
+    simple = check_request(data)
+    assert simple is not None
+    assert simple.header(b"cookie") == b"mojolicious=eyJhIjoxfQ--abc; other=1"
+    assert simple.header(b"referer") is None
+
+
+SIMPLE_RESPONSES = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n",
+    b"HTTP/1.1 200 \r\ncontent-length: 0\r\n\r\n",
+    b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: 3\r\n\r\n",
+    b"HTTP/1.1 302 Found\r\nLocation: http://b/x\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n"
+    b"Content-Length: 1\r\n\r\n",
+    b"HTTP/1.1 503 Service Unavailable \t\r\nContent-Length: 2\r\n\r\n",
+]
+
+NOT_SIMPLE_RESPONSES = [
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n\r\n",  # read to close
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1, 1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: +1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\n",
+    b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n",
+    b"HTTP/1.1 200\r\nContent-Length: 1\r\n\r\n",  # no reason: h11 takes it, we need not
+    b"HTTP/1.1 200 OK\nContent-Length: 1\n\n",
+    b"HTTP/1.1 200 OK\r\nX: \xff\r\nContent-Length: 1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n",
+    b"HTTP/1.1 600 Odd\r\nContent-Length: 1\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("data", SIMPLE_RESPONSES)
+def test_simple_responses_are_h11s(data: bytes) -> None:
+    assert check_response(data, b"0123456789abcdef")
+
+
+@pytest.mark.parametrize("data", NOT_SIMPLE_RESPONSES)
+def test_not_simple_responses_go_to_h11(data: bytes) -> None:
+    assert parse_simple_response(data + b"xyz") is None
+
+
+def test_response_body_and_what_follows_are_not_head() -> None:
+    data = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\n"
+    response = parse_simple_response(data)
+    assert response is not None
+    assert data[response.head_size :].startswith(b"hello")
+    assert response.content_length == 5
+
+
+# -- the property over generated heads -------------------------------------------------------
+
+# Pieces chosen to sit on both sides of the subset's border: mostly valid, so that many
+# heads are accepted and compared, with a defect here and there.
+VALID_NAMES = [
+    b"Accept",
+    b"user-agent",
+    b"X-Forwarded-For",
+    b"Cookie",
+    b"Location",
+    b"Content-Length",
+    b"content-length",
+    b"Connection",
+    b"Keep-Alive",
+    b"Set-Cookie",
+    b"X-A",
+    b"x!#$%&'*+.^_`|~",
+]
+
+
+def mostly(
+    valid: st.SearchStrategy[bytes], *odd: st.SearchStrategy[bytes]
+) -> st.SearchStrategy[bytes]:
+    """`valid` nine times in ten, else one of `odd`."""
+    return st.integers(0, 9).flatmap(lambda i: valid if i < 9 else st.one_of(*odd))
+
+
+NAME = mostly(
+    st.sampled_from(VALID_NAMES),
+    st.sampled_from([b"Transfer-Encoding", b"Upgrade", b"Expect", b"Host"]),
+    st.sampled_from([b"X A", b"X:A", b"", b"X\x7f", b"\xc3\xa9", b" X", b"X(", b"\tX"]),
+    st.binary(min_size=1, max_size=4),
+)
+VALID_VALUES = [
+    b"",
+    b"0",
+    b"1",
+    b"keep-alive",
+    b"Keep-Alive, keep-alive",
+    b"*/*",
+    b"a b",
+    b"a  \t b",
+    b"text/html; q=0.9",
+    b"x=1; Path=/; Domain=b",
+    b"http://b:1/p?q#f",
+]
+VALUE = mostly(
+    st.sampled_from(VALID_VALUES),
+    st.sampled_from(
+        [b"00", b"-1", b"1, 1", b"12345678901234567890", b"close", b"upgrade", b"chunked"]
+    ),
+    st.sampled_from([b"\xff", b"a\x00", b"a\rb", b"a\nb", b"a\r\n b", b"\x7f", b"a\x0bb"]),
+    st.binary(min_size=0, max_size=6),
+)
+SEP = st.sampled_from([b": "] * 30 + [b":", b":\t", b":  ", b" :", b"", b"::"])
+AFTER = st.sampled_from([b""] * 20 + [b" ", b"\t", b" \t"])
+EOL = st.sampled_from([b"\r\n"] * 40 + [b"\n", b"\r", b" \r\n", b"\r\r\n", b"\r\n "])
+HEADER = st.tuples(NAME, SEP, VALUE, AFTER, EOL).map(b"".join)
+HEADERS = st.lists(HEADER, max_size=6).map(b"".join)
+HOST_FIRST = st.sampled_from(
+    [b"Host: a\r\n"] * 30 + [b"", b"host:a:1\r\n", b"Host: a\r\nHost: a\r\n"]
+)
+
+
+@st.composite
+def request_heads(draw: st.DrawFn) -> bytes:
+    method = draw(
+        st.sampled_from(
+            [b"GET"] * 12
+            + [b"DELETE"] * 6
+            + [b"OPTIONS"] * 4
+            + [b"POST", b"HEAD", b"M-X", b"G T", b"", b"\xc3"]
+        )
+    )
+    target = draw(
+        st.sampled_from(
+            [b"/"] * 30
+            + [b"/a?b"] * 10
+            + [b"/a?b", b"*", b"http://h/p", b"/ x", b"", b"/\x7f", b"/\xff"]
+        )
+    )
+    version = draw(st.sampled_from([b"HTTP/1.1"] * 30 + [b"HTTP/1.0", b"HTTP/2.0", b"http/1.1"]))
+    line = method + b" " + target + b" " + version + draw(EOL)
+    end = draw(st.sampled_from([b"\r\n"] * 30 + [b"\n", b"\r\nX", b"", b"\r\n\r\n"]))
+    host_last = draw(st.booleans())
+    host = draw(HOST_FIRST)
+    headers = draw(HEADERS)
+    return line + (headers + host if host_last else host + headers) + end
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(request_heads())
+@example(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n")
+def test_accepted_requests_mean_the_same_to_h11(data: bytes) -> None:
+    check_request(data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=80))
+def test_random_bytes_as_a_request(data: bytes) -> None:
+    check_request(data)
+    check_request(b"GET / HTTP/1.1\r\nHost: a\r\n" + data + b"\r\n\r\n")
+
+
+@st.composite
+def response_heads(draw: st.DrawFn) -> bytes:
+    status = draw(
+        st.sampled_from(
+            [b"200"] * 30 + [b"404"] * 5 + [b"204", b"304", b"101", b"100", b"404", b"999", b"20"]
+        )
+    )
+    reason = draw(st.sampled_from([b" OK"] * 20 + [b" ", b"", b" Not Found", b" \xff", b" a\tb "]))
+    version = draw(st.sampled_from([b"HTTP/1.1"] * 30 + [b"HTTP/1.0"]))
+    line = version + b" " + status + reason + draw(EOL)
+    length = draw(
+        st.sampled_from(
+            [b"Content-Length: 3\r\n"] * 20
+            + [b"", b"content-length: 0\r\n", b"Content-Length: 12\r\n"]
+        )
+    )
+    end = draw(st.sampled_from([b"\r\n"] * 30 + [b"\n", b""]))
+    return line + length + draw(HEADERS) + end
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(response_heads(), st.sampled_from([b"", b"abc", b"abcdefgh", b"a" * 100]))
+def test_accepted_responses_mean_the_same_to_h11(data: bytes, body: bytes) -> None:
+    check_response(data, body)
+
+
+@given(st.lists(st.tuples(NAME, VALUE), max_size=5))
+def test_write_head_is_h11s_for_any_valid_headers(pairs: list[tuple[bytes, bytes]]) -> None:
+    """Whatever h11 would write for a header list, write_head writes byte for byte (h11
+    itself validates; lists it refuses are skipped)."""
+    headers = [(b"Host", b"a"), *pairs]
+    try:
+        expected = h11_writes_request(b"GET", b"/", headers)
+    except h11.LocalProtocolError:
+        return
+    assert write_head(b"GET / HTTP/1.1\r\n", headers) == expected
