@@ -28,7 +28,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import h11
@@ -160,11 +160,15 @@ class Session:
         "client_side_cache",
         "config",
         "connect_started",
+        "deadline",
+        "deadline_callback",
         "decision",
         "draining",
         "exchange_start",
+        "fast_client_eof",
         "fast_extra",
         "fast_head",
+        "fast_pending",
         "fast_remaining",
         "head_bytes",
         "local_address",
@@ -230,6 +234,8 @@ class Session:
         self.backend_reused = False
         self.next_address = 0
         self.timer: Timer | None = None
+        self.deadline = 0.0
+        self.deadline_callback: Callable[[], None] = self._on_timeout
         self.request: h11.Request | SimpleRequest | None = None
         self.backend_request: h11.Request | SimpleRequest | None = None
         self.decision: UpgradeDecision | None = None
@@ -248,6 +254,11 @@ class Session:
         self.fast_head: bytes | None = None
         self.fast_remaining = -1
         self.fast_extra = False
+        # What the client sent while a fast-path answer was awaited (pipelined requests), and
+        # whether it ended its side: the client is read throughout a fast exchange, so that its
+        # socket need not leave the selector and come back with every request.
+        self.fast_pending: bytearray | None = None
+        self.fast_client_eof = False
         self.client_side_cache: ClientSide | None = None
         # The header timeout bounds the TLS handshake and the first head together.
         self._arm(self.config.header_timeout, self._on_timeout)
@@ -333,10 +344,27 @@ class Session:
 
     # -- small helpers ---------------------------------------------------------------------
 
-    def _arm(self, delay: float, callback: object) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.loop.call_later(delay, callback)  # type: ignore[arg-type]
+    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
+        """Call `callback` in `delay` seconds instead of what was armed before. The loop's
+        timer is replaced only when the new deadline is earlier than the one it holds: a later
+        one (the usual case: every request moves the deadline on) is checked when the timer
+        fires, which then sleeps again for what is left. No timer is made per request."""
+        deadline = self.deadline = self.loop.now + delay
+        self.deadline_callback = callback
+        timer = self.timer
+        if timer is not None:
+            if not timer.cancelled and timer.when <= deadline:
+                return
+            timer.cancel()
+        self.timer = self.loop.call_later(delay, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self.timer = None
+        left = self.deadline - self.loop.now
+        if left > 0:
+            self.timer = self.loop.call_later(left, self._on_deadline)
+            return
+        self.deadline_callback()
 
     def _describe(self) -> str:
         request = self.request
@@ -377,6 +405,11 @@ class Session:
         phase = self.phase
         if phase in (HEAD, IDLE, CLOSING, REJECT, PROXY_HEADER):
             return True
+        if self.fast_head is not None:
+            pending = self.fast_pending
+            return not self.fast_client_eof and (
+                pending is None or len(pending) < self.config.max_header_size
+            )
         backend = self.backend
         return (
             phase == EXCHANGE
@@ -459,6 +492,9 @@ class Session:
         data = self.client.receive()
         if data is None:
             return
+        if self.fast_head is not None:
+            self._hold_client_bytes(data)
+            return
         phase = self.phase
         if phase == CLOSING:
             if not data:
@@ -471,18 +507,23 @@ class Session:
             self.phase = HEAD
             self.head_bytes = bytearray()
             self.exchange_start = self.loop.now
+            if self._take_simple_request(data):
+                self.progress = self.loop.now
+                return
             self._arm(self.config.header_timeout, self._on_timeout)
+            self._take_client_bytes(data, fast=False)
+            return
         elif phase == HEAD and not data and not self.head_bytes:
             # The client left (or a browser's spare connection closed) before a request.
             self._close()
             return
         self._take_client_bytes(data)
 
-    def _take_client_bytes(self, data: memoryview) -> None:
+    def _take_client_bytes(self, data: memoryview, fast: bool = True) -> None:
         self.progress = self.loop.now
         head_bytes = self.head_bytes
         if head_bytes is not None:
-            if not head_bytes and self._take_simple_request(data):
+            if fast and not head_bytes and self._take_simple_request(data):
                 return
             head_bytes += data
         # h11 copies what it is given (its annotation says bytes; any bytes-like works).
@@ -543,6 +584,24 @@ class Session:
         backend.queue((write_head(b"%s %s HTTP/1.1\r\n" % (request.method, target), headers),))
         return True
 
+    def _hold_client_bytes(self, data: memoryview) -> None:
+        """Bytes from the client while a fast-path answer is awaited: kept for after it."""
+        if not data:
+            self.fast_client_eof = True
+        elif self.fast_pending is None:
+            self.fast_pending = bytearray(data)
+        else:
+            self.fast_pending += data
+
+    def _give_held_bytes_to_h11(self) -> None:
+        pending = self.fast_pending
+        if pending:
+            self.client_h11.receive_data(bytes(pending))
+        if self.fast_client_eof:
+            self.client_h11.receive_data(b"")
+        self.fast_pending = None
+        self.fast_client_eof = False
+
     def _leave_fast_path(self) -> bool:
         """Hand the exchange under way to h11 as if h11 had parsed it: the request head is
         replayed into both machines (what they would send was sent already). False (and the
@@ -560,6 +619,7 @@ class Session:
             end = client_h11.next_event()
             if not isinstance(request, h11.Request) or not isinstance(end, h11.EndOfMessage):
                 raise h11.LocalProtocolError(f"h11 read {request!r}, {end!r}")
+            self._give_held_bytes_to_h11()
             backend_request = h11.Request(method=sent.method, target=sent.target, headers=sent.raw)
             if self.backend_h11 is not None:
                 self.backend_h11.send(backend_request)
@@ -633,6 +693,7 @@ class Session:
         if self.draining:
             self._close_gracefully()
             return
+        self._give_held_bytes_to_h11()  # pipelined requests, or the client's end: h11's now
         self._next_request()
 
     def _pump_client(self) -> None:
