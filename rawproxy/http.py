@@ -304,28 +304,32 @@ def client_response_headers(raw_headers: Iterable[Header], switching: bool) -> l
 
 # -- the common case without h11 -----------------------------------------------------------
 #
-# Most exchanges are a bodiless request answered with a Content-Length body. For those the
-# proxy need not run four h11 passes (parse the request, re-validate it on the way out, the
-# same for the response): `parse_simple_request` and `parse_simple_response` accept a strict
-# SUBSET of what h11 accepts, and return None for anything else, which then goes to h11 as
-# before. The subset is chosen so that framing cannot be in doubt: HTTP/1.1 only, CRLF line
-# ends only, header values of visible ASCII, no Transfer-Encoding, no Upgrade, no Expect, a
-# Connection header only of `keep-alive`, exactly one Host; a request has no body (no
-# Content-Length, or `0`); a response has exactly one decimal Content-Length and a status that
-# carries a body (not 1xx, 204 or 304). tests/test_simple_heads.py checks with hypothesis that
-# whatever these accept, h11 accepts with the same meaning, and that `write_head` writes what
-# h11 would write.
+# Most exchanges are a bodiless request answered with a Content-Length body or, for a
+# WebSocket, a 101. For those the proxy need not run four h11 passes (parse the request,
+# re-validate it on the way out, the same for the response): `parse_simple_request` and
+# `parse_simple_response` accept a strict SUBSET of what h11 accepts, and return None for
+# anything else, which then goes to h11 as before. The subset is chosen so that framing cannot
+# be in doubt: HTTP/1.1 only, CRLF line ends only, header values of visible ASCII, no
+# Transfer-Encoding, no Expect, a Connection header only of `keep-alive` and `upgrade` tokens,
+# exactly one Host, no CONNECT; a request has no body (no Content-Length, or one `0`); a
+# response has exactly one decimal Content-Length and a status that carries a body (not 1xx,
+# 204 or 304), or is a 101 to a request that decide_upgrade found to be an upgrade. Whether a
+# request is an upgrade is still decided by decide_upgrade alone. tests/test_simple_heads.py
+# checks with hypothesis that whatever these accept, h11 accepts with the same meaning, and
+# that `write_head` writes what h11 would write.
 
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
 _VALUE = rb"(?:[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*)?"
 _SIMPLE_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.1\r\n")
-_SIMPLE_STATUS_LINE = re.compile(rb"HTTP/1\.1 ([2-5][0-9][0-9]) ([\x21-\x7e \t]*)\r\n")
+_SIMPLE_STATUS_LINE = re.compile(rb"HTTP/1\.1 ([1-5][0-9][0-9]) ([\x21-\x7e \t]*)\r\n")
 _SIMPLE_HEADER = rb"(" + _TOKEN + rb"):[ \t]*(" + _VALUE + rb")[ \t]*\r\n"
 _SIMPLE_HEADER_LINE = re.compile(_SIMPLE_HEADER)
 _SIMPLE_HEADER_BLOCK = re.compile(rb"(?:" + _SIMPLE_HEADER + rb")*\r\n")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
-# Request headers that send a request to h11: framing, upgrades and 100-continue are its job.
-_NOT_SIMPLE_REQUEST = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
+# Request headers that send a request to h11: chunked framing and 100-continue are its job.
+_NOT_SIMPLE_REQUEST = frozenset({b"transfer-encoding", b"expect"})
+_KEEP_ALIVE = frozenset({b"keep-alive", b""})
+_KEEP_ALIVE_OR_UPGRADE = frozenset({b"keep-alive", b"upgrade", b""})
 
 
 @dataclasses.dataclass(slots=True)
@@ -337,6 +341,8 @@ class SimpleRequest:
     target: bytes
     raw: list[Header]
     http_version: bytes = b"1.1"
+    # An Upgrade or a Connection header is present: decide_upgrade has something to decide.
+    upgrade_headers: bool = False
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header `name` (lower case), or None."""
@@ -357,8 +363,8 @@ class SimpleResponse:
     content_length: int
 
 
-def _only_keep_alive(value: bytes) -> bool:
-    return all(token.strip(b" \t").lower() in (b"keep-alive", b"") for token in value.split(b","))
+def _only_tokens(value: bytes, allowed: frozenset[bytes]) -> bool:
+    return all(token.strip(b" \t").lower() in allowed for token in value.split(b","))
 
 
 def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:
@@ -367,7 +373,7 @@ def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:
     if size > max_size or not data.endswith(b"\r\n\r\n"):
         return None
     line = _SIMPLE_REQUEST_LINE.match(data)
-    if line is None:
+    if line is None or line[1] == b"CONNECT":  # h11 treats CONNECT as a protocol switch
         return None
     start = line.end()
     if _SIMPLE_HEADER_BLOCK.fullmatch(data, start) is None:
@@ -375,6 +381,7 @@ def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:
     raw = _SIMPLE_HEADER_LINE.findall(data, start)
     hosts = 0
     lengths = 0
+    upgrade_headers = False
     for name, value in raw:
         lower = name.lower()
         if lower == b"host":
@@ -385,15 +392,21 @@ def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:
             lengths += 1
             if value != b"0" or lengths > 1:  # h11 merges repeated values into one
                 return None
-        elif lower == b"connection" and not _only_keep_alive(value):
-            return None
+        elif lower == b"connection":
+            if not _only_tokens(value, _KEEP_ALIVE_OR_UPGRADE):
+                return None
+            upgrade_headers = True
+        elif lower == b"upgrade":
+            upgrade_headers = True
     if hosts != 1:
         return None
-    return SimpleRequest(line[1], line[2], raw)
+    return SimpleRequest(line[1], line[2], raw, upgrade_headers=upgrade_headers)
 
 
-def parse_simple_response(data: bytes) -> SimpleResponse | None:
-    """The simple response head at the start of `data` (a body may follow), or None."""
+def parse_simple_response(data: bytes, upgrade: bool = False) -> SimpleResponse | None:
+    """The simple response head at the start of `data` (a body may follow), or None. A 101
+    is simple only when `upgrade` (the request was one): its head is checked for syntax only,
+    and what follows it belongs to the tunnel."""
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return None
@@ -402,12 +415,14 @@ def parse_simple_response(data: bytes) -> SimpleResponse | None:
     if line is None:
         return None
     status = int(line[1])
-    if status in (204, 304):
+    if status in (204, 304) or (status < 200 and (status != 101 or not upgrade)):
         return None
     start = line.end()
     if _SIMPLE_HEADER_BLOCK.fullmatch(head, start) is None:
         return None
     raw = _SIMPLE_HEADER_LINE.findall(head, start)
+    if status == 101:
+        return SimpleResponse(status, line[2], raw, end + 4, 0)
     length = -1
     for name, value in raw:
         lower = name.lower()
@@ -416,7 +431,7 @@ def parse_simple_response(data: bytes) -> SimpleResponse | None:
                 return None
             length = int(value)
         elif lower == b"transfer-encoding" or (
-            lower == b"connection" and not _only_keep_alive(value)
+            lower == b"connection" and not _only_tokens(value, _KEEP_ALIVE)
         ):
             return None
     if length < 0:

@@ -201,7 +201,10 @@ class Session:
         sock: socket.socket,
         address: tuple[str, int],
         tls: ssl.SSLContext | None,
+        local_port: int = 0,
     ) -> None:
+        """`local_port` is the port of the listener that accepted `sock` (0: ask the socket).
+        The accepted socket inherited TCP_NODELAY and keepalive from the listener."""
         self.server = server
         self.loop = server.loop
         # The settings of the moment: a reload does not change them under this connection.
@@ -212,12 +215,11 @@ class Session:
         self.client_port = address[1] if isinstance(address, tuple) else 0
         self.client = Leg(self.loop, sock, self._on_client)
         self.scheme = "https" if tls is not None else "http"
-        try:
-            local = sock.getsockname()
-            self.local_address: tuple[str, int] = (format_peer(local)[0], local[1])
-        except OSError:
-            self.local_address = ("0.0.0.0", 0)
-        self.local_port = self.local_address[1]
+        # Our end of the connection, asked of the socket only when a PROXY header needs it.
+        self.local_address: tuple[str, int] | None = None
+        if not local_port:
+            local_port = self._local_address()[1]
+        self.local_port = local_port
         self.pending_tls: ssl.SSLContext | None = None
         self.proxy_buffer: bytearray | None = None
         self.route: Route | None = None
@@ -227,7 +229,6 @@ class Session:
         self.client_h11 = h11.Connection(
             h11.SERVER, max_incomplete_event_size=self.config.max_header_size
         )
-        set_nodelay(sock)
         self.backend: Leg | None = None
         self.backend_h11: h11.Connection | None = None
         self.backend_state = _TCP_CONNECTING
@@ -339,6 +340,18 @@ class Session:
         self._start(self.pending_tls, early)
         self.pending_tls = None
 
+    def _local_address(self) -> tuple[str, int]:
+        local = self.local_address
+        if local is None:
+            try:
+                sock = self.client.sock
+                name = (sock.raw if isinstance(sock, TlsSocket) else sock).getsockname()
+                local = (format_peer(name)[0], name[1])
+            except (OSError, IndexError, TypeError):
+                local = ("0.0.0.0", 0)
+            self.local_address = local
+        return local
+
     def __repr__(self) -> str:
         return f"<Session {self.peer} phase={self.phase} backend={self.backend is not None}>"
 
@@ -405,7 +418,7 @@ class Session:
         phase = self.phase
         if phase in (HEAD, IDLE, CLOSING, REJECT, PROXY_HEADER):
             return True
-        if self.fast_head is not None:
+        if self.fast_head is not None and phase in (CONNECTING, EXCHANGE):
             pending = self.fast_pending
             return not self.fast_client_eof and (
                 pending is None or len(pending) < self.config.max_header_size
@@ -492,10 +505,10 @@ class Session:
         data = self.client.receive()
         if data is None:
             return
-        if self.fast_head is not None:
+        phase = self.phase
+        if self.fast_head is not None and phase in (CONNECTING, EXCHANGE):
             self._hold_client_bytes(data)
             return
-        phase = self.phase
         if phase == CLOSING:
             if not data:
                 self._close()
@@ -536,12 +549,10 @@ class Session:
         names, is forwarded without h11. True when it was taken."""
         backend = self.backend
         if (
-            backend is None
-            or self.backend_state != _READY
-            or self.draining
+            self.draining
             or self.phase != HEAD
-            or backend.backlog is not None
             or self.client_h11.their_state is not h11.IDLE
+            or (backend is not None and (self.backend_state != _READY or backend.backlog))
         ):
             return False
         config = self.config
@@ -554,11 +565,16 @@ class Session:
             return False
         route, target = chosen
         backend_target = self.runtime.target_for(route)
-        if backend_target is not self.target:
+        if backend is not None and backend_target is not self.target:
             return False
+        decision = _NO_UPGRADE
+        if request.upgrade_headers:
+            decision = decide_upgrade(request.raw)
+            if decision.considered and log.isEnabledFor(logging.DEBUG):
+                log.debug("%s upgrade decision: %s", self.peer, decision.reason)
         headers = backend_request_headers(
             request.raw,
-            _NO_UPGRADE,
+            decision,
             self.client_side(),
             forwarded=config.forwarded,
             default_host=backend_target.authority,
@@ -567,7 +583,7 @@ class Session:
         self.route = route
         self.request = request
         self.backend_request = SimpleRequest(request.method, target, headers)
-        self.decision = _NO_UPGRADE
+        self.decision = decision
         self.fast_head = raw
         self.fast_remaining = -1
         self.fast_extra = False
@@ -578,6 +594,11 @@ class Session:
         self.response_started = False
         self.response_status = 0
         self.response_bytes = 0
+        self.target = backend_target
+        if backend is None:
+            self.phase = CONNECTING
+            self._connect()  # the head is written by _send_request_head
+            return True
         self.backend_reused = True
         self.phase = EXCHANGE
         self._arm(config.response_timeout, self._on_timeout)
@@ -643,12 +664,18 @@ class Session:
             assert request is not None
             response = None
             if not self.draining and request.method != b"HEAD":
-                response = parse_simple_response(chunk)
+                decision = self.decision
+                response = parse_simple_response(
+                    chunk, decision is not None and decision.is_upgrade
+                )
             if response is None:
                 if self._leave_fast_path():
                     assert self.backend_h11 is not None
                     self.backend_h11.receive_data(chunk)
                     self._pump_backend()
+                return
+            if response.status == 101:
+                self._switch_simple(response, chunk)
                 return
             self._on_simple_response(response)
             remaining = response.content_length
@@ -875,11 +902,11 @@ class Session:
         family, address = self.current_target.addresses[self.next_address]
         self.next_address += 1
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            # Non-blocking from the start (Python sees the flag): no extra system call.
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as e:
             self._fail(502, f"cannot open a socket to the backend: {e.strerror or e}")
             return
-        sock.setblocking(False)
         err = sock.connect_ex(address)
         if err not in (0, errno.EINPROGRESS):
             sock.close()
@@ -909,7 +936,7 @@ class Session:
         source = (self.client_ip, self.client_port)
         encode = encode_v2 if version == "v2" else encode_v1
         # The first bytes on a fresh connection: its send buffer takes them whole.
-        backend.sock.send(encode(source, self.local_address))
+        backend.sock.send(encode(source, self._local_address()))
 
     def _backend_ready(self) -> None:
         self.backend_state = _READY
@@ -992,12 +1019,17 @@ class Session:
         metrics.backend_connect_errors["tls"] += 1
 
     def _send_request_head(self) -> None:
-        # Only an h11 exchange connects (a fast-path one that retries has left the fast path).
-        assert isinstance(self.backend_request, h11.Request)
         self.phase = EXCHANGE
         self.progress = self.loop.now
         self._arm(self.config.response_timeout, self._on_timeout)
-        self._to_backend(self.backend_request)
+        sent = self.backend_request
+        if isinstance(sent, SimpleRequest):
+            assert self.backend is not None
+            start = b"%s %s HTTP/1.1\r\n" % (sent.method, sent.target)
+            self.backend.queue((write_head(start, sent.raw),))
+            return
+        assert sent is not None
+        self._to_backend(sent)
         if self.request_done:
             # A retry on a fresh connection of a request that had no body (see _backend_lost).
             self._to_backend(h11.EndOfMessage())
@@ -1292,10 +1324,7 @@ class Session:
                 "request body was complete",
             )
             return
-        self._push()  # anything queued goes before the 101 and the tunnel's first bytes
-        backend = self.backend
         backend_h11 = self.backend_h11
-        assert backend is not None
         assert backend_h11 is not None
         head = self.client_h11.send(
             h11.InformationalResponse(
@@ -1307,6 +1336,32 @@ class Session:
         assert head is not None
         client_rest, client_eof = self.client_h11.trailing_data
         backend_rest, backend_eof = backend_h11.trailing_data
+        self._become_tunnel(head, client_rest, client_eof, backend_rest, backend_eof)
+
+    def _switch_simple(self, answer: SimpleResponse, data: bytes) -> None:
+        """A simple 101 (to an upgrade on the fast path; `data` is the head and what came
+        after it): write its head to the client and become a tunnel."""
+        headers = client_response_headers(answer.raw, True)
+        head = write_head(b"HTTP/1.1 101 %s\r\n" % answer.reason, headers)
+        client_rest = bytes(self.fast_pending or b"")
+        client_eof = self.fast_client_eof
+        self.fast_head = None
+        self.fast_pending = None
+        self._become_tunnel(head, client_rest, client_eof, data[answer.head_size :], False)
+
+    def _become_tunnel(
+        self,
+        head: bytes,
+        client_rest: bytes,
+        client_eof: bool,
+        backend_rest: bytes,
+        backend_eof: bool,
+    ) -> None:
+        """Hand both sockets to a tunnel: the 101 `head` and what the backend sent after it
+        go to the client first, what the client sent after its request to the backend."""
+        self._push()  # anything queued goes before the 101 and the tunnel's first bytes
+        backend = self.backend
+        assert backend is not None
         head = bytes(self.client.backlog or b"") + head
         request_rest = bytes(backend.backlog or b"")
         to_client = head + backend_rest
@@ -1351,8 +1406,8 @@ class Session:
         if self.timer is not None:
             self.timer.cancel()
         self.phase = DONE
-        client_sock = self.client.detach()
-        backend_sock = backend.detach()
+        client_sock, client_interest = self.client.hand_over()
+        backend_sock, backend_interest = backend.hand_over()
         self.backend = None
         server = self.server
         server.forget(self)
@@ -1366,6 +1421,7 @@ class Session:
             (len(request_rest), len(head)),
             client_eof,
             backend_eof,
+            registered=(client_interest, backend_interest),
             splice=server.splice and not self.client.tls and not backend.tls,
             idle_timeout=self.config.tunnel_idle_timeout,
             keepalive=self.config.tcp_keepalive,
@@ -1392,6 +1448,7 @@ class Session:
         self._close_gracefully()
 
     def _close_gracefully(self) -> None:
+        self.fast_head = None  # the exchange is over, whichever path it was on
         self._drop_backend()
         try:
             self.client.push()
@@ -1494,6 +1551,7 @@ class Session:
         if self.phase == DONE:
             return
         self.phase = DONE
+        self.fast_head = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

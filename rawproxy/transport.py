@@ -418,6 +418,14 @@ class Leg:
         """Half-close: end of stream toward the peer (close_notify first on TLS)."""
         send_close_notify(self.sock)
 
+    def hand_over(self) -> tuple[Stream, int]:
+        """Give the socket to a new owner together with its selector registration (the
+        interest registered now): the owner rebinds it with Loop.modify, which costs no system
+        call when the interest stays the same. This leg no longer touches the selector."""
+        interest = self.interest
+        self.interest = 0
+        return self.sock, interest
+
     def detach(self) -> Stream:
         """Stop watching the socket and hand it over (to a tunnel)."""
         self.want(0)

@@ -33,7 +33,6 @@ from rawproxy.transport import (
     receive_into,
     send_close_notify,
     set_keepalive,
-    set_nodelay,
 )
 
 log = logging.getLogger("rawproxy")
@@ -115,6 +114,7 @@ class TunnelError(Exception):
 
 class Tunnel:
     __slots__ = (
+        "adopted",
         "b2c",
         "backend",
         "backend_fd",
@@ -148,6 +148,7 @@ class Tunnel:
         client_eof: bool,
         backend_eof: bool,
         *,
+        registered: tuple[int, int] = (0, 0),
         splice: bool,
         idle_timeout: float | None,
         keepalive: int,
@@ -159,8 +160,10 @@ class Tunnel:
         self.backend = backend
         self.client_fd = client.fileno()
         self.backend_fd = backend.fileno()
-        self.client_interest = 0
-        self.backend_interest = 0
+        # The sockets may come registered with the loop by their previous owner (`registered`:
+        # the interest of each); the first interest update takes the registrations over.
+        self.client_interest, self.backend_interest = registered
+        self.adopted = False
         # Bound once: the loop recognises a registration by its callback's identity.
         self.on_client = self._on_client
         self.on_backend = self._on_backend
@@ -174,9 +177,9 @@ class Tunnel:
         # to_backend and to_client is HTTP (a request head not sent yet, the 101 head).
         self.c2b.moved = len(to_backend) - uncounted[0]
         self.b2c.moved = len(to_client) - uncounted[1]
-        for sock in (client, backend):
-            set_nodelay(sock)
-            set_keepalive(sock, keepalive)
+        # TCP_NODELAY is on both already (the session sets it on the backend socket; the
+        # client's comes from the listener, like its keepalive): keepalive for the backend.
+        set_keepalive(backend, keepalive)
         self.idle_timeout = idle_timeout
         self.last_active = loop.now
         self.timer: Timer | None = None
@@ -185,10 +188,15 @@ class Tunnel:
 
     def start(self) -> None:
         """Deliver what was read past the heads, then pump. Separate from __init__ so that
-        the owner holds the tunnel before `on_close` can possibly be called."""
-        self._run(self.c2b)
+        the owner holds the tunnel before `on_close` can possibly be called.
+
+        A plain socket is not read here: the selector reports it when bytes or its end of
+        stream are there (a read now would mostly cost a system call for EAGAIN). A TLS one is,
+        as decrypted bytes may wait inside its SSL object. The interest is set once, for both
+        directions, taking the previous owner's registrations over."""
+        self._run(self.c2b, readable=isinstance(self.client, TlsSocket), update=False)
         if self.client_fd >= 0:
-            self._run(self.b2c)
+            self._run(self.b2c, readable=isinstance(self.backend, TlsSocket))
 
     # -- events ----------------------------------------------------------------------------
 
@@ -204,13 +212,14 @@ class Tunnel:
         if mask & WRITE and self.c2b.want == WANT_WRITE and self.client_fd >= 0:
             self._run(self.c2b)
 
-    def _run(self, d: Direction) -> None:
+    def _run(self, d: Direction, readable: bool = True, update: bool = True) -> None:
+        """Move what can be moved in direction `d`; `readable`: its source may have bytes."""
         self.last_active = self.loop.now
         try:
             if self.splice:
-                self._pump_splice(d)
+                self._pump_splice(d, readable)
             else:
-                self._pump_copy(d)
+                self._pump_copy(d, readable)
         except TunnelError as e:
             how = "reset" if e.error.errno in (errno.ECONNRESET, errno.EPIPE) else str(e.error)
             self.close(f"{e.side} {how}", reset=True)
@@ -218,18 +227,33 @@ class Tunnel:
         if self.c2b.want == FINISHED and self.b2c.want == FINISHED:
             self.close(self.ended or "both sides closed")
             return
-        self._update_interest()
+        if update:
+            self._update_interest()
 
     def _update_interest(self) -> None:
         c2b, b2c = self.c2b.want, self.b2c.want
         client = (READ if c2b == WANT_READ else 0) | (WRITE if b2c == WANT_WRITE else 0)
         backend = (READ if b2c == WANT_READ else 0) | (WRITE if c2b == WANT_WRITE else 0)
+        if not self.adopted:
+            self.adopted = True
+            self._adopt(self.client_fd, self.client_interest, client, self.on_client)
+            self._adopt(self.backend_fd, self.backend_interest, backend, self.on_backend)
+            self.client_interest = client
+            self.backend_interest = backend
+            return
         if client != self.client_interest:
             self._set(self.client_fd, self.client_interest, client, self.on_client)
             self.client_interest = client
         if backend != self.backend_interest:
             self._set(self.backend_fd, self.backend_interest, backend, self.on_backend)
             self.backend_interest = backend
+
+    def _adopt(self, fd: int, old: int, new: int, callback: Callable[[int], None]) -> None:
+        """Take over a registration made by the socket's previous owner (old: its interest)."""
+        if old and new:
+            self.loop.modify(fd, new, callback)  # same interest: no system call
+        elif old or new:
+            self._set(fd, old, new, callback)
 
     def _set(self, fd: int, old: int, new: int, callback: Callable[[int], None]) -> None:
         if old == 0:
@@ -271,10 +295,10 @@ class Tunnel:
         d.backlog = None
         return True
 
-    def _pump_splice(self, d: Direction) -> None:
+    def _pump_splice(self, d: Direction, readable: bool = True) -> None:
         src_fd = d.src.fileno()
         dst_fd = d.dst.fileno()
-        drained = False
+        drained = not readable
         for _ in range(ROUNDS):
             if d.backlog is not None and not self._send_backlog(d):
                 return
@@ -334,9 +358,9 @@ class Tunnel:
             d.pipe = None
             d.in_pipe = 0
 
-    def _pump_copy(self, d: Direction) -> None:
+    def _pump_copy(self, d: Direction, readable: bool = True) -> None:
         view = self.loop.read_view
-        drained = False
+        drained = not readable
         for _ in range(ROUNDS):
             if d.backlog is not None and not self._send_backlog(d):
                 return
