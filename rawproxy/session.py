@@ -1209,7 +1209,10 @@ class Session:
             return
         self._fail(502, f"backend {self.current_target.name} {detail}")
 
-    def _drop_backend(self) -> None:
+    def _keep_tls_session(self) -> None:
+        """Keep the backend connection's TLS session for the next connection to its backend.
+        Called once the backend has answered: a TLS 1.3 session ticket comes after the
+        handshake, and by the time an answer was read it has been read too."""
         backend = self.backend
         if (
             backend is not None
@@ -1217,8 +1220,10 @@ class Session:
             and isinstance(backend.sock, TlsSocket)
             and self.target is not None
         ):
-            # By now a TLS 1.3 session ticket (sent after the handshake) has been read.
             self.target.tls_session = backend.sock.session
+
+    def _drop_backend(self) -> None:
+        self._keep_tls_session()
         if self.backend is not None:
             self.backend.close()
             self.backend = None
@@ -1405,6 +1410,7 @@ class Session:
 
         if self.timer is not None:
             self.timer.cancel()
+        self._keep_tls_session()  # the backend connection is the tunnel's from now on
         self.phase = DONE
         client_sock, client_interest = self.client.hand_over()
         backend_sock, backend_interest = backend.hand_over()

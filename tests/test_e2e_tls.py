@@ -918,3 +918,38 @@ def test_two_proxies_chained_http(start_proxy, http_backend, client, pki):
     for req in http_backend.wait_for_requests(2):
         assert set(forwarded_proto(req.headers)) == {b"https"}, req.headers
         assert req.values("host") == [b"app.test"]
+
+
+# --- TLS session resumption toward the backend -----------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["tunnel", "request"])
+def test_backend_tls_sessions_are_resumed(route, make_backend, client, pki, kind):
+    """Each new backend connection offers the session of the last one (as HAProxy and nginx
+    do), for tunnels too: their backend connection is never dropped by the session, so the
+    session (with its TLS 1.3 ticket, which arrives after the handshake) is kept when the
+    tunnel starts."""
+    reused: list[bool] = []
+
+    def script(conn: ScriptedConn) -> None:
+        assert isinstance(conn.sock, TlsStream)
+        reused.append(conn.sock.obj.session_reused)
+        if kind == "tunnel":
+            conn.sock.sendall(RESPONSE_101)
+        else:
+            conn.sock.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+            )
+        conn.read_to_eof()
+
+    backend = make_backend(ScriptedBackend, script, ssl_context=pki.server_context())
+    r = route(backend, False, True, "https")
+    for _ in range(3):
+        with r.client(client) as c:
+            if kind == "tunnel":
+                c.sock.sendall(tunnel_request())
+                assert recv_until(c.sock, bytearray(), b"\r\n\r\n").startswith(b"HTTP/1.1 101")
+            else:
+                assert c.request(simple_get("/", "app.test")).body == b"ok"
+        backend.result()
+    assert reused == [False, True, True]
