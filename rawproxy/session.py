@@ -279,6 +279,12 @@ class Session:
             self.proxy_buffer = bytearray()
         else:
             self._start(tls, b"")
+            if tls is None:
+                # A client usually sends its request as soon as it is connected, and by the
+                # time we accept it is often here: read it now rather than after one more turn
+                # of the loop (an empty socket costs one EAGAIN).
+                self._on_client(READ)
+                return
         self._update_interest()
 
     def _start(self, tls: ssl.SSLContext | None, early: bytes) -> None:
