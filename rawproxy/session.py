@@ -456,11 +456,7 @@ class Session:
                     self._client_drained()
                 if mask & READ and self.phase != DONE:
                     self._read_client()
-                    # Decrypted bytes left inside the SSL object raise no readiness event.
-                    while (
-                        self.client.pending() and self.phase != DONE and self._client_wants_read()
-                    ):
-                        self._read_client()
+                    self._read_client_tls_rest()
             if self.phase != DONE:
                 self._push()
         except _Broken as e:
@@ -468,6 +464,31 @@ class Session:
         except OSError as e:
             self._on_broken("client", e)
         self._update_interest()
+
+    def _read_client_tls_rest(self) -> None:
+        """Decrypted bytes left inside the client's SSL object raise no readiness event: read
+        them while the backend takes what we send (what was queued is sent first, so that a
+        full backend stops the reading; its drain calls this again)."""
+        client = self.client
+        while client.pending() and self.phase != DONE and self._client_wants_read():
+            self._push()
+            if not self._client_wants_read():
+                return
+            self._read_client()
+
+    def _read_backend_tls_rest(self) -> None:
+        """The same for the backend's SSL object, while the client takes what we send."""
+        backend = self.backend
+        while (
+            backend is not None
+            and self.backend is backend
+            and backend.pending()
+            and self._backend_wants_read()
+        ):
+            self._push()
+            if not self._backend_wants_read():
+                return
+            self._read_backend()
 
     def _client_handshake_step(self) -> None:
         try:
@@ -876,8 +897,10 @@ class Session:
     def _client_drained(self) -> None:
         if self.phase == CLOSING:
             self._shutdown_client()
-        elif self.phase == EXCHANGE and self.fast_head is None:
-            self._pump_backend()
+        elif self.phase == EXCHANGE:
+            if self.fast_head is None:
+                self._pump_backend()
+            self._read_backend_tls_rest()
 
     def _to_client(self, event: h11.Event) -> None:
         self.client.queue(self.client_h11.send_with_data_passthrough(event) or ())
@@ -980,12 +1003,10 @@ class Session:
             else:
                 if mask & WRITE and backend.flush():
                     self._pump_client()
+                    self._read_client_tls_rest()
                 if mask & READ and self.backend is backend:
                     self._read_backend()
-                    while (
-                        self.backend is backend and backend.pending() and self._backend_wants_read()
-                    ):
-                        self._read_backend()
+                    self._read_backend_tls_rest()
             if self.phase != DONE:
                 self._push()
         except _Broken as e:
@@ -1309,6 +1330,9 @@ class Session:
     def _next_request(self) -> None:
         pending, closed = self.client_h11.trailing_data
         self.exchange_start = self.loop.now
+        # What an error before the next request is parsed must not read as this exchange's.
+        self.response_started = False
+        self.request = None
         if pending:
             # A pipelined request is already here.
             self.phase = HEAD
