@@ -213,7 +213,8 @@ def backend_request_headers(
     backend's own name); a request without Host (HTTP/1.0) gets `default_host`.
     """
     raw_headers = list(raw_headers)
-    nominated = {t.lower() for t in comma_tokens(raw_headers, b"connection")} - NEVER_NOMINATED
+    nominated = {t.lower() for t in comma_tokens(raw_headers, b"connection")}
+    nominated -= NEVER_NOMINATED
     out: list[Header] = []
     incoming: dict[bytes, list[bytes]] = {}
     host: bytes | None = None
@@ -243,6 +244,8 @@ def backend_request_headers(
     ip = client.ip.encode("ascii")
 
     def passed_on(name: bytes) -> bytes | None:
+        if not incoming:
+            return None  # the usual case: an untrusted client, whose claims were dropped
         values = [v for v in incoming.get(name, ()) if v]
         return b", ".join(values) if values else None
 
