@@ -607,20 +607,14 @@ class Session:
             default_host=backend_target.authority,
             host_override=backend_target.authority if config.backend_host_header else None,
         )
+        self._begin_exchange(request, request_done=True)
         self.route = route
-        self.request = request
         self.backend_request = SimpleRequest(request.method, target, headers)
         self.decision = decision
         self.fast_head = raw
         self.fast_remaining = -1
         self.fast_extra = False
         self.head_bytes = None
-        self.request_at = self.loop.now
-        self.request_done = True
-        self.body_sent = 0
-        self.response_started = False
-        self.response_status = 0
-        self.response_bytes = 0
         self.target = backend_target
         if backend is None:
             self.phase = CONNECTING
@@ -811,14 +805,18 @@ class Session:
         self._to_client(h11.EndOfMessage())
         self._client_cycle_done()
 
-    def _on_request(self, request: h11.Request) -> None:
+    def _begin_exchange(self, request: h11.Request | SimpleRequest, request_done: bool) -> None:
+        """A new request head is in: the state of the exchange starts afresh."""
         self.request = request
         self.request_at = self.loop.now
-        self.request_done = False
+        self.request_done = request_done
         self.body_sent = 0
         self.response_started = False
         self.response_status = 0
         self.response_bytes = 0
+
+    def _on_request(self, request: h11.Request) -> None:
+        self._begin_exchange(request, request_done=False)
         head = self.head_bytes
         self.head_bytes = None
         refused = head_error(head, self.config.max_header_size) if head is not None else None
