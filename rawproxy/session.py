@@ -597,8 +597,6 @@ class Session:
         decision = _NO_UPGRADE
         if request.upgrade_headers:
             decision = decide_upgrade(request.raw)
-            if decision.considered and log.isEnabledFor(logging.DEBUG):
-                log.debug("%s upgrade decision: %s", self.peer, decision.reason)
         headers = backend_request_headers(
             request.raw,
             decision,
@@ -608,6 +606,8 @@ class Session:
             host_override=backend_target.authority if config.backend_host_header else None,
         )
         self._begin_exchange(request, request_done=True)
+        if decision.considered and log.isEnabledFor(logging.DEBUG):
+            log.debug("%s upgrade decision: %s", self._describe(), decision.reason)
         self.route = route
         self.backend_request = SimpleRequest(request.method, target, headers)
         self.decision = decision
@@ -663,9 +663,10 @@ class Session:
                 raise h11.LocalProtocolError(f"h11 read {request!r}, {end!r}")
             self._give_held_bytes_to_h11()
             backend_request = h11.Request(method=sent.method, target=sent.target, headers=sent.raw)
-            if self.backend_h11 is not None:
-                self.backend_h11.send(backend_request)
-                self.backend_h11.send(h11.EndOfMessage())
+            if self.backend is not None:
+                machine = self._backend_machine()
+                machine.send(backend_request)
+                machine.send(h11.EndOfMessage())
         except h11.ProtocolError as e:
             log.error("%s fast path and h11 disagree on a request: %s", self._describe(), e)
             self._close(reset=True)
@@ -941,9 +942,7 @@ class Session:
             return
         self.connect_started = self.loop.now
         self.backend = Leg(self.loop, sock, self._on_backend)
-        self.backend_h11 = h11.Connection(
-            h11.CLIENT, max_incomplete_event_size=self.config.max_header_size
-        )
+        self.backend_h11 = None  # made when an exchange on this connection needs h11
         self.backend_state = _TCP_CONNECTING
         self.backend_reused = False
         self._arm(self.config.connect_timeout, self._on_timeout)
@@ -1060,15 +1059,23 @@ class Session:
             self._to_backend(h11.EndOfMessage())
         self._pump_client()
 
+    def _backend_machine(self) -> h11.Connection:
+        """The h11 machine of the backend connection, made on first use: an exchange on the
+        fast path never needs it (and a WebSocket handshake's connection is a tunnel next)."""
+        machine = self.backend_h11
+        if machine is None:
+            machine = self.backend_h11 = h11.Connection(
+                h11.CLIENT, max_incomplete_event_size=self.config.max_header_size
+            )
+        return machine
+
     def _to_backend(self, event: h11.Event) -> None:
         assert self.backend is not None
-        assert self.backend_h11 is not None
-        self.backend.queue(self.backend_h11.send_with_data_passthrough(event) or ())
+        self.backend.queue(self._backend_machine().send_with_data_passthrough(event) or ())
 
     def _read_backend(self) -> None:
         backend = self.backend
         assert backend is not None
-        assert self.backend_h11 is not None
         data = backend.receive()
         if data is None:
             return
@@ -1085,7 +1092,7 @@ class Session:
         if self.fast_head is not None:
             self._relay_simple_response(data)
             return
-        self.backend_h11.receive_data(data)  # type: ignore[arg-type]
+        self._backend_machine().receive_data(data)  # type: ignore[arg-type]
         self._pump_backend()
 
     def _pump_backend(self) -> None:

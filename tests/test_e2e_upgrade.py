@@ -342,3 +342,24 @@ def test_refused_upgrade_stays_http(proxy, http_backend, client, status, pipelin
     assert refused.values("upgrade") == [b"websocket"]
     assert after.target == b"/after-refusal"
     assert after.values("x-forwarded-for") == [b"127.0.0.1"], "not parsed by the proxy"
+
+
+@pytest.mark.parametrize("path", ["fast", "h11"])
+def test_debug_log_names_the_request_and_the_deciding_headers(
+    start_proxy, ws_backend, client, path
+):
+    """`--log-level debug` says, for each request with upgrade headers, which request it was
+    and the header values that decided, on the fast path as on the h11 path (bare LF line
+    ends, which h11 reads and the fast path leaves to it)."""
+    proxy = start_proxy(ws_backend.port, "--log-level", "debug")
+    subs = handshake_subs(proxy.port)
+    head = load_capture("firefox-128-legacy.txt", **subs)
+    if path == "h11":
+        head = head.replace(b"\r\n", b"\n")
+    c = client(proxy.port)
+    c.send(head)
+    _, _, _, raw = c.read_head()
+    assert raw.startswith(b"HTTP/1.1 101 "), raw
+    line = proxy.wait_for_log("upgrade decision")
+    assert '"GET /chat?room=1 HTTP/1.1" upgrade decision: upgrade to websocket' in line, line
+    assert "(Connection: 'keep-alive, Upgrade'; Upgrade: 'websocket')" in line, line
