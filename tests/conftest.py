@@ -79,8 +79,42 @@ def http_backend() -> Iterator[peers.HttpBackend]:
     yield backend
     backend.gate.set()
     backend.stop()
-    bad = [e for e in backend.protocol_errors if not e.startswith("incomplete:")]
-    assert not bad, f"the backend received malformed HTTP from the proxy: {bad}"
+    peers.assert_no_malformed_http(backend)
+
+
+@pytest.fixture
+def make_backend() -> Iterator[Callable[..., Any]]:
+    """`make_backend(cls=HttpBackend, *args, ssl_context=None)` starts a backend (TLS with a
+    context); all are stopped at teardown, and an HttpBackend that received malformed HTTP
+    fails the test."""
+    made: list[Any] = []
+
+    def make(cls: type = peers.HttpBackend, *args: Any, ssl_context: Any = None) -> Any:
+        backend = cls(*args, ssl_context=ssl_context)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        if isinstance(backend, peers.HttpBackend):
+            backend.gate.set()
+        backend.stop()
+    for backend in made:
+        if isinstance(backend, peers.HttpBackend):
+            peers.assert_no_malformed_http(backend)
+
+
+@pytest.fixture
+def port80_backend() -> Iterator[peers.HttpBackend]:
+    """An HttpBackend on 127.0.0.1:80, for a backend URL without a port (skipped where port
+    80 cannot be had: not root, or in use)."""
+    try:
+        backend = peers.HttpBackend(port=80)
+    except OSError as e:
+        pytest.skip(f"cannot listen on 127.0.0.1:80: {e}")
+    yield backend
+    backend.stop()
+    peers.assert_no_malformed_http(backend)
 
 
 @pytest.fixture

@@ -579,6 +579,13 @@ class ReceivedRequest:
         return header_values(self.headers, name)
 
 
+def assert_no_malformed_http(backend: HttpBackend) -> None:
+    """What the proxy sent `backend` was well-formed HTTP (a request cut short at teardown
+    does not count)."""
+    bad = [e for e in backend.protocol_errors if not e.startswith("incomplete:")]
+    assert not bad, f"the backend received malformed HTTP from the proxy: {bad}"
+
+
 class HttpBackend(Server):
     """An HTTP/1.1 origin (h11, server role) that records what it receives.
 

@@ -67,23 +67,6 @@ def launch() -> Iterator[Callable[..., ProxyProcess]]:
 
 
 @pytest.fixture
-def make_backend() -> Iterator[Callable[[], HttpBackend]]:
-    made: list[HttpBackend] = []
-
-    def make() -> HttpBackend:
-        backend = HttpBackend()
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        backend.stop()
-    for backend in made:
-        bad = [e for e in backend.protocol_errors if not e.startswith("incomplete:")]
-        assert not bad, f"the backend received malformed HTTP from the proxy: {bad}"
-
-
-@pytest.fixture
 def write(tmp_path: Path) -> Callable[[str, str], Path]:
     def write_file(name: str, text: str) -> Path:
         path = tmp_path / name

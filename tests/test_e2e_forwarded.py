@@ -17,13 +17,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from peers import (
     Header,
-    HttpBackend,
     ProxyProcess,
     WsBackend,
     header_values,
@@ -59,26 +57,6 @@ FORGED_VALUES = [b"6.6.6.6", b"7.7.7.7", b"8.8.8.8", b"9.9.9.9", b"gopher", b"ev
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(tmp_path_factory.mktemp("pki-forwarded"))
-
-
-@pytest.fixture
-def make_backend() -> Iterator[Callable[..., Any]]:
-    made: list[Any] = []
-
-    def make(cls: type = HttpBackend) -> Any:
-        backend = cls()
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        if isinstance(backend, HttpBackend):
-            backend.gate.set()
-        backend.stop()
-    for backend in made:
-        if isinstance(backend, HttpBackend):
-            bad = [e for e in backend.protocol_errors if not e.startswith("incomplete:")]
-            assert not bad, f"the backend received malformed HTTP from the proxy: {bad}"
 
 
 def split_outside_quotes(text: str, sep: str) -> list[str]:
@@ -566,20 +544,6 @@ def test_backend_host_header(launch, make_backend, client):
     _, got = parse_head(head)
     assert header_values(got, "host") == [f"127.0.0.1:{ws.port}".encode()]
     assert header_values(got, "x-forwarded-host") == [b"public.test"]
-
-
-@pytest.fixture
-def port80_backend() -> Iterator[HttpBackend]:
-    """An HttpBackend on 127.0.0.1:80, for a backend URL without a port (skipped where port
-    80 cannot be had: not root, or in use)."""
-    try:
-        backend = HttpBackend(port=80)
-    except OSError as e:
-        pytest.skip(f"cannot listen on 127.0.0.1:80: {e}")
-    yield backend
-    backend.stop()
-    bad = [e for e in backend.protocol_errors if not e.startswith("incomplete:")]
-    assert not bad, f"the backend received malformed HTTP from the proxy: {bad}"
 
 
 @pytest.mark.parametrize("spelling", ["http://127.0.0.1", "http://127.0.0.1:80", "127.0.0.1:80"])

@@ -25,6 +25,7 @@ from peers import (
     HttpClient,
     ProxyProcess,
     admin_get,
+    assert_no_malformed_http,
     connect,
     open_websocket,
     request_bytes,
@@ -339,8 +340,7 @@ def backends() -> Iterator[dict[str, HttpBackend]]:
         backend.gate.set()
         backend.stop()
     for backend in made.values():
-        bad = [e for e in backend.protocol_errors if not e.startswith("incomplete:")]
-        assert not bad, bad
+        assert_no_malformed_http(backend)
 
 
 def test_sighup_rereads_the_config_file_for_new_connections(

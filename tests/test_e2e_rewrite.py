@@ -172,20 +172,6 @@ def test_default_ports_equal_no_port(launch, make_backend, client):
     )
 
 
-@pytest.fixture
-def port80_backend() -> Iterator[HttpBackend]:
-    """An HttpBackend on 127.0.0.1:80, for a backend URL without a port (skipped where port
-    80 cannot be had: not root, or in use)."""
-    try:
-        backend = HttpBackend(port=80)
-    except OSError as e:
-        pytest.skip(f"cannot listen on 127.0.0.1:80: {e}")
-    yield backend
-    backend.stop()
-    bad = [e for e in backend.protocol_errors if not e.startswith("incomplete:")]
-    assert not bad, f"the backend received malformed HTTP from the proxy: {bad}"
-
-
 @pytest.mark.parametrize("spelling", ["http://127.0.0.1", "http://127.0.0.1:80", "127.0.0.1:80"])
 def test_backend_origin_without_a_port(launch, port80_backend, client, spelling):
     proxy = launch("--backend", spelling)

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -41,30 +40,6 @@ from wsproto.events import CloseConnection
 HOST = "app.test"
 
 # --- fixtures and helpers -------------------------------------------------------------------
-
-
-@pytest.fixture
-def make_backend() -> Iterator[Callable[..., Any]]:
-    """`make_backend(cls)` starts an HttpBackend or WsBackend; all are stopped at teardown, and
-    an HttpBackend that received malformed HTTP fails the test."""
-    made: list[Any] = []
-
-    def make(cls: type = HttpBackend) -> Any:
-        backend = cls()
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        if isinstance(backend, HttpBackend):
-            backend.gate.set()
-        backend.stop()
-    for backend in made:
-        if isinstance(backend, HttpBackend):
-            bad = [e for e in backend.protocol_errors if not e.startswith("incomplete:")]
-            assert not bad, f"the backend received malformed HTTP from the proxy: {bad}"
-        else:
-            assert not backend.errors, backend.errors
 
 
 def url(backend: Any, path: str = "", scheme: str = "http") -> str:

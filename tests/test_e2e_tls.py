@@ -26,7 +26,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,28 +70,6 @@ MiB = 1024 * 1024
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-def make_backend() -> Iterator[Callable[..., Any]]:
-    """`make_backend(cls, *args, ssl_context=...)` starts a backend (TLS with a context); all
-    are stopped at teardown, and an HttpBackend that received malformed HTTP fails the test."""
-    made: list[Any] = []
-
-    def make(cls: type, *args: Any, ssl_context: ssl.SSLContext | None = None) -> Any:
-        backend = cls(*args, ssl_context=ssl_context)
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        if isinstance(backend, HttpBackend):
-            backend.gate.set()
-        backend.stop()
-    for backend in made:
-        if isinstance(backend, HttpBackend):
-            bad = [e for e in backend.protocol_errors if not e.startswith("incomplete:")]
-            assert not bad, f"the backend received malformed HTTP from the proxy: {bad}"
 
 
 def cert_flags(*certs: CertFiles) -> list[str]:
