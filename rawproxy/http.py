@@ -213,13 +213,15 @@ def backend_request_headers(
     backend's own name); a request without Host (HTTP/1.0) gets `default_host`.
     """
     raw_headers = list(raw_headers)
-    nominated = {t.lower() for t in comma_tokens(raw_headers, b"connection")}
-    nominated -= NEVER_NOMINATED
+    lowers = [name.lower() for name, _ in raw_headers]
+    nominated: set[bytes] = set()
+    if b"connection" in lowers:
+        nominated = {t.lower() for t in comma_tokens(raw_headers, b"connection")}
+        nominated -= NEVER_NOMINATED
     out: list[Header] = []
     incoming: dict[bytes, list[bytes]] = {}
     host: bytes | None = None
-    for name, value in raw_headers:
-        lower = name.lower()
+    for lower, (name, value) in zip(lowers, raw_headers, strict=True):
         if lower in HOP_BY_HOP or lower in nominated:
             continue
         if lower in FORWARDED_HEADERS:
@@ -243,11 +245,14 @@ def backend_request_headers(
     port = str(client.port).encode("ascii")
     ip = client.ip.encode("ascii")
 
-    def passed_on(name: bytes) -> bytes | None:
-        if not incoming:
-            return None  # the usual case: an untrusted client, whose claims were dropped
-        values = [v for v in incoming.get(name, ()) if v]
-        return b", ".join(values) if values else None
+    # What a trusted proxy said, per header, joined; empty in the usual case (an untrusted
+    # client, whose claims were dropped).
+    joined: dict[bytes, bytes] = {}
+    for key, claims in incoming.items():
+        nonempty = [v for v in claims if v]
+        if nonempty:
+            joined[key] = b", ".join(nonempty)
+    passed_on = joined.get
 
     # Each family of forwarded headers is either ours in this mode (extended, or created) or
     # passed on as a trusted proxy sent it (and dropped for anyone else: `incoming` is empty).
@@ -287,11 +292,14 @@ def client_response_headers(raw_headers: Iterable[Header], switching: bool) -> l
     For a 101 the backend's Upgrade value is kept and `Connection: upgrade` is sent.
     """
     raw_headers = list(raw_headers)
-    nominated = {t.lower() for t in comma_tokens(raw_headers, b"connection")} - NEVER_NOMINATED
-    chunked = any(name.lower() == b"transfer-encoding" for name, _ in raw_headers)
+    lowers = [name.lower() for name, _ in raw_headers]
+    nominated: set[bytes] = set()
+    if b"connection" in lowers:
+        nominated = {t.lower() for t in comma_tokens(raw_headers, b"connection")}
+        nominated -= NEVER_NOMINATED
+    chunked = b"transfer-encoding" in lowers
     out: list[Header] = []
-    for name, value in raw_headers:
-        lower = name.lower()
+    for lower, (name, value) in zip(lowers, raw_headers, strict=True):
         if switching and lower == b"upgrade":
             out.append((name, value))
             continue
@@ -327,7 +335,13 @@ _SIMPLE_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.1
 _SIMPLE_STATUS_LINE = re.compile(rb"HTTP/1\.1 ([1-5][0-9][0-9]) ([\x21-\x7e \t]*)\r\n")
 _SIMPLE_HEADER = rb"(" + _TOKEN + rb"):[ \t]*(" + _VALUE + rb")[ \t]*\r\n"
 _SIMPLE_HEADER_LINE = re.compile(_SIMPLE_HEADER)
-_SIMPLE_HEADER_BLOCK = re.compile(rb"(?:" + _SIMPLE_HEADER + rb")*\r\n")
+# A whole head in one match: start line, then (group 3) the header lines, then the empty line.
+_SIMPLE_REQUEST_HEAD = re.compile(
+    _SIMPLE_REQUEST_LINE.pattern[:-4] + rb"\r\n((?:" + _SIMPLE_HEADER + rb")*)\r\n"
+)
+_SIMPLE_RESPONSE_HEAD = re.compile(
+    _SIMPLE_STATUS_LINE.pattern[:-4] + rb"\r\n((?:" + _SIMPLE_HEADER + rb")*)\r\n"
+)
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 # Request headers that send a request to h11: chunked framing and 100-continue are its job.
 _NOT_SIMPLE_REQUEST = frozenset({b"transfer-encoding", b"expect"})
@@ -375,13 +389,10 @@ def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:
     size = len(data)
     if size > max_size or not data.endswith(b"\r\n\r\n"):
         return None
-    line = _SIMPLE_REQUEST_LINE.match(data)
-    if line is None or line[1] == b"CONNECT":  # h11 treats CONNECT as a protocol switch
+    head = _SIMPLE_REQUEST_HEAD.fullmatch(data)
+    if head is None or head[1] == b"CONNECT":  # h11 treats CONNECT as a protocol switch
         return None
-    start = line.end()
-    if _SIMPLE_HEADER_BLOCK.fullmatch(data, start) is None:
-        return None
-    raw = _SIMPLE_HEADER_LINE.findall(data, start)
+    raw = _SIMPLE_HEADER_LINE.findall(data, head.start(3), head.end(3))
     hosts = 0
     lengths = 0
     upgrade_headers = False
@@ -403,7 +414,7 @@ def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:
             upgrade_headers = True
     if hosts != 1:
         return None
-    return SimpleRequest(line[1], line[2], raw, upgrade_headers=upgrade_headers)
+    return SimpleRequest(head[1], head[2], raw, upgrade_headers=upgrade_headers)
 
 
 def parse_simple_response(data: bytes, upgrade: bool = False) -> SimpleResponse | None:
@@ -413,19 +424,15 @@ def parse_simple_response(data: bytes, upgrade: bool = False) -> SimpleResponse 
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return None
-    head = data[: end + 4]
-    line = _SIMPLE_STATUS_LINE.match(head)
-    if line is None:
+    head = _SIMPLE_RESPONSE_HEAD.fullmatch(data, 0, end + 4)
+    if head is None:
         return None
-    status = int(line[1])
+    status = int(head[1])
     if status in (204, 304) or (status < 200 and (status != 101 or not upgrade)):
         return None
-    start = line.end()
-    if _SIMPLE_HEADER_BLOCK.fullmatch(head, start) is None:
-        return None
-    raw = _SIMPLE_HEADER_LINE.findall(head, start)
+    raw = _SIMPLE_HEADER_LINE.findall(data, head.start(3), head.end(3))
     if status == 101:
-        return SimpleResponse(status, line[2], raw, end + 4, 0)
+        return SimpleResponse(status, head[2], raw, end + 4, 0)
     length = -1
     for name, value in raw:
         lower = name.lower()
@@ -439,7 +446,7 @@ def parse_simple_response(data: bytes, upgrade: bool = False) -> SimpleResponse 
             return None
     if length < 0:
         return None
-    return SimpleResponse(status, line[2], raw, end + 4, length)
+    return SimpleResponse(status, head[2], raw, end + 4, length)
 
 
 def write_head(start_line: bytes, headers: Iterable[Header]) -> bytes:

@@ -470,6 +470,8 @@ class Session:
         them while the backend takes what we send (what was queued is sent first, so that a
         full backend stops the reading; its drain calls this again)."""
         client = self.client
+        if not client.tls:
+            return
         while client.pending() and self.phase != DONE and self._client_wants_read():
             self._push()
             if not self._client_wants_read():
@@ -479,12 +481,9 @@ class Session:
     def _read_backend_tls_rest(self) -> None:
         """The same for the backend's SSL object, while the client takes what we send."""
         backend = self.backend
-        while (
-            backend is not None
-            and self.backend is backend
-            and backend.pending()
-            and self._backend_wants_read()
-        ):
+        if backend is None or not backend.tls:
+            return
+        while self.backend is backend and backend.pending() and self._backend_wants_read():
             self._push()
             if not self._backend_wants_read():
                 return
@@ -741,6 +740,11 @@ class Session:
         self.request = None
         if self.draining:
             self._close_gracefully()
+            return
+        if self.fast_pending is None and not self.fast_client_eof:
+            # The usual case: nothing came meanwhile, and h11 holds nothing (a fast exchange
+            # starts only on an idle machine with an empty buffer).
+            self._await_request(b"", False)
             return
         self._give_held_bytes_to_h11()  # pipelined requests, or the client's end: h11's now
         self._next_request()
@@ -1334,6 +1338,11 @@ class Session:
 
     def _next_request(self) -> None:
         pending, closed = self.client_h11.trailing_data
+        self._await_request(pending, closed)
+
+    def _await_request(self, pending: bytes, closed: bool) -> None:
+        """Between exchanges: `pending` is what the client sent after its last request,
+        `closed` whether it ended its side."""
         self.exchange_start = self.loop.now
         # What an error before the next request is parsed must not read as this exchange's.
         self.response_started = False

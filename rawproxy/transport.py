@@ -330,10 +330,17 @@ class Leg:
         """Read what is there into the loop's shared buffer; return a view of it (empty at
         end of stream) or None when nothing can be read now. The view is valid until the
         next read by anyone."""
-        n = receive_into(self.sock, self.loop.read_view)
-        if n < 0:
-            return None
-        return self.loop.read_view[:n]
+        view = self.loop.read_view
+        if self.tls:
+            n = receive_into(self.sock, view)
+            if n < 0:
+                return None
+        else:
+            try:
+                n = self.sock.recv_into(view)
+            except WOULD_BLOCK:
+                return None
+        return view[:n]
 
     def queue(self, parts: Sequence[Buffer]) -> None:
         """Add `parts` to what `push()` will send: the owner queues everything one event
@@ -364,6 +371,17 @@ class Leg:
         if self.backlog is not None:
             for part in parts:
                 self.backlog += part
+            return False
+        if len(parts) == 1:
+            # The usual case: one piece, sent with one call and nothing to split up.
+            data = parts[0]
+            try:
+                sent = self.sock.send(data) if len(data) else 0
+            except WOULD_BLOCK:
+                sent = 0
+            if sent == len(data):
+                return True
+            self.backlog = bytearray(memoryview(data)[sent:])
             return False
         parts = [p for p in parts if len(p)]
         if not parts:
