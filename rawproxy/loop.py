@@ -24,6 +24,8 @@ READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
 
 READ_BUFFER_SIZE = 256 * 1024
+# The timer heap is first checked for cancelled entries at this size.
+PRUNE_MIN = 1024
 
 Callback = Callable[[int], None]
 
@@ -49,7 +51,8 @@ class Loop:
         self.callbacks: dict[int, Callback] = {}
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
-        self._cancelled_hint = 0
+        # The heap size at which _run_timers next looks for cancelled entries to drop.
+        self._prune_at = PRUNE_MIN
         self.running = False
         self.read_buffer = bytearray(READ_BUFFER_SIZE)
         self.read_view = memoryview(self.read_buffer)
@@ -92,11 +95,14 @@ class Loop:
             self._guarded(timer.callback)
         # Cancelled timers are normally popped when due; when many are cancelled early (every
         # finished request cancels one) rebuild the heap so it does not grow with traffic.
-        if len(timers) > 1024:
+        # Looked at only when the heap has doubled since the last look: with thousands of live
+        # timers (idle connections) a look on every turn would cost the whole heap each time.
+        if len(timers) > self._prune_at:
             live = [entry for entry in timers if not entry[2].cancelled]
             if len(live) < len(timers) // 2:
                 heapq.heapify(live)
                 self._timers = live
+            self._prune_at = max(PRUNE_MIN, 2 * len(live))
 
     def _next_timeout(self) -> float | None:
         timers = self._timers
