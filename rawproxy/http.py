@@ -74,16 +74,26 @@ class UpgradeDecision:
     """Whether a request asks to switch protocols, and why (for the debug log).
 
     `upgrade` is the Upgrade value to send to the backend (refused protocols removed) when
-    the request is an upgrade, else None.
+    the request is an upgrade, else None. `reason` is written only when asked for (the debug
+    log): `why`, and the Connection and Upgrade values it was decided on.
     """
 
     upgrade: bytes | None
-    reason: str
+    why: str
     considered: bool = True  # False for requests with neither Upgrade nor the Connection token
+    connection: tuple[bytes, ...] | None = None
+    upgrade_lines: tuple[bytes, ...] = ()
 
     @property
     def is_upgrade(self) -> bool:
         return self.upgrade is not None
+
+    @property
+    def reason(self) -> str:
+        if self.connection is None:
+            return self.why
+        shown = f"Connection: {_show(self.connection)}; Upgrade: {_show(self.upgrade_lines)}"
+        return f"{self.why} ({shown})"
 
 
 def decide_upgrade(headers: Iterable[Header]) -> UpgradeDecision:
@@ -95,32 +105,52 @@ def decide_upgrade(headers: Iterable[Header]) -> UpgradeDecision:
     matters: not the protocol's name or case, not the other Connection tokens (Firefox's
     `keep-alive, Upgrade`), not how many lines the headers were split over.
     """
-    headers = list(headers)
-    connection = _header_values(headers, b"connection")
-    upgrade_lines = _header_values(headers, b"upgrade")
-    shown = f"Connection: {_show(connection)}; Upgrade: {_show(upgrade_lines)}"
-    has_token = any(token.lower() == b"upgrade" for token in comma_tokens(headers, b"connection"))
+    connection: list[bytes] = []
+    upgrade_lines: list[bytes] = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"connection":
+            connection.append(value)
+        elif lower == b"upgrade":
+            upgrade_lines.append(value)
+    has_token = False
+    for line in connection:
+        lowered = line.lower()
+        if b"upgrade" in lowered and b"upgrade" in _split_tokens(lowered):
+            has_token = True
+            break
+    seen = (tuple(connection), tuple(upgrade_lines))
     if not upgrade_lines:
         if has_token:
-            return UpgradeDecision(None, f"not an upgrade: no Upgrade header ({shown})")
-        return UpgradeDecision(None, f"not an upgrade ({shown})", considered=False)
+            return UpgradeDecision(None, "not an upgrade: no Upgrade header", True, *seen)
+        return UpgradeDecision(None, "not an upgrade", False, *seen)
     if not has_token:
         return UpgradeDecision(
-            None, f"not an upgrade: Connection does not list 'upgrade', Upgrade dropped ({shown})"
+            None, "not an upgrade: Connection does not list 'upgrade', Upgrade dropped", True, *seen
         )
-    offered = comma_tokens(headers, b"upgrade")
     kept = [
-        p for p in offered if p.split(b"/", 1)[0].strip().lower() not in REFUSED_UPGRADE_PROTOCOLS
+        p
+        for line in upgrade_lines
+        for p in _split_tokens(line)
+        if p.split(b"/", 1)[0].strip().lower() not in REFUSED_UPGRADE_PROTOCOLS
     ]
     if not kept:
         return UpgradeDecision(
-            None, f"not an upgrade: only refused protocols (h2c, h2) offered ({shown})"
+            None, "not an upgrade: only refused protocols (h2c, h2) offered", True, *seen
         )
     value = b", ".join(kept)
-    return UpgradeDecision(value, f"upgrade to {value.decode('latin-1')} ({shown})")
+    return UpgradeDecision(value, f"upgrade to {value.decode('latin-1')}", True, *seen)
 
 
-def _show(values: list[bytes]) -> str:
+def _split_tokens(line: bytes) -> list[bytes]:
+    """The comma-separated elements of one header line, trimmed, empty ones dropped."""
+    if b"," not in line:
+        line = line.strip(b" \t")
+        return [line] if line else []
+    return [t for t in (e.strip(b" \t") for e in line.split(b",")) if t]
+
+
+def _show(values: tuple[bytes, ...]) -> str:
     if not values:
         return "(absent)"
     return " | ".join(repr(v.decode("latin-1")) for v in values)
@@ -381,7 +411,10 @@ class SimpleResponse:
 
 
 def _only_tokens(value: bytes, allowed: frozenset[bytes]) -> bool:
-    return all(token.strip(b" \t").lower() in allowed for token in value.split(b","))
+    lowered = value.lower()
+    if lowered in allowed:  # the usual single token
+        return True
+    return all(token.strip(b" \t") in allowed for token in lowered.split(b","))
 
 
 def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:

@@ -26,7 +26,7 @@ from rawproxy.session import DONE, Session
 from rawproxy.systemd import Notifier
 from rawproxy.tls import ServerTLS, backend_context
 from rawproxy.transport import set_keepalive, set_nodelay
-from rawproxy.tunnel import PipePool, Tunnel
+from rawproxy.tunnel import LaterKeepalive, PipePool, Tunnel
 
 log = logging.getLogger("rawproxy")
 
@@ -288,6 +288,7 @@ class Server:
         self.reread = reread
         self.loop = Loop()
         self.pipes = PipePool()
+        self.later_keepalive = LaterKeepalive(self.loop)
         self.splice = config.splice and hasattr(os, "splice")
         self.connections: set[Connection] = set()
         # Listening sockets with what they came from: a ListenAddress, or a systemd name.
@@ -648,6 +649,7 @@ class Server:
             connection.shutdown()
         self.connections.clear()
         self.pipes.close()
+        self.later_keepalive.close()
         self.notifier.close()
         self.access.close()
         self.loop.close()

@@ -16,11 +16,13 @@ when the proxy shuts down.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 
@@ -84,6 +86,48 @@ class PipePool:
             os.close(r)
             os.close(w)
         self.free.clear()
+
+
+class LaterKeepalive:
+    """TCP keepalive for the backend legs of tunnels that outlive `delay`, set in batches.
+
+    Keepalive is there to notice a backend that vanished from under a long idle tunnel; a tunnel
+    that ends within a second (a health check, a page that navigates away) does not need it,
+    and setting it costs four system calls. So backend sockets are queued when their tunnel
+    starts and set up once `delay` has passed, if still open, by a timer that runs at most
+    every delay/4 (the first probe goes out at most that much later than it would have).
+    Client legs need none of this: they inherit keepalive from the listening socket. Only the
+    socket object waits here (a closed one says so by fileno() -1), not the tunnel."""
+
+    def __init__(self, loop: Loop, delay: float = 1.0) -> None:
+        self.loop = loop
+        self.delay = delay
+        self.waiting: collections.deque[tuple[float, socket.socket, int]] = collections.deque()
+        self.timer: Timer | None = None
+
+    def add(self, sock: Stream, idle: int) -> None:
+        raw = sock.raw if isinstance(sock, TlsSocket) else sock
+        self.waiting.append((self.loop.now + self.delay, raw, idle))
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.delay, self._run)
+
+    def _run(self) -> None:
+        self.timer = None
+        now = self.loop.now
+        waiting = self.waiting
+        while waiting and waiting[0][0] <= now:
+            _, sock, idle = waiting.popleft()
+            if sock.fileno() >= 0:
+                set_keepalive(sock, idle)
+        if waiting:
+            wait = max(waiting[0][0] - now, self.delay / 4)
+            self.timer = self.loop.call_later(wait, self._run)
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.waiting.clear()
 
 
 class Direction:
@@ -153,6 +197,7 @@ class Tunnel:
         idle_timeout: float | None,
         keepalive: int,
         on_close: Callable[[Tunnel, str, float], None],
+        later_keepalive: LaterKeepalive | None = None,
     ) -> None:
         self.loop = loop
         self.pipes = pipes
@@ -178,8 +223,14 @@ class Tunnel:
         self.c2b.moved = len(to_backend) - uncounted[0]
         self.b2c.moved = len(to_client) - uncounted[1]
         # TCP_NODELAY is on both already (the session sets it on the backend socket; the
-        # client's comes from the listener, like its keepalive): keepalive for the backend.
-        set_keepalive(backend, keepalive)
+        # client's comes from the listener, like its keepalive): keepalive for the backend, at
+        # once or, with `later_keepalive`, if the tunnel lasts. A new socket has it off, so 0
+        # needs nothing.
+        if keepalive > 0:
+            if later_keepalive is not None:
+                later_keepalive.add(backend, keepalive)
+            else:
+                set_keepalive(backend, keepalive)
         self.idle_timeout = idle_timeout
         self.last_active = loop.now
         self.timer: Timer | None = None

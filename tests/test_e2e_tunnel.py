@@ -310,6 +310,65 @@ def test_tunnel_idle_timeout_spares_active_tunnel(open_tunnel):
     assert kind in ("eof", "reset")
 
 
+# --- TCP keepalive --------------------------------------------------------------------------
+
+
+def tcp_timers() -> dict[tuple[int, int], tuple[int, int]]:
+    """(local port, remote port) -> (timer kind, seconds to expiry) of every TCP socket on this
+    host, from /proc/net/tcp{,6}. Kind 2 is the keepalive timer, 0 no timer."""
+    found = {}
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(name) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                local = int(fields[1].rsplit(":", 1)[1], 16)
+                remote = int(fields[2].rsplit(":", 1)[1], 16)
+                kind, when = fields[5].split(":")
+                found[(local, remote)] = (int(kind, 16), int(when, 16) // 100)
+    return found
+
+
+@pytest.mark.parametrize("idle", [45, 0])
+def test_both_legs_of_a_lasting_tunnel_get_the_keepalive_asked_for(open_tunnel, idle):
+    """--tcp-keepalive: the client leg inherits it from the listening socket, the backend leg
+    gets it once the tunnel has lasted a second. Seen from the kernel's side: the socket's
+    keepalive timer, due in at most `idle` seconds (not the system's two hours)."""
+
+    def hold(sc: ScriptedConn):
+        sc.sock.sendall(RESPONSE_101)
+        return sc.read_to_eof()
+
+    t = open_tunnel(hold, "--tcp-keepalive", str(idle))
+    client_port = t.sock.getsockname()[1]
+
+    def legs():
+        timers = tcp_timers()
+        client_leg = timers.get((t.proxy.port, client_port))
+        backend_leg = [v for (_, remote), v in timers.items() if remote == t.backend.port]
+        return client_leg, backend_leg
+
+    deadline = time.monotonic() + (5 if idle else 1.5)
+    while True:
+        client_leg, backend_leg = legs()
+        done = client_leg and backend_leg and client_leg[0] == 2 and backend_leg[0][0] == 2
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert client_leg is not None
+    assert len(backend_leg) == 1  # the proxy's one connection to the backend
+    if idle:
+        assert client_leg[0] == 2, client_leg
+        assert backend_leg[0][0] == 2, backend_leg
+        assert 0 < client_leg[1] <= idle
+        assert 0 < backend_leg[0][1] <= idle
+    else:
+        assert client_leg[0] == 0, client_leg
+        assert backend_leg[0][0] == 0, backend_leg
+    t.sock.shutdown(socket.SHUT_WR)
+    assert t.backend.result(10) == (0, sha256(b""))
+
+
 # --- a side that does not read --------------------------------------------------------------
 
 SLOW_TOTAL = 256 * MiB

@@ -1,7 +1,8 @@
-"""The event loop's timer heap."""
+"""The event loop's timer heap, and the batch that sets keepalive on long-lived tunnels."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 
@@ -9,6 +10,7 @@ import pytest
 
 from rawproxy import loop as loop_module
 from rawproxy.loop import Loop, Timer
+from rawproxy.tunnel import LaterKeepalive
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -71,3 +73,53 @@ def test_many_live_timers_are_not_scanned_on_every_turn(
     for _ in range(200):
         loop._run_timers()
     assert looks < 1000, f"200 turns looked at timers {looks} times"
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket, socket.socket]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(listener.getsockname())
+    b, _ = listener.accept()
+    return listener, a, b
+
+
+def keepalive_on(sock: socket.socket) -> bool:
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
+
+
+def test_later_keepalive_sets_it_on_sockets_that_stay_open(loop: Loop) -> None:
+    """Driven by hand (loop.now set, the batch run directly): no sleeping, no timing luck."""
+    listener, early, peer = tcp_pair()
+    listener2, late, peer2 = tcp_pair()
+    gone = socket.socket()
+    batch = LaterKeepalive(loop, delay=10)
+    try:
+        loop.now = 1000.0
+        batch.add(early, 30)
+        timer = batch.timer
+        assert timer is not None
+        batch.add(gone, 30)
+        assert batch.timer is timer  # one timer for the batch, not one per socket
+        gone.close()  # closed before its time: skipped, no error
+        loop.now = 1005.0
+        batch.add(late, 30)
+        loop.now = 1009.9
+        batch._run()
+        assert not keepalive_on(early)  # not before its 10 s
+        assert batch.timer is not None
+        loop.now = 1010.0
+        batch._run()
+        assert keepalive_on(early)
+        assert early.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+        assert early.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
+        assert early.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+        assert not keepalive_on(late)  # its turn is at 1015
+        assert batch.timer is not None  # and a timer waits for it
+        loop.now = 1015.0
+        batch._run()
+        assert keepalive_on(late)
+        assert batch.timer is None
+        assert not batch.waiting
+    finally:
+        batch.close()
+        for s in (listener, early, peer, listener2, late, peer2):
+            s.close()
