@@ -488,7 +488,7 @@ def write_head(start_line: bytes, headers: Iterable[Header]) -> bytes:
     hosts = []
     lines = [start_line]
     for name, value in headers:
-        if name.lower() == b"host":
+        if len(name) == 4 and name.lower() == b"host":
             hosts.append(b"%s: %s\r\n" % (name, value))
         else:
             lines.append(b"%s: %s\r\n" % (name, value))

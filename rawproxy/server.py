@@ -218,7 +218,7 @@ class Runtime:
     """The settings connections work with. A reload builds a new one; every connection keeps
     the one it started with until it ends."""
 
-    __slots__ = ("client_tls", "config", "routes", "targets", "trusted")
+    __slots__ = ("client_tls", "config", "only_route", "routes", "targets", "trusted")
 
     def __init__(self, config: Config) -> None:
         """Reads certificates and resolves backend names: StartupError when one fails."""
@@ -231,6 +231,13 @@ class Runtime:
         # Longest prefix first (select_route does not depend on it; the log reads better).
         self.routes = tuple(sorted(config.routes, key=lambda r: len(r.prefix), reverse=True))
         self.trusted = config.trusted_proxies
+        # The usual set-up, one backend for every path and no path of its own: then any
+        # origin-form target goes there unchanged (what select_route would say, without asking).
+        self.only_route: tuple[Route, Target] | None = None
+        if len(self.routes) == 1:
+            route = self.routes[0]
+            if route.prefix == "/" and route.backend.path is None:
+                self.only_route = (route, self.target_for(route))
 
     def target_for(self, route: Route) -> Target:
         return self.targets[target_key(route.backend)]

@@ -407,7 +407,8 @@ class Session:
             client_events = READ if self._client_wants_read() else 0
             if self.client.backlog is not None:
                 client_events |= WRITE
-        self.client.want(client_events)
+        if client_events != self.client.interest:
+            self.client.want(client_events)
         if backend is not None:
             state = self.backend_state
             if state == _TCP_CONNECTING:
@@ -418,7 +419,8 @@ class Session:
                 backend_events = READ if self._backend_wants_read() else 0
                 if backend.backlog is not None:
                     backend_events |= WRITE
-            backend.want(backend_events)
+            if backend_events != backend.interest:
+                backend.want(backend_events)
 
     def _client_wants_read(self) -> bool:
         phase = self.phase
@@ -544,11 +546,11 @@ class Session:
                 self._close()
                 return
             self.phase = HEAD
-            self.head_bytes = bytearray()
             self.exchange_start = self.loop.now
-            if self._take_simple_request(data):
+            if self._take_simple_request(data, idle=True):
                 self.progress = self.loop.now
                 return
+            self.head_bytes = bytearray()
             self._arm(self.config.header_timeout, self._on_timeout)
             self._take_client_bytes(data, fast=False)
             return
@@ -569,15 +571,16 @@ class Session:
         self.client_h11.receive_data(data)  # type: ignore[arg-type]
         self._pump_client()
 
-    def _take_simple_request(self, data: memoryview) -> bool:
+    def _take_simple_request(self, data: memoryview, idle: bool = False) -> bool:
         """The fast path: a whole simple request head (rawproxy.http.parse_simple_request) in
         one read, on a connection whose backend is connected, idle and the one its route
-        names, is forwarded without h11. True when it was taken."""
+        names, is forwarded without h11. True when it was taken. `idle`: the connection was
+        between requests, so the client's h11 machine is known to be idle."""
         backend = self.backend
         if (
             self.draining
             or self.phase != HEAD
-            or self.client_h11.their_state is not h11.IDLE
+            or (not idle and self.client_h11.their_state is not h11.IDLE)
             or (backend is not None and (self.backend_state != _READY or backend.backlog))
         ):
             return False
@@ -586,11 +589,17 @@ class Session:
         request = parse_simple_request(raw, config.max_header_size)
         if request is None:
             return False
-        chosen = select_route(self.runtime.routes, request.target)
-        if chosen is None:
-            return False
-        route, target = chosen
-        backend_target = self.runtime.target_for(route)
+        runtime = self.runtime
+        only = runtime.only_route
+        if only is not None and request.target.startswith(b"/"):
+            route, backend_target = only
+            target = request.target
+        else:
+            chosen = select_route(runtime.routes, request.target)
+            if chosen is None:
+                return False
+            route, target = chosen
+            backend_target = runtime.target_for(route)
         if backend is not None and backend_target is not self.target:
             return False
         decision = _NO_UPGRADE
@@ -1197,7 +1206,7 @@ class Session:
         """The headers of a backend's (non-101) answer as the client gets them."""
         headers = client_response_headers(raw, False)
         # Most answers carry nothing to rewrite: build the rule only when one could apply.
-        if any(name.lower() in REWRITTEN_HEADERS for name, _ in headers):
+        if not REWRITTEN_HEADERS.isdisjoint([name.lower() for name, _ in headers]):
             rule = self._response_rewrite()
             if rule is not None:
                 headers = rewrite_response_headers(headers, rule)

@@ -270,6 +270,9 @@ def send_close_notify(sock: Stream) -> None:
 
 # The most pieces handed to one sendmsg() (IOV_MAX is 1024 on Linux).
 MAX_PARTS = 64
+# Pieces adding up to less than this are joined and sent with send(): cheaper than sendmsg()
+# for a small answer's head and body.
+JOIN_BELOW = 4096
 
 
 class Leg:
@@ -372,6 +375,17 @@ class Leg:
             for part in parts:
                 self.backlog += part
             return False
+        if not parts:
+            return True
+        if len(parts) > 1:
+            total = 0
+            for part in parts:
+                total += len(part)
+            if total <= JOIN_BELOW or self.tls or len(parts) > MAX_PARTS:
+                # A small answer (head and body) is cheaper joined than gathered; one TLS
+                # write is one flight of records; and sendmsg() takes at most IOV_MAX pieces
+                # (h11 writes each header line as a piece of its own).
+                parts = (b"".join(parts),)
         if len(parts) == 1:
             # The usual case: one piece, sent with one call and nothing to split up.
             data = parts[0]
@@ -383,24 +397,13 @@ class Leg:
                 return True
             self.backlog = bytearray(memoryview(data)[sent:])
             return False
-        parts = [p for p in parts if len(p)]
-        if not parts:
-            return True
-        if len(parts) > 1 and (self.tls or len(parts) > MAX_PARTS):
-            # One TLS write is one flight of records; and sendmsg() takes at most IOV_MAX
-            # pieces (h11 writes each header line as a piece of its own).
-            parts = [b"".join(parts)]
+        # Several pieces, more than JOIN_BELOW bytes, on plain TCP: gathered by the kernel.
+        sock = self.sock
+        assert isinstance(sock, socket.socket)
         try:
-            sock = self.sock
-            if len(parts) > 1 and isinstance(sock, socket.socket):
-                sent = sock.sendmsg(parts)
-            else:
-                sent = sock.send(parts[0])
+            sent = sock.sendmsg(parts)
         except WOULD_BLOCK:
-            # A TLS write that would block must be retried with the same bytes: the backlog
-            # keeps them, in order, and only grows at its end.
             sent = 0
-        total = sum(len(p) for p in parts)
         if sent == total:
             return True
         backlog = bytearray()
