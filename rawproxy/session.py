@@ -416,7 +416,8 @@ class Session:
             elif state != _READY:
                 backend_events = state  # READ or WRITE, as the TLS handshake asks
             else:
-                backend_events = READ if self._backend_wants_read() else 0
+                # _backend_wants_read(), the state being _READY
+                backend_events = READ if phase != EXCHANGE or self.client.backlog is None else 0
                 if backend.backlog is not None:
                     backend_events |= WRITE
             if backend_events != backend.interest:
@@ -458,7 +459,8 @@ class Session:
                     self._client_drained()
                 if mask & READ and self.phase != DONE:
                     self._read_client()
-                    self._read_client_tls_rest()
+                    if self.client.tls:
+                        self._read_client_tls_rest()
             if self.phase != DONE:
                 self._push()
         except _Broken as e:
@@ -696,7 +698,7 @@ class Session:
             if not self.draining and request.method != b"HEAD":
                 decision = self.decision
                 response = parse_simple_response(
-                    chunk, decision is not None and decision.is_upgrade
+                    chunk, decision is not None and decision.upgrade is not None
                 )
             if response is None:
                 if self._leave_fast_path():
@@ -1052,7 +1054,8 @@ class Session:
                     self._read_client_tls_rest()
                 if mask & READ and self.backend is backend:
                     self._read_backend()
-                    self._read_backend_tls_rest()
+                    if backend.tls:
+                        self._read_backend_tls_rest()
             if self.phase != DONE:
                 self._push()
         except _Broken as e:
