@@ -42,6 +42,13 @@ class Timer:
 
     def cancel(self) -> None:
         self.cancelled = True
+        # A cancelled timer may wait in the heap until its time: it must not keep its owner
+        # (a closed connection, its sockets and buffers) alive until then.
+        self.callback = _nothing
+
+
+def _nothing() -> None:
+    """What a cancelled timer would call (it is never called)."""
 
 
 class Loop:

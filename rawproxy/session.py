@@ -133,6 +133,18 @@ class _Broken(Exception):
         self.error = error
 
 
+def _drop_traceback(error: BaseException) -> None:
+    """h11 re-raises its errors with `raise self` from a method of the error, so the error,
+    its traceback and that method's frame form a reference cycle, and the traceback holds our
+    frames and through them the session: it would wait for the cyclic GC. Dropping the
+    traceback (the message is all we use) breaks the cycle."""
+    error.__traceback__ = None
+
+
+def _no_deadline() -> None:
+    """The deadline callback of a session that is done (its timer is cancelled)."""
+
+
 def format_peer(address: tuple[str, int] | tuple[str, int, int, int] | str) -> tuple[str, str]:
     """(address for X-Forwarded-For, address:port for logs), IPv4-mapped IPv6 shown as IPv4."""
     if isinstance(address, str):
@@ -678,6 +690,7 @@ class Session:
                 machine.send(backend_request)
                 machine.send(h11.EndOfMessage())
         except h11.ProtocolError as e:
+            _drop_traceback(e)
             log.error("%s fast path and h11 disagree on a request: %s", self._describe(), e)
             self._close(reset=True)
             return False
@@ -770,6 +783,7 @@ class Session:
             try:
                 event = client_h11.next_event()
             except h11.RemoteProtocolError as e:
+                _drop_traceback(e)
                 status = 431 if e.error_status_hint == 431 else 400
                 if status == 431:
                     detail = (
@@ -872,6 +886,7 @@ class Session:
                 method=request.method, target=target, headers=headers
             )
         except h11.LocalProtocolError as e:
+            _drop_traceback(e)
             self._fail(400, f"request cannot be forwarded: {e}")
             return
         self.phase = CONNECTING
@@ -1154,6 +1169,7 @@ class Session:
             try:
                 event = backend_h11.next_event()
             except h11.RemoteProtocolError as e:
+                _drop_traceback(e)
                 if not self.response_started and backend_h11.trailing_data == (b"", True):
                     self._backend_lost("closed the connection before answering")
                 else:
@@ -1165,6 +1181,7 @@ class Session:
                 if not self._relay_response_event(event):
                     return
             except h11.LocalProtocolError as e:
+                _drop_traceback(e)
                 # h11 refuses to send on what it parsed (a header it cannot write back).
                 self._backend_invalid(str(e))
                 return
@@ -1504,6 +1521,7 @@ class Session:
             self.timer.cancel()
         self._keep_tls_session()  # the backend connection is the tunnel's from now on
         self.phase = DONE
+        self.deadline_callback = _no_deadline  # a bound method: no cycle left behind
         client_sock, client_interest = self.client.hand_over()
         backend_sock, backend_interest = backend.hand_over()
         self.backend = None
@@ -1654,6 +1672,7 @@ class Session:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self.deadline_callback = _no_deadline  # a bound method: no cycle left behind
         self._drop_backend()
         self.client.close(reset=reset)
         self.server.forget(self)

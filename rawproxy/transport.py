@@ -445,11 +445,13 @@ class Leg:
         call when the interest stays the same. This leg no longer touches the selector."""
         interest = self.interest
         self.interest = 0
+        self.callback = _ignore_event
         return self.sock, interest
 
     def detach(self) -> Stream:
         """Stop watching the socket and hand it over (to a tunnel)."""
         self.want(0)
+        self.callback = _ignore_event
         return self.sock
 
     def close(self, reset: bool = False) -> None:
@@ -464,6 +466,13 @@ class Leg:
             with contextlib.suppress(OSError):
                 send_close_notify(self.sock)
         self.sock.close()
+        # The callback is a bound method of the owner, which holds this leg: letting go of it
+        # lets reference counting free a closed connection at once, without the cyclic GC.
+        self.callback = _ignore_event
+
+
+def _ignore_event(_mask: int) -> None:
+    """The event callback of a leg that is closed or handed over (never registered)."""
 
 
 def abort_on_close(sock: Stream) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -123,3 +124,18 @@ def test_later_keepalive_sets_it_on_sockets_that_stay_open(loop: Loop) -> None:
         batch.close()
         for s in (listener, early, peer, listener2, late, peer2):
             s.close()
+
+
+def test_a_cancelled_timer_lets_go_of_its_callback(loop: Loop) -> None:
+    """A cancelled timer waits in the heap until its time (an hour, for an idle timeout): it
+    must not keep what it would have called, a closed connection with its buffers, alive."""
+
+    class Owner:
+        def fire(self) -> None:
+            raise AssertionError("a cancelled timer fired")
+
+    owner = Owner()
+    gone = weakref.ref(owner)
+    loop.call_later(3600, owner.fire).cancel()
+    del owner
+    assert gone() is None
