@@ -379,6 +379,32 @@ def pingpong(port: int, conns: int, seconds: float, warmup: float, size: int) ->
 # --- handshake: W5 -------------------------------------------------------------------------------
 
 
+def _upgrade_step(
+    sel: selectors.BaseSelector, sock: socket.socket, state: list[Any], request: bytes
+) -> bytes | None:
+    """One readiness event of a client that connects, sends `request` and reads the answer
+    up to the end of its head. `state` ends with [bytes read, request sent]. Returns what was
+    read once the head is complete, else None; raises OSError for a failed connect or a
+    connection closed early."""
+    buf, sent = state[-2], state[-1]
+    try:
+        if not sent:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
+            sock.send(request)
+            state[-1] = True
+            sel.modify(sock, selectors.EVENT_READ, state)
+            return None
+        data = sock.recv(4096)
+    except BlockingIOError:
+        return None
+    if not data:
+        raise ConnectionError("closed before the 101")
+    buf += data
+    return bytes(buf) if b"\r\n\r\n" in buf else None
+
+
 def handshake(port: int, inflight: int, seconds: float, warmup: float) -> None:
     request = upgrade_request("/ws/echo")
     sel = selectors.DefaultSelector()
@@ -403,27 +429,15 @@ def handshake(port: int, inflight: int, seconds: float, warmup: float) -> None:
         for key, _ in sel.select(0.1):
             sock = key.fileobj
             assert isinstance(sock, socket.socket)
-            started, buf, sent = key.data
+            started = key.data[0]
             ok: bool | None = None
             try:
-                if not sent:
-                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if err:
-                        raise OSError(err, os.strerror(err))
-                    sock.send(request)
-                    key.data[2] = True
-                    sel.modify(sock, selectors.EVENT_READ, key.data)
+                head = _upgrade_step(sel, sock, key.data, request)
+                if head is None:
                     continue
-                data = sock.recv(4096)
-                if not data:
-                    raise ConnectionError("closed before the 101")
-                buf += data
-                if b"\r\n\r\n" in buf:
-                    ok = buf.startswith(b"HTTP/1.1 101")
-                    if not ok:
-                        first_error = first_error or bytes(buf[:80]).decode("latin-1")
-            except BlockingIOError:
-                continue
+                ok = head.startswith(b"HTTP/1.1 101")
+                if not ok:
+                    first_error = first_error or head[:80].decode("latin-1")
             except OSError as e:
                 ok = False
                 first_error = first_error or str(e)
@@ -481,27 +495,14 @@ def idle(port: int, count: int, inflight: int, timeout: float) -> None:
         for key, _ in sel.select(0.5):
             sock = key.fileobj
             assert isinstance(sock, socket.socket)
-            buf, sent = key.data
             done: bool | None = None
             try:
-                if not sent:
-                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if err:
-                        raise OSError(err, os.strerror(err))
-                    sock.send(request)
-                    key.data[1] = True
-                    sel.modify(sock, selectors.EVENT_READ, key.data)
+                head = _upgrade_step(sel, sock, key.data, request)
+                if head is None:
                     continue
-                data = sock.recv(4096)
-                if not data:
-                    raise ConnectionError("closed before the 101")
-                buf += data
-                if b"\r\n\r\n" in buf:
-                    done = buf.startswith(b"HTTP/1.1 101") and buf.endswith(b"\r\n\r\n")
-                    if not done:
-                        raise ConnectionError(f"not a clean 101: {bytes(buf[:80])!r}")
-            except BlockingIOError:
-                continue
+                done = head.startswith(b"HTTP/1.1 101") and head.endswith(b"\r\n\r\n")
+                if not done:
+                    raise ConnectionError(f"not a clean 101: {head[:80]!r}")
             except OSError as e:
                 done = False
                 first_error = first_error or str(e)

@@ -1055,12 +1055,7 @@ SECOND_ANSWERS = [
 def test_requests_sent_while_fast_path_request_2_waits(setup, answer, later):
     """Requests 3 and 4 arrive, each on its own, while request 2 (fast path) waits for its
     answer: neither is lost nor answered out of turn."""
-    gate = threading.Event()
-
-    def after_gate(sock: socket.socket) -> str:
-        gate.wait(CLIENT_TIMEOUT)
-        sock.sendall(answer)
-        return KEEP
+    gate, after_gate = held_answer(answer, KEEP)
 
     s = setup(FIRST, after_gate, THIRD, ok(b"fourth"))
     try:
@@ -1091,17 +1086,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@pytest.mark.parametrize("answer", SECOND_ANSWERS)
-def test_client_half_close_after_a_fast_path_request(setup, answer):
-    """A client that sends request 2 and then shuts its side down still gets the answer, then
-    the proxy closes the connection (and the backend connection). While the answer is
-    awaited the proxy does not spin on the client's end of stream."""
+def held_answer(answer: bytes, then: str) -> tuple[threading.Event, Answer]:
+    """A backend step that holds `answer` until the returned gate is set, then sends it and
+    does `then` (KEEP, LINGER, ...)."""
     gate = threading.Event()
 
     def after_gate(sock: socket.socket) -> str:
         gate.wait(CLIENT_TIMEOUT)
         sock.sendall(answer)
-        return LINGER
+        return then
+
+    return gate, after_gate
+
+
+@pytest.mark.parametrize("answer", SECOND_ANSWERS)
+def test_client_half_close_after_a_fast_path_request(setup, answer):
+    """A client that sends request 2 and then shuts its side down still gets the answer, then
+    the proxy closes the connection (and the backend connection). While the answer is
+    awaited the proxy does not spin on the client's end of stream."""
+    gate, after_gate = held_answer(answer, LINGER)
 
     s = setup(FIRST, after_gate)
     try:
@@ -1124,12 +1127,7 @@ def test_client_half_close_after_a_fast_path_request(setup, answer):
 def test_client_gone_while_a_fast_path_request_waits(setup, answer):
     """The client closes while request 2 waits: the answer goes nowhere, the backend
     connection is closed (not kept for anyone), and the proxy serves the next client."""
-    gate = threading.Event()
-
-    def after_gate(sock: socket.socket) -> str:
-        gate.wait(CLIENT_TIMEOUT)
-        sock.sendall(answer)
-        return LINGER
+    gate, after_gate = held_answer(answer, LINGER)
 
     s = setup(FIRST, after_gate, ok(b"next"))
     try:
@@ -1277,12 +1275,7 @@ def exit_code(proxy: ProxyProcess, timeout: float = 5.0) -> int:
 
 
 def test_drain_while_a_fast_path_request_waits(setup):
-    gate = threading.Event()
-
-    def after_gate(sock: socket.socket) -> str:
-        gate.wait(CLIENT_TIMEOUT)
-        sock.sendall(SECOND)
-        return KEEP
+    gate, after_gate = held_answer(SECOND, KEEP)
 
     s = setup(FIRST, after_gate)
     try:
