@@ -622,7 +622,7 @@ class Session:
         headers = backend_request_headers(
             request.raw,
             decision,
-            self.client_side(),
+            self.client_side_cache or self.client_side(),
             forwarded=config.forwarded,
             default_host=backend_target.authority,
             host_override=backend_target.authority if config.backend_host_header else None,
@@ -936,10 +936,12 @@ class Session:
 
     def _push(self) -> None:
         """Send what this event queued for either side: one system call per side."""
-        try:
-            self.client.push()
-        except OSError as e:
-            raise _Broken("client", e) from e
+        client = self.client
+        if client.queued is not None:
+            try:
+                client.push()
+            except OSError as e:
+                raise _Broken("client", e) from e
         backend = self.backend
         if backend is not None and backend.queued is not None:
             try:
