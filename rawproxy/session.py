@@ -104,7 +104,7 @@ def _header(request: h11.Request | SimpleRequest, name: bytes) -> bytes | None:
     return None
 
 
-# The decision for a simple request (parse_simple_request refuses any with Upgrade).
+# The decision for a simple request with neither a Connection nor an Upgrade header.
 _NO_UPGRADE = UpgradeDecision(None, "not an upgrade", considered=False)
 
 
