@@ -1035,9 +1035,14 @@ class Session:
     def _backend_ready(self) -> None:
         self.backend_state = _READY
         backend = self.backend
-        if backend is not None and isinstance(backend.sock, TlsSocket):
+        if (
+            backend is not None
+            and isinstance(backend.sock, TlsSocket)
+            and backend.sock.version() != "TLSv1.3"
+        ):
             # Kept for the next connection to this backend: a resumed handshake instead of
-            # a full one (nginx and HAProxy do the same).
+            # a full one (nginx and HAProxy do the same). A TLS 1.2 session is complete now;
+            # a TLS 1.3 ticket comes after the handshake: _keep_tls_session takes that one.
             self.current_target.tls_session = backend.sock.session
         self.server.metrics.observe_connect_latency(self.loop.now - self.connect_started)
         self._send_request_head()
@@ -1313,15 +1318,18 @@ class Session:
         self._fail(502, f"backend {self.current_target.name} {detail}")
 
     def _keep_tls_session(self) -> None:
-        """Keep the backend connection's TLS session for the next connection to its backend.
-        Called once the backend has answered: a TLS 1.3 session ticket comes after the
-        handshake, and by the time an answer was read it has been read too."""
+        """Keep the backend connection's TLS 1.3 session for the next connection to its
+        backend. Called once the backend has answered: the session ticket comes after the
+        handshake, and by the time an answer was read it has been read too. (A TLS 1.2
+        session was kept when the handshake ended: asking the ssl module for a session
+        costs as much as a resumed handshake, it decodes the session with its certificate.)"""
         backend = self.backend
         if (
             backend is not None
             and self.backend_state == _READY
             and isinstance(backend.sock, TlsSocket)
             and self.target is not None
+            and backend.sock.version() == "TLSv1.3"
         ):
             self.target.tls_session = backend.sock.session
 

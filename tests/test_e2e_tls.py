@@ -901,8 +901,9 @@ def test_two_proxies_chained_http(start_proxy, http_backend, client, pki):
 # --- TLS session resumption toward the backend -----------------------------------------------
 
 
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
 @pytest.mark.parametrize("kind", ["tunnel", "request"])
-def test_backend_tls_sessions_are_resumed(route, make_backend, client, pki, kind):
+def test_backend_tls_sessions_are_resumed(route, make_backend, client, pki, kind, version):
     """Each new backend connection offers the session of the last one (as HAProxy and nginx
     do), for tunnels too: their backend connection is never dropped by the session, so the
     session (with its TLS 1.3 ticket, which arrives after the handshake) is kept when the
@@ -920,7 +921,9 @@ def test_backend_tls_sessions_are_resumed(route, make_backend, client, pki, kind
             )
         conn.read_to_eof()
 
-    backend = make_backend(ScriptedBackend, script, ssl_context=pki.server_context())
+    context = pki.server_context()
+    context.maximum_version = version
+    backend = make_backend(ScriptedBackend, script, ssl_context=context)
     r = route(backend, False, True, "https")
     for _ in range(3):
         with r.client(client) as c:
