@@ -314,14 +314,18 @@ def test_tunnel_idle_timeout_spares_active_tunnel(open_tunnel):
 
 
 def tcp_timers() -> dict[tuple[int, int], tuple[int, int]]:
-    """(local port, remote port) -> (timer kind, seconds to expiry) of every TCP socket on this
-    host, from /proc/net/tcp{,6}. Kind 2 is the keepalive timer, 0 no timer."""
+    """(local port, remote port) -> (timer kind, seconds to expiry) of every established TCP
+    connection on this host, from /proc/net/tcp{,6}. Kind 2 is the keepalive timer, 0 no
+    timer. (Connections of earlier tests may linger in TIME_WAIT on the same ports: they are
+    left out.)"""
     found = {}
     for name in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(name) as f:
             next(f)
             for line in f:
                 fields = line.split()
+                if fields[3] != "01":  # ESTABLISHED
+                    continue
                 local = int(fields[1].rsplit(":", 1)[1], 16)
                 remote = int(fields[2].rsplit(":", 1)[1], 16)
                 kind, when = fields[5].split(":")
