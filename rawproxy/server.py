@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -53,7 +54,17 @@ class Target:
     """A backend as the I/O layer needs it: resolved addresses, TLS, the names it goes by.
     Routes to the same scheme, host and port share one (their paths may differ)."""
 
-    __slots__ = ("addresses", "authority", "name", "origin", "sni", "tls", "tls_session")
+    __slots__ = (
+        "addresses",
+        "authority",
+        "name",
+        "origin",
+        "sni",
+        "tls",
+        "tls_session",
+        "tls_session_proven",
+        "tls_single_use",
+    )
 
     def __init__(self, backend: Backend, config: Config) -> None:
         use_tls = backend.tls if config.backend_tls is None else config.backend_tls
@@ -63,7 +74,9 @@ class Target:
             else None
         )
         self.sni = config.backend_sni or backend.host
-        self.tls_session: ssl.SSLSession | None = None  # the last one, offered for resumption
+        self.tls_session: ssl.SSLSession | None = None  # offered to new connections
+        self.tls_session_proven = False  # it has resumed a connection
+        self.tls_single_use = False  # the backend refused a proven session: always renew
         self.addresses = resolve_backend(backend)
         scheme = "https" if use_tls else "http"
         self.name = f"{scheme}://{_bracketed(backend.host)}:{backend.port}"
@@ -73,9 +86,37 @@ class Target:
         self.authority = host.encode("idna")
         self.origin = origin(scheme, backend.host, backend.port)
 
+    def keep_tls_session(self, session: ssl.SSLSession | None) -> None:
+        self.tls_session = session
+        self.tls_session_proven = False
+
+    def wants_tls_session(self, offered: ssl.SSLSession | None, reused: bool) -> bool:
+        """After a TLS 1.3 connection that offered `offered` (and resumed it if `reused`):
+        whether its own session should replace the one kept. Fetching it costs as much as
+        a resumed handshake (the ssl module decodes it, certificate and all), so a session
+        that resumes connections is kept while it is young, as long as the backend accepts
+        it again and again. A backend that refuses one it accepted before has single-use
+        tickets (a stateful session cache): from then on every connection's is kept."""
+        saved = self.tls_session
+        if saved is None or offered is not saved:
+            return True
+        if not reused:
+            if self.tls_session_proven:
+                self.tls_single_use = True
+            return True
+        self.tls_session_proven = True
+        age = time.time() - saved.time
+        return self.tls_single_use or age >= min(
+            TLS_SESSION_RENEW_AFTER, saved.ticket_lifetime_hint / 2
+        )
+
 
 def _bracketed(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+# A proven TLS 1.3 session is renewed after this long (or half its ticket's lifetime).
+TLS_SESSION_RENEW_AFTER = 600.0
 
 
 def target_key(backend: Backend) -> tuple[str, str, int]:

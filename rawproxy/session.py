@@ -160,6 +160,7 @@ class Session:
     __slots__ = (
         "backend",
         "backend_h11",
+        "backend_offered",
         "backend_request",
         "backend_reused",
         "backend_state",
@@ -243,6 +244,8 @@ class Session:
         )
         self.backend: Leg | None = None
         self.backend_h11: h11.Connection | None = None
+        # The TLS session the backend connection offered for resumption.
+        self.backend_offered: ssl.SSLSession | None = None
         self.backend_state = _TCP_CONNECTING
         self.backend_reused = False
         self.next_address = 0
@@ -1043,7 +1046,7 @@ class Session:
             # Kept for the next connection to this backend: a resumed handshake instead of
             # a full one (nginx and HAProxy do the same). A TLS 1.2 session is complete now;
             # a TLS 1.3 ticket comes after the handshake: _keep_tls_session takes that one.
-            self.current_target.tls_session = backend.sock.session
+            self.current_target.keep_tls_session(backend.sock.session)
         self.server.metrics.observe_connect_latency(self.loop.now - self.connect_started)
         self._send_request_head()
 
@@ -1066,6 +1069,7 @@ class Session:
                         self._backend_ready()
                     else:
                         target = self.current_target
+                        self.backend_offered = target.tls_session
                         backend.start_tls(tls, target.sni, target.tls_session)
                         self._backend_handshake_step()
             elif state != _READY:
@@ -1330,8 +1334,9 @@ class Session:
             and isinstance(backend.sock, TlsSocket)
             and self.target is not None
             and backend.sock.version() == "TLSv1.3"
+            and self.target.wants_tls_session(self.backend_offered, backend.sock.session_reused)
         ):
-            self.target.tls_session = backend.sock.session
+            self.target.keep_tls_session(backend.sock.session)
 
     def _drop_backend(self) -> None:
         self._keep_tls_session()

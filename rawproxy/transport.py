@@ -105,6 +105,10 @@ class TlsSocket:
     def session(self) -> ssl.SSLSession | None:
         return self._obj.session
 
+    @property
+    def session_reused(self) -> bool:
+        return self._obj.session_reused
+
     def version(self) -> str | None:
         return self._obj.version()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import pathlib
 import ssl
+import time
+from typing import Any
 
 import pytest
 import trustme
@@ -97,3 +99,61 @@ def test_expired_is_not_a_parse_problem() -> None:
     ca = trustme.CA()
     cert = ca.issue_cert("old.test", not_after=datetime.datetime(2001, 1, 1))
     assert certificate_names(_der(cert)) == ["old.test"]
+
+
+# -- which backend TLS session is kept for the next connection ------------------------------
+
+
+class FakeSession:
+    """What Target reads of an ssl.SSLSession: when it was made, its ticket's lifetime."""
+
+    def __init__(self, age: float = 0.0, lifetime: int = 7200) -> None:
+        self.time = int(time.time() - age)
+        self.ticket_lifetime_hint = lifetime
+
+
+def tls_target() -> Any:
+    from rawproxy.cli import build_parser, load_settings
+    from rawproxy.server import Target
+
+    args = build_parser().parse_args(
+        ["--listen", "127.0.0.1:0", "--backend", "https://127.0.0.1:1"]
+    )
+    config, _ = load_settings(args)
+    return Target(config.routes[0].backend, config)
+
+
+def test_a_session_that_resumes_connections_is_kept_while_young() -> None:
+    """Fetching a connection's session costs as much as a resumed handshake: one the backend
+    keeps accepting is kept, and renewed when it ages (10 minutes, or half its lifetime)."""
+    target = tls_target()
+    first = FakeSession()
+    assert target.wants_tls_session(None, False)  # nothing kept yet
+    target.keep_tls_session(first)
+    assert not target.wants_tls_session(first, True)  # resumed: keep it
+    assert not target.wants_tls_session(first, True)
+    assert target.wants_tls_session(FakeSession(), True)  # offered another: take its own
+    old = FakeSession(age=700)
+    target.keep_tls_session(old)
+    assert target.wants_tls_session(old, True)  # older than 10 minutes
+    short = FakeSession(age=40, lifetime=60)
+    target.keep_tls_session(short)
+    assert target.wants_tls_session(short, True)  # past half its ticket's lifetime
+    assert not target.tls_single_use
+
+
+def test_a_backend_that_refuses_a_session_it_accepted_gets_a_fresh_one_every_time() -> None:
+    """Single-use tickets (a stateful session cache): the first refusal of a session that
+    resumed a connection before is the sign; from then on every connection's is kept."""
+    target = tls_target()
+    saved = FakeSession()
+    target.keep_tls_session(saved)
+    assert target.wants_tls_session(saved, False)  # never proven: a refusal says nothing
+    assert not target.tls_single_use
+    target.keep_tls_session(saved)
+    assert not target.wants_tls_session(saved, True)  # accepted once
+    assert target.wants_tls_session(saved, False)  # refused now
+    assert target.tls_single_use
+    fresh = FakeSession()
+    target.keep_tls_session(fresh)
+    assert target.wants_tls_session(fresh, True)  # resumed, but kept anew all the same
