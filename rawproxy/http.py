@@ -58,15 +58,8 @@ def comma_tokens(headers: Iterable[Header], name: bytes) -> list[bytes]:
     tokens: list[bytes] = []
     for key, value in headers:
         if key.lower() == name:
-            for element in value.split(b","):
-                element = element.strip(b" \t")
-                if element:
-                    tokens.append(element)
+            tokens += _split_tokens(value)
     return tokens
-
-
-def _header_values(headers: Iterable[Header], name: bytes) -> list[bytes]:
-    return [value for key, value in headers if key.lower() == name]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -375,8 +368,8 @@ _SIMPLE_RESPONSE_HEAD = re.compile(
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 # Request headers that send a request to h11: chunked framing and 100-continue are its job.
 _NOT_SIMPLE_REQUEST = frozenset({b"transfer-encoding", b"expect"})
-_KEEP_ALIVE = frozenset({b"keep-alive", b""})
-_KEEP_ALIVE_OR_UPGRADE = frozenset({b"keep-alive", b"upgrade", b""})
+_KEEP_ALIVE = frozenset({b"keep-alive"})
+_KEEP_ALIVE_OR_UPGRADE = frozenset({b"keep-alive", b"upgrade"})
 
 
 @dataclasses.dataclass(slots=True)
@@ -411,10 +404,11 @@ class SimpleResponse:
 
 
 def _only_tokens(value: bytes, allowed: frozenset[bytes]) -> bool:
+    """Every token of a header value (any case) is in `allowed`; an empty value passes."""
     lowered = value.lower()
     if lowered in allowed:  # the usual single token
         return True
-    return all(token.strip(b" \t") in allowed for token in lowered.split(b","))
+    return all(token in allowed for token in _split_tokens(lowered))
 
 
 def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:

@@ -452,12 +452,6 @@ class Leg:
         self.callback = _ignore_event
         return self.sock, interest
 
-    def detach(self) -> Stream:
-        """Stop watching the socket and hand it over (to a tunnel)."""
-        self.want(0)
-        self.callback = _ignore_event
-        return self.sock
-
     def close(self, reset: bool = False) -> None:
         self.want(0)
         if reset:
