@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from rawproxy.accesslog import AccessLog
 from rawproxy.config import Backend, Config, ConfigError, ListenAddress, Route
-from rawproxy.http import origin
+from rawproxy.http import origin, select_route
 from rawproxy.loop import READ, Loop, Timer
 from rawproxy.metrics import CONTENT_TYPE, Metrics
 from rawproxy.session import DONE, Session
@@ -273,7 +273,7 @@ class Runtime:
         self.routes = tuple(sorted(config.routes, key=lambda r: len(r.prefix), reverse=True))
         self.trusted = config.trusted_proxies
         # The usual set-up, one backend for every path and no path of its own: then any
-        # origin-form target goes there unchanged (what select_route would say, without asking).
+        # origin-form target goes there unchanged (see choose).
         self.only_route: tuple[Route, Target] | None = None
         if len(self.routes) == 1:
             route = self.routes[0]
@@ -282,6 +282,18 @@ class Runtime:
 
     def target_for(self, route: Route) -> Target:
         return self.targets[target_key(route.backend)]
+
+    def choose(self, target: bytes) -> tuple[Route, bytes, Target] | None:
+        """The route for a request target, the target to send, and the route's backend
+        (rawproxy.http.select_route); None when no route fits."""
+        only = self.only_route
+        if only is not None and target.startswith(b"/"):
+            return only[0], target, only[1]  # what select_route would say, without asking
+        chosen = select_route(self.routes, target)
+        if chosen is None:
+            return None
+        route, sent = chosen
+        return route, sent, self.target_for(route)
 
     def describe(self) -> None:
         config = self.config

@@ -53,7 +53,6 @@ from rawproxy.http import (
     parse_simple_request,
     parse_simple_response,
     rewrite_response_headers,
-    select_route,
     write_head,
 )
 from rawproxy.loop import READ, WRITE, Timer
@@ -606,17 +605,10 @@ class Session:
         request = parse_simple_request(raw, config.max_header_size)
         if request is None:
             return False
-        runtime = self.runtime
-        only = runtime.only_route
-        if only is not None and request.target.startswith(b"/"):
-            route, backend_target = only
-            target = request.target
-        else:
-            chosen = select_route(runtime.routes, request.target)
-            if chosen is None:
-                return False
-            route, target = chosen
-            backend_target = runtime.target_for(route)
+        chosen = self.runtime.choose(request.target)
+        if chosen is None:
+            return False
+        route, target, backend_target = chosen
         if backend is not None and backend_target is not self.target:
             return False
         decision = _NO_UPGRADE
@@ -863,15 +855,14 @@ class Session:
         if problem is not None:
             self._fail(400, problem)
             return
-        chosen = select_route(self.runtime.routes, request.target)
+        chosen = self.runtime.choose(request.target)
         if chosen is None:
             # Answered here once the request (and any small body) is in; the connection stays.
             self.phase = REJECT
             self.rejected_bytes = 0
             return
-        route, target = chosen
+        route, target, backend_target = chosen
         self.route = route
-        backend_target = self.runtime.target_for(route)
         decision = self.decision = decide_upgrade(request.headers)
         if decision.considered and log.isEnabledFor(logging.DEBUG):
             log.debug("%s upgrade decision: %s", self._describe(), decision.reason)

@@ -354,6 +354,34 @@ def test_no_route() -> None:
     assert select_route([parse_route("/api/=http://a")], b"/other") is None
 
 
+TARGETS = [b"/", b"/x?q=1", b"/api/x", b"*", b"http://front/api/z", b"front:443", b"x", b"//y"]
+
+
+@pytest.mark.parametrize(
+    "routes",
+    [
+        ["--backend", "127.0.0.1:9"],  # one route for every path: the shortcut
+        ["--route", "/=127.0.0.1:9/base/"],  # one route with a path of its own: no shortcut
+        ["--route", "/api/=127.0.0.1:9", "--route", "/=127.0.0.1:8"],
+    ],
+)
+def test_the_runtime_chooses_what_select_route_says(routes: list[str]) -> None:
+    """Runtime.choose answers the one-route set-up without select_route: the same answers."""
+    from rawproxy.cli import build_parser, load_settings
+    from rawproxy.server import Runtime
+
+    config, _ = load_settings(build_parser().parse_args(["--listen", "127.0.0.1:0", *routes]))
+    runtime = Runtime(config)
+    assert (runtime.only_route is not None) == (routes[0] == "--backend")
+    for target in TARGETS:
+        chosen = runtime.choose(target)
+        expected = select_route(runtime.routes, target)
+        if expected is None:
+            assert chosen is None, target
+        else:
+            assert chosen == (*expected, runtime.target_for(expected[0])), target
+
+
 # -- rewriting the backend's answer ------------------------------------------------------
 
 RULE = ResponseRewrite(
