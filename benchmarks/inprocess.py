@@ -79,16 +79,7 @@ def proxy_ops(mode: str) -> Op:
         conn.send(ANSWER)
         turn()
         assert client.recv(65536).endswith(b"hello world\n"), "no answer through the proxy"
-
-        def exchange() -> None:
-            client.send(REQUEST)
-            turn()
-            conn.recv(65536)
-            conn.send(ANSWER)
-            turn()
-            client.recv(65536)
-
-        return exchange
+        return _exchange(client, conn, turn)
 
     backend.setblocking(False)
 
@@ -145,6 +136,13 @@ def null_ops() -> Op:
     def turn() -> None:
         for key, mask in sel.select(0):
             key.data(mask)
+
+    return _exchange(client, conn, turn)
+
+
+def _exchange(client: socket.socket, conn: socket.socket, turn: Callable[[], None]) -> Op:
+    """One w1 exchange: the client's request, through a turn of the forwarder, answered by
+    the backend, through another turn."""
 
     def exchange() -> None:
         client.send(REQUEST)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from peers import RESPONSE_101, tunnel_request
 
 from rawproxy.cli import build_parser, load_settings
 from rawproxy.server import Server
@@ -23,14 +24,6 @@ from rawproxy.tunnel import Tunnel
 
 pytestmark = pytest.mark.timeout(60)
 
-UPGRADE = (
-    b"GET /ws HTTP/1.1\r\nHost: app.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-)
-SWITCH = (
-    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGOzhZRbK+xOo=\r\n\r\n"
-)
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 
 
@@ -115,10 +108,10 @@ def driven() -> Iterator[Driven]:
 
 def websocket_then_close(d: Driven) -> None:
     c = d.client()
-    c.sendall(UPGRADE)
+    c.sendall(tunnel_request())
     b = d.backend_conn()
-    assert b.recv(65536).startswith(b"GET /ws")
-    b.sendall(SWITCH + b"server first")
+    assert b.recv(65536).startswith(b"GET /tunnel")
+    b.sendall(RESPONSE_101 + b"server first")
     assert d.read(c, b"server first").startswith(b"HTTP/1.1 101")
     c.sendall(b"client bytes")
     d.turns(lambda: False, 0.05)
