@@ -264,10 +264,6 @@ def backend_request_headers(
         out.append((name, value))
     if host is None:
         out.insert(0, (b"Host", host_override or default_host))
-    scheme = client.scheme.encode("ascii")
-    port = str(client.port).encode("ascii")
-    ip = client.ip.encode("ascii")
-
     # What a trusted proxy said, per header, joined; empty in the usual case (an untrusted
     # client, whose claims were dropped).
     joined: dict[bytes, bytes] = {}
@@ -275,24 +271,43 @@ def backend_request_headers(
         nonempty = [v for v in claims if v]
         if nonempty:
             joined[key] = b", ".join(nonempty)
-    passed_on = joined.get
+    out += forwarded_headers(client, host, forwarded, joined)
+    if decision.upgrade is not None:
+        out.append((b"Connection", b"upgrade"))
+        out.append((b"Upgrade", decision.upgrade))
+    return out
 
+
+def forwarded_headers(
+    client: ClientSide,
+    host: bytes | None,
+    forwarded: str = "x-forwarded",
+    passed_on: dict[bytes, bytes] | None = None,
+) -> list[Header]:
+    """The forwarded headers that end a request to the backend (backend_request_headers):
+    `host` is the Host the client sent, `passed_on` what a trusted proxy sent of these
+    headers (lower-case name -> the values joined)."""
+    scheme = client.scheme.encode("ascii")
+    port = str(client.port).encode("ascii")
+    ip = client.ip.encode("ascii")
+    kept = (passed_on or {}).get
+    out: list[Header] = []
     # Each family of forwarded headers is either ours in this mode (extended, or created) or
-    # passed on as a trusted proxy sent it (and dropped for anyone else: `incoming` is empty).
+    # passed on as a trusted proxy sent it (and dropped for anyone else: `passed_on` is empty).
     if forwarded in ("x-forwarded", "both"):
-        chain = passed_on(FORWARDED_FOR)
+        chain = kept(FORWARDED_FOR)
         out.append((b"X-Forwarded-For", chain + b", " + ip if chain else ip))
-        out.append((b"X-Forwarded-Proto", passed_on(FORWARDED_PROTO) or scheme))
-        shown_host = passed_on(FORWARDED_HOST) or host
+        out.append((b"X-Forwarded-Proto", kept(FORWARDED_PROTO) or scheme))
+        shown_host = kept(FORWARDED_HOST) or host
         if shown_host is not None:
             out.append((b"X-Forwarded-Host", shown_host))
-        out.append((b"X-Forwarded-Port", passed_on(FORWARDED_PORT) or port))
+        out.append((b"X-Forwarded-Port", kept(FORWARDED_PORT) or port))
     else:
         for name in (FORWARDED_FOR, FORWARDED_PROTO, FORWARDED_HOST, FORWARDED_PORT):
-            kept = passed_on(name)
-            if kept is not None:
-                out.append((_CANONICAL[name], kept))
-    chain = passed_on(FORWARDED)
+            value = kept(name)
+            if value is not None:
+                out.append((_CANONICAL[name], value))
+    chain = kept(FORWARDED)
     if forwarded in ("rfc7239", "both"):
         element = b"for=" + _forwarded_node(client.ip) + b";proto=" + scheme
         if host is not None:
@@ -300,9 +315,6 @@ def backend_request_headers(
         out.append((b"Forwarded", chain + b", " + element if chain else element))
     elif chain is not None:
         out.append((b"Forwarded", chain))
-    if decision.upgrade is not None:
-        out.append((b"Connection", b"upgrade"))
-        out.append((b"Upgrade", decision.upgrade))
     return out
 
 
@@ -356,20 +368,24 @@ _TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
 _VALUE = rb"(?:[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*)?"
 _SIMPLE_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.1\r\n")
 _SIMPLE_STATUS_LINE = re.compile(rb"HTTP/1\.1 ([1-5][0-9][0-9]) ([\x21-\x7e \t]*)\r\n")
-_SIMPLE_HEADER = rb"(" + _TOKEN + rb"):[ \t]*(" + _VALUE + rb")[ \t]*\r\n"
-_SIMPLE_HEADER_LINE = re.compile(_SIMPLE_HEADER)
-# A whole head in one match: start line, then (group 3) the header lines, then the empty line.
-_SIMPLE_REQUEST_HEAD = re.compile(
-    _SIMPLE_REQUEST_LINE.pattern[:-4] + rb"\r\n((?:" + _SIMPLE_HEADER + rb")*)\r\n"
-)
-_SIMPLE_RESPONSE_HEAD = re.compile(
-    _SIMPLE_STATUS_LINE.pattern[:-4] + rb"\r\n((?:" + _SIMPLE_HEADER + rb")*)\r\n"
-)
+# A header line in the form nearly every client and server writes, and h11 writes: `Name:
+# value`, one space after the colon, none around the value. Such a line is len(name) +
+# len(value) + 4 bytes long, which is how the parsers check that the lines findall() found
+# are all there is (no byte between or around them that no line took) without a second pass.
+_SIMPLE_HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"): (" + _VALUE + rb")\r\n")
+# Any header line of the subset: optional whitespace around the value (h11 strips it). Read
+# only when a head is not all `Name: value` lines; such a head is never `plain`.
+_SPACED_HEADER_LINE = re.compile(rb"((" + _TOKEN + rb"):[ \t]*(" + _VALUE + rb")[ \t]*\r\n)")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 # Request headers that send a request to h11: chunked framing and 100-continue are its job.
 _NOT_SIMPLE_REQUEST = frozenset({b"transfer-encoding", b"expect"})
 _KEEP_ALIVE = frozenset({b"keep-alive"})
 _KEEP_ALIVE_OR_UPGRADE = frozenset({b"keep-alive", b"upgrade"})
+# Request headers that backend_request_headers removes or replaces (the x-forwarded-* family
+# is matched by prefix, below): a request with none of them reaches the backend as the client
+# wrote it, followed by our forwarded headers.
+_NOT_PLAIN_REQUEST = HOP_BY_HOP | FORWARDED_HEADERS | {b"x-real-ip"}
+_X_FORWARDED = re.compile(rb"\nx-forwarded-", re.IGNORECASE)
 
 
 @dataclasses.dataclass(slots=True)
@@ -383,6 +399,13 @@ class SimpleRequest:
     http_version: bytes = b"1.1"
     # An Upgrade or a Connection header is present: decide_upgrade has something to decide.
     upgrade_headers: bool = False
+    # Every header line is `Name: value`, Host is the first, and no header is one the proxy
+    # rewrites or adds to (forwarded headers, Upgrade): the backend gets the header lines as
+    # they are, from offset `lines` to the empty line, except the hop-by-hop ones at the
+    # offsets `cuts` (start, end, start, end, ...); see plain_request_head.
+    plain: bool = False
+    lines: int = 0
+    cuts: list[int] = dataclasses.field(default_factory=list)
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header `name` (lower case), or None."""
@@ -401,6 +424,11 @@ class SimpleResponse:
     raw: list[Header]
     head_size: int  # bytes of the head, where the body starts
     content_length: int
+    # Every header line is `Name: value` and none is one the proxy may rewrite for the
+    # client: the client gets the head as the backend wrote it, without the hop-by-hop lines
+    # at the offsets `cuts` (start, end, ...).
+    plain: bool = False
+    cuts: list[int] = dataclasses.field(default_factory=list)
 
 
 def _only_tokens(value: bytes, allowed: frozenset[bytes]) -> bool:
@@ -411,19 +439,63 @@ def _only_tokens(value: bytes, allowed: frozenset[bytes]) -> bool:
     return all(token in allowed for token in _split_tokens(lowered))
 
 
+def _spaced_header_lines(data: bytes, start: int, end: int) -> list[Header] | None:
+    """The header lines of data[start:end] with optional whitespace, or None if something
+    there is not a header line of the subset."""
+    found = _SPACED_HEADER_LINE.findall(data, start, end)
+    if sum([len(line) for line, _, _ in found]) != end - start:
+        return None
+    return [(name, value) for _, name, value in found]
+
+
 def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:
     """`data` as one simple request head (all of `data`, nothing after it), or None."""
     size = len(data)
     if size > max_size or not data.endswith(b"\r\n\r\n"):
         return None
-    head = _SIMPLE_REQUEST_HEAD.fullmatch(data)
-    if head is None or head[1] == b"CONNECT":  # h11 treats CONNECT as a protocol switch
+    line = _SIMPLE_REQUEST_LINE.match(data)
+    if line is None or line[1] == b"CONNECT":  # h11 treats CONNECT as a protocol switch
         return None
-    raw = _SIMPLE_HEADER_LINE.findall(data, head.start(3), head.end(3))
+    lines = line.end()
+    raw = _SIMPLE_HEADER_LINE.findall(data, lines, size - 2)
+    fields = _request_fields(raw, lines)
+    if fields is not None and fields[0] != size - 2:
+        # Not all `Name: value` lines (or not all header lines): read them again with
+        # optional whitespace; the backend then gets them as h11 would write them.
+        spaced = _spaced_header_lines(data, lines, size - 2)
+        if spaced is None:
+            return None
+        raw = spaced
+        fields = _request_fields(raw, -1)
+    if fields is None or fields[1] != 1:  # exactly one Host
+        return None
+    _, _, upgrade_headers, plain, cuts = fields
+    if plain:
+        plain = raw[0][0].lower() == b"host" and _X_FORWARDED.search(data, lines - 1) is None
+    return SimpleRequest(
+        line[1],
+        line[2],
+        raw,
+        upgrade_headers=upgrade_headers,
+        plain=plain,
+        lines=lines,
+        cuts=cuts,
+    )
+
+
+def _request_fields(raw: list[Header], at: int) -> tuple[int, int, bool, bool, list[int]] | None:
+    """For parse_simple_request: None if a header refuses the head, else (where the lines
+    end if each is `Name: value` and the first starts at `at`, how many Host headers, whether
+    there is an Upgrade or Connection header, whether the head can be `plain`, the offsets of
+    the lines the backend must not get). `at` < 0: the lines are not all `Name: value`."""
     hosts = 0
     lengths = 0
     upgrade_headers = False
+    plain = at >= 0
+    cuts: list[int] = []
     for name, value in raw:
+        start = at
+        at += len(name) + len(value) + 4
         lower = name.lower()
         if lower == b"host":
             hosts += 1
@@ -433,15 +505,21 @@ def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:
             lengths += 1
             if value != b"0" or lengths > 1:  # h11 merges repeated values into one
                 return None
-        elif lower == b"connection":
-            if not _only_tokens(value, _KEEP_ALIVE_OR_UPGRADE):
-                return None
-            upgrade_headers = True
-        elif lower == b"upgrade":
-            upgrade_headers = True
-    if hosts != 1:
-        return None
-    return SimpleRequest(head[1], head[2], raw, upgrade_headers=upgrade_headers)
+        elif lower in _NOT_PLAIN_REQUEST:
+            if lower == b"connection":
+                if not _only_tokens(value, _KEEP_ALIVE_OR_UPGRADE):
+                    return None
+                if not _only_tokens(value, _KEEP_ALIVE):
+                    plain = False  # an upgrade token: decide_upgrade's
+                upgrade_headers = True
+            elif lower == b"upgrade":
+                upgrade_headers = True
+                plain = False
+            if lower in HOP_BY_HOP:
+                cuts += (start, at)  # backend_request_headers drops it
+            else:
+                plain = False  # a forwarded header: ours replace or extend it
+    return at, hosts, upgrade_headers, plain, cuts
 
 
 def parse_simple_response(data: bytes, upgrade: bool = False) -> SimpleResponse | None:
@@ -451,29 +529,97 @@ def parse_simple_response(data: bytes, upgrade: bool = False) -> SimpleResponse 
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return None
-    head = _SIMPLE_RESPONSE_HEAD.fullmatch(data, 0, end + 4)
-    if head is None:
+    line = _SIMPLE_STATUS_LINE.match(data, 0, end + 2)
+    if line is None:
         return None
-    status = int(head[1])
+    status = int(line[1])
     if status in (204, 304) or (status < 200 and (status != 101 or not upgrade)):
         return None
-    raw = _SIMPLE_HEADER_LINE.findall(data, head.start(3), head.end(3))
+    lines = line.end()
+    raw = _SIMPLE_HEADER_LINE.findall(data, lines, end + 2)
     if status == 101:
-        return SimpleResponse(status, head[2], raw, end + 4, 0)
+        covered = lines + sum([len(name) + len(value) + 4 for name, value in raw])
+        if covered != end + 2:
+            spaced = _spaced_header_lines(data, lines, end + 2)
+            if spaced is None:
+                return None
+            raw = spaced
+        return SimpleResponse(status, line[2], raw, end + 4, 0)
+    fields = _response_fields(raw, lines)
+    if fields is not None and fields[0] != end + 2:
+        spaced = _spaced_header_lines(data, lines, end + 2)
+        if spaced is None:
+            return None
+        raw = spaced
+        fields = _response_fields(raw, -1)
+    if fields is None or fields[1] < 0:  # no Content-Length
+        return None
+    _, length, plain, cuts = fields
+    return SimpleResponse(status, line[2], raw, end + 4, length, plain, cuts)
+
+
+def _response_fields(raw: list[Header], at: int) -> tuple[int, int, bool, list[int]] | None:
+    """For parse_simple_response, as _request_fields: None, or (where the lines end, the
+    Content-Length or -1, plain, the offsets of the lines the client must not get)."""
     length = -1
+    plain = at >= 0
+    cuts: list[int] = []
     for name, value in raw:
+        start = at
+        at += len(name) + len(value) + 4
         lower = name.lower()
         if lower == b"content-length":
             if length >= 0 or _DIGITS.fullmatch(value) is None:
                 return None
             length = int(value)
-        elif lower == b"transfer-encoding" or (
-            lower == b"connection" and not _only_tokens(value, _KEEP_ALIVE)
-        ):
-            return None
-    if length < 0:
-        return None
-    return SimpleResponse(status, head[2], raw, end + 4, length)
+        elif lower in _NOT_PLAIN_RESPONSE:
+            if lower == b"transfer-encoding" or (
+                lower == b"connection" and not _only_tokens(value, _KEEP_ALIVE)
+            ):
+                return None
+            if lower in HOP_BY_HOP:
+                cuts += (start, at)  # client_response_headers drops it
+            else:
+                plain = False  # Host, or a header a ResponseRewrite may change
+    return at, length, plain, cuts
+
+
+def without_cuts(data: bytes, start: int, end: int, cuts: list[int]) -> bytes | memoryview:
+    """data[start:end] without the ranges in `cuts` (start, end, start, end, ...)."""
+    if not cuts:
+        return memoryview(data)[start:end]
+    pieces = []
+    for i in range(0, len(cuts), 2):
+        pieces.append(data[start : cuts[i]])
+        start = cuts[i + 1]
+    pieces.append(data[start:end])
+    return b"".join(pieces)
+
+
+def plain_request_head(data: bytes, request: SimpleRequest, target: bytes, added: bytes) -> bytes:
+    """The head for the backend of a `plain` request: the request line (with the target the
+    route maps to), the client's header lines as they came, then `added` (the forwarded
+    headers' lines, forwarded_lines). The same bytes as write_head of backend_request_headers
+    (tests/test_simple_heads.py checks it)."""
+    return b"%s %s HTTP/1.1\r\n%s%s\r\n" % (
+        request.method,
+        target,
+        without_cuts(data, request.lines, len(data) - 2, request.cuts),
+        added,
+    )
+
+
+def plain_request_headers(request: SimpleRequest, added: list[Header]) -> list[Header]:
+    """The headers of plain_request_head, as backend_request_headers would return them."""
+    raw = request.raw
+    if request.cuts:
+        raw = [header for header in raw if header[0].lower() not in HOP_BY_HOP]
+    return raw + added
+
+
+def header_lines(headers: Iterable[Header]) -> bytes:
+    """Header lines as h11 writes them, in the order given."""
+    return b"".join([b"%s: %s\r\n" % header for header in headers])
 
 
 def write_head(start_line: bytes, headers: Iterable[Header]) -> bytes:
@@ -567,6 +713,12 @@ class ResponseRewrite:
 
 
 LOCATION_HEADERS = frozenset({b"location", b"content-location", b"uri"})
+# Response headers a ResponseRewrite may change.
+REWRITTEN_HEADERS = LOCATION_HEADERS | {b"set-cookie"}
+# Response headers that client_response_headers removes or a ResponseRewrite may change (and
+# Transfer-Encoding, which no simple response has): one of them, and the head is not `plain`.
+# Host would be moved first by write_head, as h11 does.
+_NOT_PLAIN_RESPONSE = HOP_BY_HOP | REWRITTEN_HEADERS | {b"host", b"transfer-encoding"}
 
 
 def rewrite_url(value: bytes, rule: ResponseRewrite) -> bytes:

@@ -34,9 +34,10 @@ from typing import TYPE_CHECKING
 import h11
 
 from rawproxy.http import (
-    LOCATION_HEADERS,
     REASONS,
+    REWRITTEN_HEADERS,
     ClientSide,
+    Header,
     ResponseRewrite,
     SimpleRequest,
     SimpleResponse,
@@ -47,12 +48,17 @@ from rawproxy.http import (
     error_body,
     error_headers,
     error_response,
+    forwarded_headers,
     framing_error,
     head_error,
+    header_lines,
     origin_of_host,
     parse_simple_request,
     parse_simple_response,
+    plain_request_head,
+    plain_request_headers,
     rewrite_response_headers,
+    without_cuts,
     write_head,
 )
 from rawproxy.loop import READ, WRITE, Timer
@@ -83,8 +89,6 @@ LINGER_SECONDS = 2.0
 _NO_MORE = (h11.NEED_DATA, h11.PAUSED)
 # The longest PROXY header we read: v2's fixed part and its largest accepted block.
 PROXY_HEADER_LIMIT = 16 + 4096
-# Response headers a ResponseRewrite may change.
-REWRITTEN_HEADERS = LOCATION_HEADERS | {b"set-cookie"}
 # A request without a route is answered 404 on the same connection when what is left of its
 # body is this small; a larger body is not read: 404 and close.
 REJECT_BODY_LIMIT = 64 * 1024
@@ -182,6 +186,7 @@ class Session:
         "fast_head",
         "fast_pending",
         "fast_remaining",
+        "forwarded_cache",
         "head_bytes",
         "local_address",
         "local_port",
@@ -275,6 +280,10 @@ class Session:
         self.fast_pending: bytearray | None = None
         self.fast_client_eof = False
         self.client_side_cache: ClientSide | None = None
+        # For a `plain` fast-path request: the Host it came with, the forwarded headers that
+        # follow it to the backend, and their lines (the same for every request of a client
+        # that keeps its Host).
+        self.forwarded_cache: tuple[bytes, list[Header], bytes] | None = None
         # The header timeout bounds the TLS handshake and the first head together.
         self._arm(self.config.header_timeout, self._on_timeout)
         self.client_handshake = 0
@@ -350,6 +359,7 @@ class Session:
             balancer = self.peer
             self.client_ip, self.peer = format_peer(header.source)
             self.client_port = header.source[1]
+            self.forwarded_cache = None
             self.client_side_cache = None
             log.debug("%s PROXY v%d: client %s", balancer, header.version, self.peer)
         if header.destination is not None:
@@ -612,16 +622,34 @@ class Session:
         if backend is not None and backend_target is not self.target:
             return False
         decision = _NO_UPGRADE
-        if request.upgrade_headers:
-            decision = decide_upgrade(request.raw)
-        headers = backend_request_headers(
-            request.raw,
-            decision,
-            self.client_side_cache or self.client_side(),
-            forwarded=config.forwarded,
-            default_host=backend_target.authority,
-            host_override=backend_target.authority if config.backend_host_header else None,
-        )
+        head: bytes | None = None
+        if request.plain and not config.backend_host_header:
+            # Nothing of the client's head changes: its lines go as they came, then ours.
+            host = request.raw[0][1]
+            cached = self.forwarded_cache
+            if cached is None or cached[0] != host:
+                added = forwarded_headers(
+                    self.client_side_cache or self.client_side(), host, config.forwarded
+                )
+                cached = self.forwarded_cache = (host, added, header_lines(added))
+            headers = plain_request_headers(request, cached[1])
+            if backend is not None:
+                head = plain_request_head(raw, request, target, cached[2])
+            if request.upgrade_headers and log.isEnabledFor(logging.DEBUG):
+                # A plain head has no Upgrade header: the decision is only for the log line
+                # that the h11 path writes too.
+                decision = decide_upgrade(request.raw)
+        else:
+            if request.upgrade_headers:
+                decision = decide_upgrade(request.raw)
+            headers = backend_request_headers(
+                request.raw,
+                decision,
+                self.client_side_cache or self.client_side(),
+                forwarded=config.forwarded,
+                default_host=backend_target.authority,
+                host_override=backend_target.authority if config.backend_host_header else None,
+            )
         self._begin_exchange(request, request_done=True)
         if decision.considered and log.isEnabledFor(logging.DEBUG):
             log.debug("%s upgrade decision: %s", self._describe(), decision.reason)
@@ -640,7 +668,9 @@ class Session:
         self.backend_reused = True
         self.phase = EXCHANGE
         self._arm(config.response_timeout, self._on_timeout)
-        backend.queue((write_head(b"%s %s HTTP/1.1\r\n" % (request.method, target), headers),))
+        if head is None:
+            head = write_head(b"%s %s HTTP/1.1\r\n" % (request.method, target), headers)
+        backend.queue((head,))
         return True
 
     def _hold_client_bytes(self, data: memoryview) -> None:
@@ -698,6 +728,7 @@ class Session:
         anything else (or a backend that closed) goes to h11 from its first byte."""
         remaining = self.fast_remaining
         body: memoryview | bytes
+        lead = 0  # bytes at the start of `body` that are the response head
         if remaining < 0:
             chunk = bytes(data)
             request = self.request
@@ -719,18 +750,28 @@ class Session:
                 return
             self._on_simple_response(response)
             remaining = response.content_length
-            body = memoryview(chunk)[response.head_size :]
+            if response.plain:
+                # The client gets the head as the backend wrote it, in one send with the body
+                # bytes that came with it.
+                lead = response.head_size
+                body = memoryview(chunk)
+                if response.cuts:  # less its hop-by-hop lines
+                    head = without_cuts(chunk, 0, lead, response.cuts)
+                    lead = len(head)
+                    body = memoryview(b"".join((head, body[response.head_size :])))
+            else:
+                body = memoryview(chunk)[response.head_size :]
         elif not data:
             self._backend_lost("closed the connection")
             return
         else:
             body = bytes(data)  # the loop's read buffer is reused by the next read
-        size = len(body)
+        size = len(body) - lead
         if size > remaining:
             self.fast_extra = True
-            body = body[:remaining]
+            body = body[: lead + remaining]
             size = remaining
-        if size:
+        if size or lead:
             self.client.queue((body,))
             self.response_bytes += size
             remaining -= size
@@ -742,9 +783,10 @@ class Session:
         self.server.metrics.observe_head_latency(self.loop.now - self.request_at)
         self.response_started = True
         self.response_status = response.status
-        headers = self._response_headers(response.raw)
-        start = b"HTTP/1.1 %d %s\r\n" % (response.status, response.reason)
-        self.client.queue((write_head(start, headers),))
+        if not response.plain:
+            headers = self._response_headers(response.raw)
+            start = b"HTTP/1.1 %d %s\r\n" % (response.status, response.reason)
+            self.client.queue((write_head(start, headers),))
 
     def _simple_exchange_done(self) -> None:
         self.fast_head = None

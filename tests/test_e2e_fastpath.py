@@ -323,6 +323,43 @@ def test_request_heads_identical_on_both_paths(setup):
         assert head == want, f"request {number}:\n{head!r}\nwant\n{want!r}"
 
 
+CHROMIUM_GET = request_bytes(
+    "GET",
+    "/tests/42",
+    [
+        ("Host", "App.Test:8080"),
+        ("Connection", "keep-alive"),
+        ("sec-ch-ua", '"Chromium";v="156", "Not)A;Brand";v="99"'),
+        ("User-Agent", "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/156.0"),
+        ("Accept", "text/html,*/*;q=0.8"),
+        ("Accept-Encoding", "gzip, deflate, br, zstd"),
+        ("Cookie", "mojolicious=eyJhIjoxfQ--abc; other=1"),
+    ],
+)
+
+
+def test_a_plain_request_reaches_the_backend_as_the_client_wrote_it(setup):
+    """A head of `Name: value` lines without forwarded headers (what Chromium sends) goes to
+    the backend as it came, less its Connection line, plus our forwarded headers: the same
+    bytes by the fast path (requests 1, 2, 4) and by h11 (3, bare LF)."""
+    s = setup(*(ok(b"%d" % n) for n in range(1, 5)))
+    for n, request in enumerate([CHROMIUM_GET, CHROMIUM_GET, lf_only(CHROMIUM_GET)], 1):
+        assert s.client.request(request).body == b"%d" % n
+    assert s.client.request(CHROMIUM_GET).body == b"4"
+    heads = s.exchanges.wait_heads(4)
+    want = (
+        b"GET /tests/42 HTTP/1.1\r\nHost: App.Test:8080\r\n"
+        b'sec-ch-ua: "Chromium";v="156", "Not)A;Brand";v="99"\r\n'
+        b"User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/156.0\r\n"
+        b"Accept: text/html,*/*;q=0.8\r\nAccept-Encoding: gzip, deflate, br, zstd\r\n"
+        b"Cookie: mojolicious=eyJhIjoxfQ--abc; other=1\r\n"
+        b"X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\n"
+        b"X-Forwarded-Host: App.Test:8080\r\nX-Forwarded-Port: %d\r\n\r\n"
+    ) % s.proxy.port
+    for number, (_, head) in enumerate(heads, 1):
+        assert head == want, f"request {number}:\n{head!r}\nwant\n{want!r}"
+
+
 @pytest.mark.parametrize(
     ("flags", "target", "must_contain"),
     [
@@ -498,6 +535,12 @@ BROWSER_RESPONSE_RELAYED = (
     ("answer", "want"),
     [
         pytest.param(BROWSER_RESPONSE, BROWSER_RESPONSE_RELAYED, id="browser-like"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nX-Powered-By: Express\r\n"
+            b"Keep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nX-Powered-By: Express\r\nContent-Length: 2\r\n\r\nok",
+            id="node-like-hop-by-hop-cut",
+        ),
         pytest.param(
             b"HTTP/1.1 404 \r\nContent-Length: 9\r\n\r\nnot found",
             b"HTTP/1.1 404 \r\nContent-Length: 9\r\n\r\nnot found",

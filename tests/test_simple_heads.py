@@ -14,10 +14,19 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from rawproxy.http import (
+    REWRITTEN_HEADERS,
+    ClientSide,
     SimpleRequest,
+    backend_request_headers,
+    client_response_headers,
     decide_upgrade,
+    forwarded_headers,
+    header_lines,
     parse_simple_request,
     parse_simple_response,
+    plain_request_head,
+    plain_request_headers,
+    without_cuts,
     write_head,
 )
 
@@ -94,7 +103,34 @@ def check_request(data: bytes) -> SimpleRequest | None:
     assert write_head(start, simple.raw) == h11_writes_request(
         simple.method, simple.target, simple.raw
     )
+    if simple.plain:
+        check_plain_request(data, simple)
     return simple
+
+
+CLIENTS = [
+    ClientSide("192.0.2.7", "http", 80, trusted=False),
+    ClientSide("2001:db8::1", "https", 443, trusted=True),
+]
+
+
+def check_plain_request(data: bytes, simple: SimpleRequest) -> None:
+    """A `plain` request's head for the backend, the client's lines and then our forwarded
+    ones, is byte for byte what backend_request_headers and write_head make of it, in every
+    forwarded mode, for trusted and untrusted clients, under any target a route maps to."""
+    assert simple.raw[0][0].lower() == b"host"
+    for client in CLIENTS:
+        for mode in ("x-forwarded", "rfc7239", "both", "none"):
+            expected = backend_request_headers(
+                simple.raw, decide_upgrade(simple.raw), client, forwarded=mode, default_host=b"b"
+            )
+            added = forwarded_headers(client, simple.raw[0][1], mode)
+            assert plain_request_headers(simple, added) == expected
+            for target in (simple.target, b"/mapped/x?y"):
+                start = b"%s %s HTTP/1.1\r\n" % (simple.method, target)
+                assert plain_request_head(data, simple, target, header_lines(added)) == (
+                    write_head(start, expected)
+                )
 
 
 def check_response(data: bytes, body: bytes = b"") -> bool:
@@ -117,6 +153,13 @@ def check_response(data: bytes, body: bytes = b"") -> bool:
     assert write_head(start, response.raw) == h11_writes_response(
         response.status, response.reason, response.raw
     )
+    if response.plain:
+        # Sent as the backend wrote it: what the h11 path's rules would write, and nothing a
+        # ResponseRewrite could change.
+        assert without_cuts(data, 0, response.head_size, response.cuts) == write_head(
+            start, client_response_headers(response.raw, False)
+        )
+        assert REWRITTEN_HEADERS.isdisjoint(name.lower() for name, _ in response.raw)
     return True
 
 
@@ -129,6 +172,7 @@ SIMPLE_REQUESTS = [
     b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Keep-Alive, keep-alive\r\n\r\n",
     b"DELETE /r HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost:a\r\nX-Empty:\r\nX-Spaces:  a  b\t \r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX-Empty: \r\nX-Spaces: a  b\t c\r\n\r\n",
     b"GET http://a/p HTTP/1.1\r\nHost: a\r\n\r\n",
     b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n",
@@ -214,6 +258,93 @@ def test_a_browser_get_takes_the_fast_path() -> None:
     assert simple is not None
     assert simple.header(b"cookie") == b"mojolicious=eyJhIjoxfQ--abc; other=1"
     assert simple.header(b"referer") is None
+
+
+PLAIN_REQUESTS = [
+    b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    # Hop-by-hop lines are cut out of the head.
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\nAccept: */*\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nKeep-Alive: 5\r\nTE: trailers\r\nX: y\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX: y\r\nProxy-Connection: keep-alive\r\n\r\n",
+    b"GET /x?y=1 HTTP/1.1\r\nhost: a:8080\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n",
+    b"DELETE /r HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nX-Forwarded: 1\r\n\r\n",
+]
+NOT_PLAIN_REQUESTS = [
+    b"GET / HTTP/1.1\r\nAccept: */*\r\nHost: a\r\n\r\n",  # h11 writes Host first
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nx-forwarded-prefix: /p\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nForwarded: for=1.2.3.4\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX-Real-IP: 1.2.3.4\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n",
+    # Spacing other than `Name: value`: simple (h11's rules, without h11), never plain.
+    b"GET / HTTP/1.1\r\nHost:a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX:  1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX:\t1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX: 1 \r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX:\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("data", PLAIN_REQUESTS)
+def test_plain_requests_go_as_they_came(data: bytes) -> None:
+    simple = check_request(data)
+    assert simple is not None
+    assert simple.plain
+
+
+@pytest.mark.parametrize("data", NOT_PLAIN_REQUESTS)
+def test_requests_the_proxy_changes_are_not_plain(data: bytes) -> None:
+    simple = check_request(data)
+    assert simple is not None
+    assert not simple.plain
+
+
+def test_a_browser_get_without_connection_is_plain() -> None:
+    """What Chromium sends over HTTP/1.1 minus `Connection: keep-alive` (which the proxy
+    removes, so that head is not plain): the usual request of a browser behind a proxy that
+    does not send it, and of HTTP/1.1 load tools."""
+    data = (
+        b"GET /tests/42 HTTP/1.1\r\nHost: openqa.example\r\n"
+        b'sec-ch-ua: "Chromium";v="156"\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64)\r\n'
+        b"Accept: text/html,*/*;q=0.8\r\nCookie: mojolicious=abc; other=1\r\n\r\n"
+    )
+    simple = check_request(data)
+    assert simple is not None
+    assert simple.plain
+
+
+PLAIN_RESPONSES = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nKeep-Alive: timeout=5\r\nX: y\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTrailer: X\r\n\r\n",
+    b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: 3\r\n\r\n",
+    b"HTTP/1.1 200 \r\nx-CUSTOM: Value with  spaces\r\ncontent-length: 0\r\n\r\n",
+]
+NOT_PLAIN_RESPONSES = [
+    b"HTTP/1.1 302 Found\r\nLocation: http://b/x\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1; Domain=b\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nHost: b\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length:1\r\n\r\n",  # other spacing: simple, not plain
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nX:  a\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("data", PLAIN_RESPONSES)
+def test_plain_responses_go_as_they_came(data: bytes) -> None:
+    assert check_response(data, b"0123456789abcdef")
+    response = parse_simple_response(data)
+    assert response is not None
+    assert response.plain
+
+
+@pytest.mark.parametrize("data", NOT_PLAIN_RESPONSES)
+def test_responses_the_proxy_changes_are_not_plain(data: bytes) -> None:
+    assert check_response(data, b"0123456789abcdef")
+    response = parse_simple_response(data)
+    assert response is not None
+    assert not response.plain
 
 
 SIMPLE_RESPONSES = [
