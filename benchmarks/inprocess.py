@@ -1,6 +1,6 @@
 """The proxy's own cost per request or per WebSocket handshake, without scheduler noise.
 
-    python -m benchmarks.inprocess [w1|w5|null] [--ops N] [--source DIR] [--repeat K]
+    python -m benchmarks.inprocess [w1|w3|w5|null] [--ops N] [--source DIR] [--repeat K]
 
 One process, one thread: a real rawproxy Server (from the working tree, or from the source
 tree `--source DIR`, e.g. a `git worktree` of another revision) is driven turn by turn,
@@ -8,6 +8,7 @@ against a client and a backend on loopback sockets in the same process:
 
 - w1: a kept-alive `GET /` answered by a 12-byte body (the fast path), per exchange;
 - w5: connect, WebSocket upgrade, 101, client close, backend close, per handshake;
+- w3: a 64-byte message and its 64-byte answer through one upgraded tunnel, per round trip;
 - null: w1 through a ten-line forwarder with the same selector and socket calls, the floor
   that the proxy's own work adds to.
 
@@ -80,6 +81,30 @@ def proxy_ops(mode: str) -> Op:
         turn()
         assert client.recv(65536).endswith(b"hello world\n"), "no answer through the proxy"
         return _exchange(client, conn, turn)
+
+    if mode == "w3":
+        client = _nodelay(socket.create_connection(address))
+        turn()
+        client.send(UPGRADE)
+        turn()
+        turn()
+        conn = _nodelay(backend.accept()[0])
+        turn()
+        conn.recv(65536)
+        conn.send(SWITCH)
+        turn()
+        assert client.recv(65536).startswith(b"HTTP/1.1 101"), "no 101 through the proxy"
+        message = bytes(range(64))
+
+        def round_trip() -> None:
+            client.send(message)
+            turn()
+            conn.recv(65536)
+            conn.send(message)
+            turn()
+            client.recv(65536)
+
+        return round_trip
 
     backend.setblocking(False)
 
@@ -174,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.inprocess", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("mode", nargs="?", default="w1", choices=["w1", "w5", "null"])
+    parser.add_argument("mode", nargs="?", default="w1", choices=["w1", "w3", "w5", "null"])
     parser.add_argument("--ops", type=int, default=0, help="operations per run")
     parser.add_argument("--repeat", type=int, default=3, help="runs; the best is shown")
     parser.add_argument("--source", help="a rawproxy source tree to measure instead")

@@ -1,11 +1,14 @@
 """The opaque two-way byte pump that a connection becomes after a 101.
 
 Two directions, client->backend and backend->client, each moved by one symmetric function.
-When both legs are plain TCP the bytes go socket -> pipe -> socket with `os.splice` and never
-enter Python; otherwise (or where the kernel refuses splice) they are copied through the
-loop's shared buffer. Either way a direction holds at most one pipe or one backlog of
-unsent bytes, and reads nothing more until that is delivered: that is the backpressure, and
-it bounds memory per tunnel by construction.
+Bytes are copied through the loop's shared buffer (recv_into + send). When both legs are plain
+TCP, a direction whose read fills that buffer is moving bulk: from then on its bytes go socket
+-> pipe -> socket with `os.splice` and never enter Python, until a burst of reads moves less
+than BULK_BYTES (a small WebSocket message: for those the two calls of a copy cost less than
+the two splices and the pipe's bookkeeping, measured). Either way a direction holds at most
+one pipe or one backlog of unsent bytes, and reads nothing more until that is delivered: that
+is the backpressure, and it bounds memory per tunnel by construction. A direction changes
+pump only with nothing in flight (no backlog, an empty pipe), so bytes keep their order.
 
 End states, per direction: end of stream (EOF from the source, carried over as a
 shutdown(SHUT_WR) of the destination once everything before it was delivered: half-close), or
@@ -43,6 +46,9 @@ PIPE_SIZE = 1024 * 1024
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # How many read/write rounds one readiness event may run before other connections get a turn.
 ROUNDS = 16
+# A splice burst (what one readiness event moved) under this size sends the direction back
+# to copying; a copy read that fills the loop's read buffer sends it to splice.
+BULK_BYTES = 64 * 1024
 
 # What a direction waits for.
 WANT_READ = 1
@@ -133,7 +139,18 @@ class LaterKeepalive:
 class Direction:
     """One half of a tunnel: bytes from `src` to `dst`."""
 
-    __slots__ = ("backlog", "dst", "eof", "in_pipe", "moved", "name", "pipe", "src", "want")
+    __slots__ = (
+        "backlog",
+        "bulk",
+        "dst",
+        "eof",
+        "in_pipe",
+        "moved",
+        "name",
+        "pipe",
+        "src",
+        "want",
+    )
 
     def __init__(self, name: str, src: Stream, dst: Stream, first: bytes, eof: bool) -> None:
         self.name = name
@@ -142,6 +159,8 @@ class Direction:
         self.backlog: memoryview | None = memoryview(first) if first else None
         self.pipe: tuple[int, int] | None = None
         self.in_pipe = 0
+        # Moved by splice (the tunnel's legs allow it and this direction carries bulk).
+        self.bulk = False
         self.eof = eof
         self.moved = 0
         self.want = WANT_WRITE if first or eof else WANT_READ
@@ -267,7 +286,7 @@ class Tunnel:
         """Move what can be moved in direction `d`; `readable`: its source may have bytes."""
         self.last_active = self.loop.now
         try:
-            if self.splice:
+            if d.bulk:
                 self._pump_splice(d, readable)
             else:
                 self._pump_copy(d, readable)
@@ -356,6 +375,7 @@ class Tunnel:
         src_fd = d.src.fileno()
         dst_fd = d.dst.fileno()
         drained = not readable
+        burst = 0
         for _ in range(ROUNDS):
             if d.backlog is not None and not self._send_backlog(d):
                 return
@@ -383,6 +403,8 @@ class Tunnel:
                 # more, end of stream included.
                 self._release_pipe(d)
                 d.want = WANT_READ
+                if readable and burst < BULK_BYTES:
+                    d.bulk = False  # small messages again: copy them
                 return
             if d.pipe is None:
                 d.pipe = self.pipes.take()
@@ -397,7 +419,7 @@ class Tunnel:
                 if e.errno in (errno.EINVAL, errno.ENOSYS):
                     # This kernel or socket type does not splice: copy instead, for good.
                     self._release_pipe(d)
-                    self.splice = False
+                    self.splice = self.c2b.bulk = self.b2c.bulk = False
                     self._pump_copy(d)
                     return
                 raise TunnelError(d.name, e) from e
@@ -406,6 +428,7 @@ class Tunnel:
             else:
                 d.in_pipe = n
                 d.moved += n
+                burst += n
                 drained = n < self.pipes.size
         d.want = WANT_WRITE if d.in_pipe else WANT_READ
 
@@ -417,6 +440,11 @@ class Tunnel:
 
     def _pump_copy(self, d: Direction, readable: bool = True) -> None:
         view = self.loop.read_view
+        size = len(view)
+        src = d.src
+        # Not for TLS: its end of stream (close_notify) may have been read with the data, and
+        # no readiness event would announce it again; so a short TLS read is not "drained".
+        plain = not isinstance(src, TlsSocket)
         drained = not readable
         for _ in range(ROUNDS):
             if d.backlog is not None and not self._send_backlog(d):
@@ -428,7 +456,7 @@ class Tunnel:
                 d.want = WANT_READ  # as in _pump_splice: the source was empty
                 return
             try:
-                n = receive_into(d.src, view)
+                n = receive_into(src, view)
             except OSError as e:
                 raise TunnelError(d.name, e) from e
             if n < 0:
@@ -438,9 +466,7 @@ class Tunnel:
                 d.eof = True
                 continue
             d.moved += n
-            # Not for TLS: its end of stream (close_notify) may have been read with the data,
-            # and no readiness event would announce it again.
-            drained = n < len(view) and not isinstance(d.src, TlsSocket)
+            drained = n < size and plain
             try:
                 sent = d.dst.send(view[:n])
             except WOULD_BLOCK:
@@ -452,9 +478,15 @@ class Tunnel:
                 # The one copy a direction may hold: what the destination did not take.
                 d.backlog = memoryview(bytes(view[sent:n]))
                 d.want = WANT_WRITE
+                if n == size and self.splice:
+                    d.bulk = True  # bulk: splice once the backlog is delivered
+                return
+            if n == size and self.splice:
+                # Bulk: what follows goes by splice, nothing being in flight now.
+                d.bulk = True
+                self._pump_splice(d)
                 return
         d.want = WANT_READ
-        src = d.src
         if isinstance(src, TlsSocket) and src.pending():
             # Out of rounds with decrypted bytes inside the SSL object: no readiness event
             # would ever announce them, so come back on the next loop turn.

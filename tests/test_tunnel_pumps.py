@@ -1,0 +1,154 @@
+"""Which pump a tunnel direction uses: small messages are copied through the loop's buffer,
+bulk goes by splice, and a direction switches back and forth without losing, duplicating or
+reordering a byte. A real Tunnel on a real Loop, between TCP sockets on loopback, driven turn
+by turn in this process (the end-to-end tunnel tests run both pumps through a proxy process;
+this one watches the switch itself)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from rawproxy import tunnel as tunnel_module
+from rawproxy.loop import Loop
+from rawproxy.tunnel import PipePool, Tunnel
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    for s in (a, b):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return a, b
+
+
+class Rig:
+    """client_peer <-> [client | Tunnel | backend] <-> backend_peer"""
+
+    def __init__(self, splice: bool) -> None:
+        self.loop = Loop()
+        self.pipes = PipePool()
+        self.client_peer, client = tcp_pair()
+        backend, self.backend_peer = tcp_pair()
+        for s in (client, backend, self.client_peer, self.backend_peer):
+            s.setblocking(False)
+        self.closed: list[str] = []
+        self.tunnel = Tunnel(
+            self.loop,
+            self.pipes,
+            client,
+            backend,
+            b"",
+            b"",
+            (0, 0),
+            False,
+            False,
+            splice=splice,
+            idle_timeout=None,
+            keepalive=0,
+            on_close=lambda _t, how, _d: self.closed.append(how),
+        )
+        self.tunnel.start()
+        # The directions' pumps as seen after each turn in which bytes moved.
+        self.seen: set[bool] = set()
+
+    def turn(self) -> None:
+        for key, mask in self.loop.selector.select(0.01):
+            key.data(mask)
+        self.seen.add(self.tunnel.c2b.bulk)
+
+    def move(self, data: bytes, received: bytearray) -> None:
+        """Send `data` from the client's peer and turn the loop until the backend's peer has
+        it all, reading as it arrives (so that backpressure, not buffers, paces it)."""
+        view = memoryview(data)
+        want = len(received) + len(data)
+        deadline = time.monotonic() + 20
+        while len(received) < want:
+            assert time.monotonic() < deadline, f"{len(received)} of {want} bytes arrived"
+            if view:
+                with contextlib.suppress(BlockingIOError):
+                    view = view[self.client_peer.send(view) :]
+            self.turn()
+            try:
+                while chunk := self.backend_peer.recv(1 << 20):
+                    received += chunk
+            except BlockingIOError:
+                pass
+
+    def close(self) -> None:
+        self.tunnel.close("test over")
+        for s in (self.client_peer, self.backend_peer):
+            s.close()
+        self.pipes.close()
+        self.loop.close()
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    r = Rig(splice=True)
+    yield r
+    r.close()
+
+
+def pattern(n: int, seed: int) -> bytes:
+    block = hashlib.sha256(b"%d" % seed).digest() * 2048  # 64 KiB
+    return (block * (n // len(block) + 1))[:n]
+
+
+def test_small_messages_are_copied_and_bulk_is_spliced_in_order(rig: Rig) -> None:
+    """Small, bulk, small, bulk, small: the direction copies, splices, copies again; every
+    byte arrives once and in order."""
+    sent = bytearray()
+    received = bytearray()
+    bulk = 3 * 1024 * 1024  # several loop buffers: the first full read switches to splice
+    for step, size in enumerate([64, 100, bulk, 64, 64, 2000, bulk + 1, 64]):
+        data = pattern(size, step)
+        rig.move(data, received)
+        sent += data
+        if size < tunnel_module.BULK_BYTES:
+            assert not rig.tunnel.c2b.bulk, f"step {step}: a {size}-byte message left it on splice"
+    assert received == sent
+    assert rig.seen == {False, True}, "the direction never switched pumps"
+    assert rig.tunnel.c2b.pipe is None, "an idle direction holds no pipe"
+    assert rig.closed == []
+
+
+def test_a_bulk_burst_is_spliced_not_copied(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the read that fills the loop's buffer, the rest of a bulk burst goes by splice:
+    the copy pump reads only a few buffers' worth of 8 MiB."""
+    copied = 0
+    real = tunnel_module.receive_into
+
+    def counting(sock: socket.socket, view: memoryview) -> int:
+        nonlocal copied
+        n = real(sock, view)
+        copied += max(n, 0)
+        return n
+
+    monkeypatch.setattr(tunnel_module, "receive_into", counting)
+    received = bytearray()
+    data = pattern(8 * 1024 * 1024, 7)
+    rig.move(data, received)
+    assert received == data
+    assert copied <= len(data) // 4, f"{copied} of {len(data)} bytes went through Python"
+
+
+def test_without_splice_everything_is_copied() -> None:
+    """--no-splice (or a TLS leg): the direction never leaves the copy pump."""
+    r = Rig(splice=False)
+    try:
+        received = bytearray()
+        data = pattern(2 * 1024 * 1024, 3)
+        r.move(data, received)
+        assert received == data
+        assert r.seen == {False}
+    finally:
+        r.close()
