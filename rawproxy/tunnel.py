@@ -417,9 +417,11 @@ class Tunnel:
                 return
             except OSError as e:
                 if e.errno in (errno.EINVAL, errno.ENOSYS):
-                    # This kernel or socket type does not splice: copy instead, for good.
+                    # This kernel or socket type does not splice: copy instead, for good. Only
+                    # this direction switches now (its pipe is empty); the other may have bytes
+                    # in its pipe, and switches when it has delivered them.
                     self._release_pipe(d)
-                    self.splice = self.c2b.bulk = self.b2c.bulk = False
+                    self.splice = d.bulk = False
                     self._pump_copy(d)
                     return
                 raise TunnelError(d.name, e) from e

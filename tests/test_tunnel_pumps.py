@@ -7,7 +7,9 @@ this one watches the switch itself)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -33,11 +35,15 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
 class Rig:
     """client_peer <-> [client | Tunnel | backend] <-> backend_peer"""
 
-    def __init__(self, splice: bool) -> None:
+    def __init__(self, splice: bool, small_backend_buffers: bool = False) -> None:
         self.loop = Loop()
         self.pipes = PipePool()
         self.client_peer, client = tcp_pair()
         backend, self.backend_peer = tcp_pair()
+        if small_backend_buffers:
+            # So that a backend peer that does not read stops the tunnel within a few pipes.
+            self.backend_peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            backend.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
         for s in (client, backend, self.client_peer, self.backend_peer):
             s.setblocking(False)
         self.closed: list[str] = []
@@ -82,6 +88,37 @@ class Rig:
                     received += chunk
             except BlockingIOError:
                 pass
+
+    def exchange(
+        self,
+        up: bytes,
+        down: bytes,
+        got_up: bytearray,
+        got_down: bytearray,
+        until: float = 20.0,
+        read_backend: bool = True,
+    ) -> None:
+        """Both peers send (`up` from the client's, `down` from the backend's) and read what
+        arrives, turn after turn, until everything arrived or `until` seconds passed (then
+        only if `read_backend` is off, which stops the client->backend direction)."""
+        views = [memoryview(up), memoryview(down)]
+        deadline = time.monotonic() + until
+        while len(got_up) < len(up) or len(got_down) < len(down):
+            if time.monotonic() > deadline:
+                assert not read_backend, f"{len(got_up)}/{len(up)}, {len(got_down)}/{len(down)}"
+                return
+            for i, sock in enumerate((self.client_peer, self.backend_peer)):
+                if views[i]:
+                    with contextlib.suppress(BlockingIOError):
+                        views[i] = views[i][sock.send(views[i]) :]
+            self.turn()
+            for sock, got, on in (
+                (self.backend_peer, got_up, read_backend),
+                (self.client_peer, got_down, True),
+            ):
+                with contextlib.suppress(BlockingIOError):
+                    while on and (chunk := sock.recv(1 << 20)):
+                        got += chunk
 
     def close(self) -> None:
         self.tunnel.close("test over")
@@ -150,5 +187,63 @@ def test_without_splice_everything_is_copied() -> None:
         r.move(data, received)
         assert received == data
         assert r.seen == {False}
+    finally:
+        r.close()
+
+
+def test_a_direction_refused_splice_leaves_the_other_ones_pipe_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kernel refuses splice (EINVAL) to the backend->client direction while the
+    client->backend one has bytes in its pipe (its backend peer is not reading): the first
+    copies from then on, the second still delivers its pipe first. Both streams arrive whole
+    and in order."""
+    r = Rig(splice=True, small_backend_buffers=True)
+    try:
+        real_splice = os.splice
+        backend_fd = r.tunnel.backend_fd
+
+        def splice(src: int, dst: int, count: int, *args: object, **kwargs: object) -> int:
+            if src == backend_fd:
+                raise OSError(errno.EINVAL, "this socket does not splice")
+            return real_splice(src, dst, count, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(tunnel_module.os, "splice", splice)
+        up, down = pattern(4 * 1024 * 1024, 1), pattern(2 * 1024 * 1024, 2)
+        got_up, got_down = bytearray(), bytearray()
+        # The backend peer reads by fits: the client->backend direction goes to splice and
+        # is caught with bytes in its pipe, stopped by a backend peer that stopped reading.
+        sent = memoryview(up)
+        for _ in range(200):
+            with contextlib.suppress(BlockingIOError):
+                sent = sent[r.client_peer.send(sent) :]
+            r.turn()
+            if r.tunnel.c2b.in_pipe and not r.tunnel.c2b.backlog:
+                break
+            with contextlib.suppress(BlockingIOError):
+                got_up += r.backend_peer.recv(32 * 1024)
+        assert r.tunnel.c2b.bulk
+        assert r.tunnel.c2b.in_pipe > 0, "the test needs bytes waiting in the pipe"
+        r.turn()
+        assert r.tunnel.c2b.in_pipe > 0, "the backend peer's buffer should be full"
+        up_rest = bytes(sent)
+        # The backend answers with bulk: its direction tries splice, is refused, copies.
+        r.exchange(b"", down, bytearray(), got_down, until=1.0, read_backend=False)
+        assert got_down == down
+        assert not r.tunnel.splice
+        # The backend reads again: what waited in the pipe comes first, then the rest.
+        rest = memoryview(up_rest)
+        deadline = time.monotonic() + 20
+        while len(got_up) < len(up):
+            assert time.monotonic() < deadline, f"{len(got_up)} of {len(up)} bytes arrived"
+            if rest:
+                with contextlib.suppress(BlockingIOError):
+                    rest = rest[r.client_peer.send(rest) :]
+            r.turn()
+            with contextlib.suppress(BlockingIOError):
+                while chunk := r.backend_peer.recv(1 << 20):
+                    got_up += chunk
+        assert got_up == up
+        assert r.closed == []
     finally:
         r.close()
