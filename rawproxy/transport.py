@@ -53,6 +53,7 @@ class TlsSocket:
         "_outgoing",
         "_plain",
         "_raw_eof",
+        "_raw_short",
         "_unacked",
         "raw",
     )
@@ -78,6 +79,8 @@ class TlsSocket:
         self._unacked = 0  # plaintext bytes whose ciphertext is still in _out
         self._plain = bytearray()  # plaintext decrypted early (before our close_notify)
         self._raw_eof = False
+        # The last read from the kernel took less than it could: the socket was empty then.
+        self._raw_short = False
 
     # -- the socket API the proxy uses -------------------------------------------------------
 
@@ -139,6 +142,17 @@ class TlsSocket:
             return
 
     def recv_into(self, view: memoryview) -> int:
+        return self._recv(view, True)
+
+    def recv_more(self, view: memoryview) -> int:
+        """recv_into for the reads that follow one (of the same readiness event): the kernel
+        is asked again only if its last read filled the buffer. Otherwise it most likely has
+        nothing, and asking costs a system call for EAGAIN on every request; the selector
+        (level-triggered) says when more comes. Records already read are decrypted either way,
+        a close_notify among them included."""
+        return self._recv(view, not self._raw_short)
+
+    def _recv(self, view: memoryview, kernel: bool) -> int:
         if self._plain:
             n = min(len(view), len(self._plain))
             view[:n] = self._plain[:n]
@@ -149,7 +163,7 @@ class TlsSocket:
                 # With a buffer, read() fills it and returns the count (typeshed says bytes).
                 n = self._obj.read(len(view), view)  # type: ignore[assignment]
             except ssl.SSLWantReadError:
-                if not self._read_raw():
+                if not kernel or not self._read_raw():
                     raise
                 continue
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
@@ -233,6 +247,7 @@ class TlsSocket:
             self._incoming.write_eof()
         else:
             self._incoming.write(_raw_view[:n])
+            self._raw_short = n < len(_raw_view)
         return True
 
 
@@ -252,7 +267,7 @@ def receive_into(sock: Stream, view: memoryview) -> int:
     size = len(view)
     while total < size:
         try:
-            n = sock.recv_into(view[total:])
+            n = sock.recv_more(view[total:])
         except WOULD_BLOCK:
             break
         if n == 0:
