@@ -10,6 +10,7 @@ so what it renders is one consistent snapshot.
 from __future__ import annotations
 
 import errno
+import gc
 import itertools
 import math
 import re
@@ -240,6 +241,16 @@ class Metrics:
             "Time to connect to a backend, TLS handshake included.",
             self.connect_latency,
         )
+
+        name = "rawproxy_gc_collections_total"
+        out.family(name, "counter", "Runs of Python's cyclic garbage collector, by generation.")
+        for generation, stats in enumerate(gc.get_stats()):
+            out.sample(name, stats["collections"], ("generation", str(generation)))
+        name = "rawproxy_gc_frozen_objects"
+        out.family(
+            name, "gauge", "Objects of start-up that no collection walks (gc.freeze when serving)."
+        )
+        out.sample(name, gc.get_freeze_count())
         return out.getvalue()
 
 

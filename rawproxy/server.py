@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from rawproxy.accesslog import AccessLog
 from rawproxy.config import Backend, Config, ConfigError, ListenAddress, Route
 from rawproxy.http import origin, select_route
-from rawproxy.loop import READ, Loop, Timer
+from rawproxy.loop import READ, Loop, Timer, settle_gc
 from rawproxy.metrics import CONTENT_TYPE, Metrics
 from rawproxy.session import DONE, Session
 from rawproxy.systemd import Notifier
@@ -537,6 +537,7 @@ class Server:
             self._watchdog()
         if self.notifier.sock is not None:
             self.loop.call_later(STATUS_EVERY, self._report_status)
+        settle_gc()
         try:
             self.loop.run()
         finally:

@@ -392,6 +392,8 @@ FAMILIES = {
     "rawproxy_proxy_protocol_errors_total": "counter",
     "rawproxy_request_head_latency_seconds": "histogram",
     "rawproxy_backend_connect_latency_seconds": "histogram",
+    "rawproxy_gc_collections_total": "counter",
+    "rawproxy_gc_frozen_objects": "gauge",
 }
 
 
@@ -448,6 +450,9 @@ def test_metrics_move_with_the_traffic(
     assert len(info) == 1
     assert dict(info[0]).get("version"), info
     assert m0("rawproxy_tunnels_open") == 0
+    # The serving process settled its garbage collector (rawproxy.loop.settle_gc).
+    assert m0("rawproxy_gc_frozen_objects") > 1000
+    assert m0("rawproxy_gc_collections_total", generation="2") <= 2
 
     # Plain requests: 3 x 2xx, a 3xx, a 4xx (no route), a 5xx (refused backend).
     body = b"p" * 5000
