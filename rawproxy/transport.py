@@ -464,7 +464,7 @@ class Leg:
         call when the interest stays the same. This leg no longer touches the selector."""
         interest = self.interest
         self.interest = 0
-        self.callback = _ignore_event
+        self.callback = ignore_event
         return self.sock, interest
 
     def close(self, reset: bool = False) -> None:
@@ -481,11 +481,12 @@ class Leg:
         self.sock.close()
         # The callback is a bound method of the owner, which holds this leg: letting go of it
         # lets reference counting free a closed connection at once, without the cyclic GC.
-        self.callback = _ignore_event
+        self.callback = ignore_event
 
 
-def _ignore_event(_mask: int) -> None:
-    """The event callback of a leg that is closed or handed over (never registered)."""
+def ignore_event(_mask: int) -> None:
+    """The event callback of a leg or tunnel that is closed or handed over: it is never
+    registered, and holds nothing (a bound method would hold its owner)."""
 
 
 def abort_on_close(sock: Stream) -> None:

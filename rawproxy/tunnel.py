@@ -35,6 +35,7 @@ from rawproxy.transport import (
     Stream,
     TlsSocket,
     abort_on_close,
+    ignore_event,
     receive_into,
     send_close_notify,
     set_keepalive,
@@ -540,13 +541,9 @@ class Tunnel:
         # The bound methods kept for the loop point back at the tunnel: let go of them, so that
         # reference counting frees a closed tunnel at once (no work left for the cyclic GC,
         # which otherwise ran often enough to cost W5 about 7 % of its time).
-        self.on_client = self.on_backend = _ignore_event
+        self.on_client = self.on_backend = ignore_event
         self.on_close = _ignore_close
         on_close(self, how, time.monotonic() - self.started)
-
-
-def _ignore_event(_mask: int) -> None:
-    """The event callback of a closed tunnel (never registered)."""
 
 
 def _ignore_close(_tunnel: Tunnel, _how: str, _duration: float) -> None:
