@@ -598,9 +598,9 @@ def without_cuts(data: bytes, start: int, end: int, cuts: list[int]) -> bytes | 
 
 def plain_request_head(data: bytes, request: SimpleRequest, target: bytes, added: bytes) -> bytes:
     """The head for the backend of a `plain` request: the request line (with the target the
-    route maps to), the client's header lines as they came, then `added` (the forwarded
-    headers' lines, forwarded_lines). The same bytes as write_head of backend_request_headers
-    (tests/test_simple_heads.py checks it)."""
+    route maps to), the client's header lines as they came less the hop-by-hop ones, then
+    `added` (header_lines of forwarded_headers). The same bytes as write_head of
+    backend_request_headers (tests/test_simple_heads.py checks it)."""
     return b"%s %s HTTP/1.1\r\n%s%s\r\n" % (
         request.method,
         target,
