@@ -513,6 +513,9 @@ class Server:
     # -- running ---------------------------------------------------------------------------
 
     def run(self) -> None:
+        # Start-up's last work (a full collection, a few ms) before anything says "ready": a
+        # worker that announced itself would otherwise leave its first connections waiting.
+        settle_gc()
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.loop.add_signal_handler(sig, self._on_stop_signal)
         self.loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
@@ -537,7 +540,6 @@ class Server:
             self._watchdog()
         if self.notifier.sock is not None:
             self.loop.call_later(STATUS_EVERY, self._report_status)
-        settle_gc()
         try:
             self.loop.run()
         finally:
