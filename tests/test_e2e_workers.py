@@ -151,6 +151,9 @@ def start_workers(
 def test_workers_serve_the_connections(run_proxy, http_backend):
     proxy = start_workers(run_proxy, http_backend.port)
     workers = wait_for_children(proxy.pid, 2)
+    # The supervisor says ready once it has forked; a worker still starting leaves every
+    # connection to the other until it serves (the kernel queues them meanwhile).
+    proxy.wait_for_logs(r"worker \d+ \(pid \d+\) serving", 2, timeout=10)
     for pid in workers:
         ppid = re.search(r"^PPid:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M)
         assert ppid is not None
