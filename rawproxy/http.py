@@ -399,13 +399,18 @@ class SimpleRequest:
     http_version: bytes = b"1.1"
     # An Upgrade or a Connection header is present: decide_upgrade has something to decide.
     upgrade_headers: bool = False
+    # An Upgrade header is present (without one, no request is an upgrade).
+    has_upgrade_header: bool = False
     # Every header line is `Name: value`, Host is the first, and no header is one the proxy
-    # rewrites or adds to (forwarded headers, Upgrade): the backend gets the header lines as
-    # they are, from offset `lines` to the empty line, except the hop-by-hop ones at the
-    # offsets `cuts` (start, end, start, end, ...); see plain_request_head.
+    # rewrites or adds to (forwarded headers): the backend gets the header lines as they are,
+    # from offset `lines` to the empty line, except the hop-by-hop ones (Connection and Upgrade
+    # among them) at the offsets `cuts` (start, end, start, end, ...), followed by our
+    # forwarded headers and, for an upgrade, ours; see plain_request_head.
     plain: bool = False
     lines: int = 0
     cuts: list[int] = dataclasses.field(default_factory=list)
+    # The head for the backend, when the fast path made it before the backend was connected.
+    head: bytes | None = None
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header `name` (lower case), or None."""
@@ -426,7 +431,7 @@ class SimpleResponse:
     content_length: int
     # Every header line is `Name: value` and none is one the proxy may rewrite for the
     # client: the client gets the head as the backend wrote it, without the hop-by-hop lines
-    # at the offsets `cuts` (start, end, ...).
+    # at the offsets `cuts` (start, end, ...); for a 101, see plain_switch_head.
     plain: bool = False
     cuts: list[int] = dataclasses.field(default_factory=list)
 
@@ -469,7 +474,7 @@ def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:
         fields = _request_fields(raw, -1)
     if fields is None or fields[1] != 1:  # exactly one Host
         return None
-    _, _, upgrade_headers, plain, cuts = fields
+    _, _, upgrade_headers, has_upgrade_header, plain, cuts = fields
     if plain:
         plain = raw[0][0].lower() == b"host" and _X_FORWARDED.search(data, lines - 1) is None
     return SimpleRequest(
@@ -477,20 +482,25 @@ def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:
         line[2],
         raw,
         upgrade_headers=upgrade_headers,
+        has_upgrade_header=has_upgrade_header,
         plain=plain,
         lines=lines,
         cuts=cuts,
     )
 
 
-def _request_fields(raw: list[Header], at: int) -> tuple[int, int, bool, bool, list[int]] | None:
+def _request_fields(
+    raw: list[Header], at: int
+) -> tuple[int, int, bool, bool, bool, list[int]] | None:
     """For parse_simple_request: None if a header refuses the head, else (where the lines
     end if each is `Name: value` and the first starts at `at`, how many Host headers, whether
-    there is an Upgrade or Connection header, whether the head can be `plain`, the offsets of
-    the lines the backend must not get). `at` < 0: the lines are not all `Name: value`."""
+    there is an Upgrade or Connection header, whether there is an Upgrade header, whether the
+    head can be `plain`, the offsets of the lines the backend must not get). `at` < 0: the
+    lines are not all `Name: value`."""
     hosts = 0
     lengths = 0
     upgrade_headers = False
+    has_upgrade_header = False
     plain = at >= 0
     cuts: list[int] = []
     for name, value in raw:
@@ -509,17 +519,16 @@ def _request_fields(raw: list[Header], at: int) -> tuple[int, int, bool, bool, l
             if lower == b"connection":
                 if not _only_tokens(value, _KEEP_ALIVE_OR_UPGRADE):
                     return None
-                if not _only_tokens(value, _KEEP_ALIVE):
-                    plain = False  # an upgrade token: decide_upgrade's
                 upgrade_headers = True
             elif lower == b"upgrade":
-                upgrade_headers = True
-                plain = False
+                upgrade_headers = has_upgrade_header = True
             if lower in HOP_BY_HOP:
-                cuts += (start, at)  # backend_request_headers drops it
+                # backend_request_headers drops it (and sends its own Connection and Upgrade
+                # for an upgrade; those only nominate the hop-by-hop Upgrade and Keep-Alive).
+                cuts += (start, at)
             else:
                 plain = False  # a forwarded header: ours replace or extend it
-    return at, hosts, upgrade_headers, plain, cuts
+    return at, hosts, upgrade_headers, has_upgrade_header, plain, cuts
 
 
 def parse_simple_response(data: bytes, upgrade: bool = False) -> SimpleResponse | None:
@@ -538,13 +547,16 @@ def parse_simple_response(data: bytes, upgrade: bool = False) -> SimpleResponse 
     lines = line.end()
     raw = _SIMPLE_HEADER_LINE.findall(data, lines, end + 2)
     if status == 101:
-        covered = lines + sum([len(name) + len(value) + 4 for name, value in raw])
-        if covered != end + 2:
+        switch = _switch_fields(raw, lines)
+        if switch is not None and switch[0] != end + 2:
             spaced = _spaced_header_lines(data, lines, end + 2)
             if spaced is None:
                 return None
             raw = spaced
-        return SimpleResponse(status, line[2], raw, end + 4, 0)
+            switch = _switch_fields(raw, -1)
+        if switch is None:
+            return None
+        return SimpleResponse(status, line[2], raw, end + 4, 0, switch[1], switch[2])
     fields = _response_fields(raw, lines)
     if fields is not None and fields[0] != end + 2:
         spaced = _spaced_header_lines(data, lines, end + 2)
@@ -584,6 +596,45 @@ def _response_fields(raw: list[Header], at: int) -> tuple[int, int, bool, list[i
     return at, length, plain, cuts
 
 
+# Headers of a 101 that send it to h11: a 101 has no body, and h11 merges or refuses
+# repeated framing headers.
+_NOT_SIMPLE_SWITCH = frozenset({b"content-length", b"transfer-encoding"})
+# Headers of a 101 that client_response_headers removes (all hop-by-hop ones but Upgrade) or
+# that write_head moves (Host, written first).
+_NOT_PLAIN_SWITCH = (HOP_BY_HOP - {b"upgrade"}) | {b"host"} | _NOT_SIMPLE_SWITCH
+
+
+def _switch_fields(raw: list[Header], at: int) -> tuple[int, bool, list[int]] | None:
+    """For a 101 in parse_simple_response, as _request_fields: None, or (where the lines
+    end, plain, the offsets of the lines the client must not get). As client_response_headers
+    does for a 101: the Upgrade lines are kept, the other hop-by-hop ones dropped; a Connection
+    token that nominates another header, or Host, leaves the head to that function."""
+    plain = at >= 0
+    cuts: list[int] = []
+    for name, value in raw:
+        start = at
+        at += len(name) + len(value) + 4
+        lower = name.lower()
+        if lower in _NOT_PLAIN_SWITCH:
+            if lower in _NOT_SIMPLE_SWITCH:
+                return None
+            if lower in HOP_BY_HOP:
+                cuts += (start, at)
+                if lower == b"connection" and not _only_tokens(value, _KEEP_ALIVE_OR_UPGRADE):
+                    plain = False
+            else:
+                plain = False
+    return at, plain, cuts
+
+
+def plain_switch_head(data: bytes, response: SimpleResponse) -> bytes:
+    """The head for the client of a `plain` 101: as the backend wrote it, less the
+    hop-by-hop lines but Upgrade, then `Connection: upgrade`. The same bytes as write_head of
+    client_response_headers (tests/test_simple_heads.py checks it)."""
+    kept = without_cuts(data, 0, response.head_size - 2, response.cuts)
+    return b"%sConnection: upgrade\r\n\r\n" % kept
+
+
 def without_cuts(data: bytes, start: int, end: int, cuts: list[int]) -> bytes | memoryview:
     """data[start:end] without the ranges in `cuts` (start, end, start, end, ...)."""
     if not cuts:
@@ -596,11 +647,16 @@ def without_cuts(data: bytes, start: int, end: int, cuts: list[int]) -> bytes | 
     return b"".join(pieces)
 
 
-def plain_request_head(data: bytes, request: SimpleRequest, target: bytes, added: bytes) -> bytes:
+def plain_request_head(
+    data: bytes, request: SimpleRequest, target: bytes, added: bytes, upgrade: bytes | None = None
+) -> bytes:
     """The head for the backend of a `plain` request: the request line (with the target the
     route maps to), the client's header lines as they came less the hop-by-hop ones, then
-    `added` (header_lines of forwarded_headers). The same bytes as write_head of
-    backend_request_headers (tests/test_simple_heads.py checks it)."""
+    `added` (header_lines of forwarded_headers), then for an upgrade (`upgrade`: the value
+    decide_upgrade kept) `Connection: upgrade` and that Upgrade. The same bytes as write_head
+    of backend_request_headers (tests/test_simple_heads.py checks it)."""
+    if upgrade is not None:
+        added += b"Connection: upgrade\r\nUpgrade: %s\r\n" % upgrade
     return b"%s %s HTTP/1.1\r\n%s%s\r\n" % (
         request.method,
         target,
@@ -609,11 +665,15 @@ def plain_request_head(data: bytes, request: SimpleRequest, target: bytes, added
     )
 
 
-def plain_request_headers(request: SimpleRequest, added: list[Header]) -> list[Header]:
+def plain_request_headers(
+    request: SimpleRequest, added: list[Header], upgrade: bytes | None = None
+) -> list[Header]:
     """The headers of plain_request_head, as backend_request_headers would return them."""
     raw = request.raw
     if request.cuts:
         raw = [header for header in raw if header[0].lower() not in HOP_BY_HOP]
+    if upgrade is not None:
+        return [*raw, *added, (b"Connection", b"upgrade"), (b"Upgrade", upgrade)]
     return raw + added
 
 

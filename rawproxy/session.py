@@ -57,6 +57,7 @@ from rawproxy.http import (
     parse_simple_response,
     plain_request_head,
     plain_request_headers,
+    plain_switch_head,
     rewrite_response_headers,
     without_cuts,
     write_head,
@@ -632,13 +633,15 @@ class Session:
                     self.client_side_cache or self.client_side(), host, config.forwarded
                 )
                 cached = self.forwarded_cache = (host, added, header_lines(added))
-            headers = plain_request_headers(request, cached[1])
-            if backend is not None:
-                head = plain_request_head(raw, request, target, cached[2])
-            if request.upgrade_headers and log.isEnabledFor(logging.DEBUG):
-                # A plain head has no Upgrade header: the decision is only for the log line
-                # that the h11 path writes too.
+            if request.has_upgrade_header or (
+                request.upgrade_headers and log.isEnabledFor(logging.DEBUG)
+            ):
+                # Without an Upgrade header the decision is only for the log line that the
+                # h11 path writes too.
                 decision = decide_upgrade(request.raw)
+            upgrade = decision.upgrade
+            headers = plain_request_headers(request, cached[1], upgrade)
+            head = plain_request_head(raw, request, target, cached[2], upgrade)
         else:
             if request.upgrade_headers:
                 decision = decide_upgrade(request.raw)
@@ -654,7 +657,7 @@ class Session:
         if decision.considered and log.isEnabledFor(logging.DEBUG):
             log.debug("%s upgrade decision: %s", self._describe(), decision.reason)
         self.route = route
-        self.backend_request = SimpleRequest(request.method, target, headers)
+        self.backend_request = SimpleRequest(request.method, target, headers, head=head)
         self.decision = decision
         self.fast_head = raw
         self.fast_remaining = -1
@@ -1160,8 +1163,10 @@ class Session:
         sent = self.backend_request
         if isinstance(sent, SimpleRequest):
             assert self.backend is not None
-            start = b"%s %s HTTP/1.1\r\n" % (sent.method, sent.target)
-            self.backend.queue((write_head(start, sent.raw),))
+            head = sent.head
+            if head is None:
+                head = write_head(b"%s %s HTTP/1.1\r\n" % (sent.method, sent.target), sent.raw)
+            self.backend.queue((head,))
             return
         assert sent is not None
         self._to_backend(sent)
@@ -1503,8 +1508,11 @@ class Session:
     def _switch_simple(self, answer: SimpleResponse, data: bytes) -> None:
         """A simple 101 (to an upgrade on the fast path; `data` is the head and what came
         after it): write its head to the client and become a tunnel."""
-        headers = client_response_headers(answer.raw, True)
-        head = write_head(b"HTTP/1.1 101 %s\r\n" % answer.reason, headers)
+        if answer.plain:
+            head = plain_switch_head(data, answer)
+        else:
+            headers = client_response_headers(answer.raw, True)
+            head = write_head(b"HTTP/1.1 101 %s\r\n" % answer.reason, headers)
         client_rest = bytes(self.fast_pending or b"")
         client_eof = self.fast_client_eof
         self.fast_head = None

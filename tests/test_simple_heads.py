@@ -17,6 +17,7 @@ from rawproxy.http import (
     REWRITTEN_HEADERS,
     ClientSide,
     SimpleRequest,
+    SimpleResponse,
     backend_request_headers,
     client_response_headers,
     decide_upgrade,
@@ -26,6 +27,7 @@ from rawproxy.http import (
     parse_simple_response,
     plain_request_head,
     plain_request_headers,
+    plain_switch_head,
     without_cuts,
     write_head,
 )
@@ -115,22 +117,28 @@ CLIENTS = [
 
 
 def check_plain_request(data: bytes, simple: SimpleRequest) -> None:
-    """A `plain` request's head for the backend, the client's lines and then our forwarded
-    ones, is byte for byte what backend_request_headers and write_head make of it, in every
-    forwarded mode, for trusted and untrusted clients, under any target a route maps to."""
+    """A `plain` request's head for the backend, the client's lines, our forwarded ones and
+    for an upgrade our Connection and Upgrade, is byte for byte what backend_request_headers
+    and write_head make of it, in every forwarded mode, for trusted and untrusted clients,
+    under any target a route maps to."""
     assert simple.raw[0][0].lower() == b"host"
+    decision = decide_upgrade(simple.raw)
+    names = {name.lower() for name, _ in simple.raw}
+    assert simple.has_upgrade_header == (b"upgrade" in names)
+    if not simple.has_upgrade_header:
+        assert decision.upgrade is None  # the session decides only when there is one
     for client in CLIENTS:
         for mode in ("x-forwarded", "rfc7239", "both", "none"):
             expected = backend_request_headers(
-                simple.raw, decide_upgrade(simple.raw), client, forwarded=mode, default_host=b"b"
+                simple.raw, decision, client, forwarded=mode, default_host=b"b"
             )
             added = forwarded_headers(client, simple.raw[0][1], mode)
-            assert plain_request_headers(simple, added) == expected
+            upgrade = decision.upgrade
+            assert plain_request_headers(simple, added, upgrade) == expected
             for target in (simple.target, b"/mapped/x?y"):
                 start = b"%s %s HTTP/1.1\r\n" % (simple.method, target)
-                assert plain_request_head(data, simple, target, header_lines(added)) == (
-                    write_head(start, expected)
-                )
+                head = plain_request_head(data, simple, target, header_lines(added), upgrade)
+                assert head == write_head(start, expected)
 
 
 def check_response(data: bytes, body: bytes = b"") -> bool:
@@ -239,6 +247,7 @@ def test_browser_handshakes_take_the_fast_path() -> None:
         simple = check_request(head)
         assert simple is not None, path.name
         assert simple.upgrade_headers
+        assert simple.plain, path.name  # the backend gets the browser's lines as they came
         assert decide_upgrade(simple.raw).upgrade == b"websocket", path.name
         seen += 1
     assert seen >= 2
@@ -268,15 +277,25 @@ PLAIN_REQUESTS = [
     b"GET / HTTP/1.1\r\nHost: a\r\nX: y\r\nProxy-Connection: keep-alive\r\n\r\n",
     b"GET /x?y=1 HTTP/1.1\r\nhost: a:8080\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n",
     b"DELETE /r HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nX-Forwarded: 1\r\n\r\n",
+    # Upgrades and would-be upgrades: Connection and Upgrade are cut, ours follow if any.
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nX: y\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\nConnection: upgrade\r\n"
+    b"Upgrade: websocket\r\nUpgrade: foo/2\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c, websocket\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: \r\n\r\n",
 ]
 NOT_PLAIN_REQUESTS = [
     b"GET / HTTP/1.1\r\nAccept: */*\r\nHost: a\r\n\r\n",  # h11 writes Host first
-    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\n\r\n",
+    b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\nHost: a\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\r\nx-forwarded-prefix: /p\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\r\nForwarded: for=1.2.3.4\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\r\nX-Real-IP: 1.2.3.4\r\n\r\n",
-    b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection:upgrade\r\nUpgrade: websocket\r\n\r\n",
     # Spacing other than `Name: value`: simple (h11's rules, without h11), never plain.
     b"GET / HTTP/1.1\r\nHost:a\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\r\nX:  1\r\n\r\n",
@@ -417,6 +436,84 @@ def test_a_101_to_an_upgrade_is_simple_and_h11s(after: bytes) -> None:
     assert conn.trailing_data[0] == after  # the tunnel's first bytes, on both readings
     start = b"HTTP/1.1 101 %s\r\n" % response.reason
     assert write_head(start, response.raw) == SWITCH
+    assert response.plain
+    assert plain_switch_head(SWITCH + after, response) == (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nConnection: upgrade\r\n\r\n"
+    )
+
+
+def check_switch(data: bytes) -> SimpleResponse | None:
+    """The property for a 101 to an upgrade: accepted means h11 reads the same head, and a
+    `plain` one goes to the client as client_response_headers and write_head make it."""
+    response = parse_simple_response(data, upgrade=True)
+    if response is None:
+        return None
+    conn = h11.Connection(h11.CLIENT)
+    upgrade = [("Host", "b"), ("Connection", "upgrade"), ("Upgrade", "websocket")]
+    conn.send(h11.Request(method="GET", target="/", headers=upgrade))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(data)
+    try:
+        head = conn.next_event()
+    except h11.RemoteProtocolError:
+        raise AssertionError(f"fast path accepted a 101 h11 refuses: {data!r}") from None
+    assert isinstance(head, h11.InformationalResponse)
+    assert conn.trailing_data[0] == data[response.head_size :]
+    assert head.status_code == 101
+    assert head.reason == response.reason
+    assert list(head.headers.raw_items()) == response.raw
+    start = b"HTTP/1.1 101 %s\r\n" % response.reason
+    if response.plain:
+        assert plain_switch_head(data, response) == write_head(
+            start, client_response_headers(response.raw, True)
+        )
+    return response
+
+
+PLAIN_SWITCHES = [
+    SWITCH,
+    b"HTTP/1.1 101 Switching Protocols\r\nConnection: keep-alive, Upgrade\r\n"
+    b"Upgrade: websocket\r\nKeep-Alive: timeout=5\r\nX: y\r\n\r\n",
+    b"HTTP/1.1 101 \r\nupgrade: WebSocket\r\nconnection: upgrade\r\nDate: today\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+]
+NOT_PLAIN_SWITCHES = [
+    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade, X\r\nX: 1\r\n"
+    b"Upgrade: websocket\r\n\r\n",  # X is nominated
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nHost: b\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade:websocket\r\nConnection: upgrade\r\n\r\n",
+]
+
+
+NOT_SIMPLE_SWITCHES = [
+    # A 101 has no body: framing headers on one are h11's to judge (it merges or refuses
+    # repeated ones).
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nContent-Length: 0\r\n"
+    b"Content-Length: 0\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nTransfer-Encoding: chunked\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nContent-Length:0\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("data", NOT_SIMPLE_SWITCHES)
+def test_101s_with_framing_headers_go_to_h11(data: bytes) -> None:
+    assert parse_simple_response(data, upgrade=True) is None
+
+
+@pytest.mark.parametrize("data", PLAIN_SWITCHES)
+def test_plain_101s_go_as_they_came(data: bytes) -> None:
+    response = check_switch(data)
+    assert response is not None
+    assert response.plain
+
+
+@pytest.mark.parametrize("data", NOT_PLAIN_SWITCHES)
+def test_101s_the_proxy_changes_are_not_plain(data: bytes) -> None:
+    response = check_switch(data)
+    assert response is not None
+    assert not response.plain
 
 
 def test_a_101_to_anything_else_goes_to_h11() -> None:
@@ -577,3 +674,57 @@ def test_write_head_is_h11s_for_any_valid_headers(pairs: list[tuple[bytes, bytes
     except h11.LocalProtocolError:
         return
     assert write_head(b"GET / HTTP/1.1\r\n", headers) == expected
+
+
+# Heads around an upgrade: Connection and Upgrade lines in every combination a client or a
+# backend writes (and some nobody should), mixed with the lines the proxy drops or rewrites.
+UPGRADE_LINES = st.sampled_from(
+    [
+        b"Connection: Upgrade\r\n",
+        b"Connection: upgrade\r\n",
+        b"Connection: keep-alive, Upgrade\r\n",
+        b"Connection: keep-alive\r\n",
+        b"Connection: Upgrade, HTTP2-Settings\r\n",
+        b"Connection: close\r\n",
+        b"Connection: \r\n",
+        b"Connection:Upgrade\r\n",
+        b"Upgrade: websocket\r\n",
+        b"Upgrade: WebSocket\r\n",
+        b"Upgrade: h2c\r\n",
+        b"Upgrade: h2c, websocket\r\n",
+        b"Upgrade: foo/1, bar\r\n",
+        b"Upgrade: \r\n",
+        b"Keep-Alive: 5\r\n",
+        b"Proxy-Connection: keep-alive\r\n",
+        b"TE: trailers\r\n",
+        b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n",
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+        b"Sec-WebSocket-Version: 13\r\n",
+        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n",
+        b"Origin: http://a\r\n",
+        b"X-Forwarded-For: 1.2.3.4\r\n",
+        b"Forwarded: for=1.2.3.4\r\n",
+        b"Host: b\r\n",
+        b"Content-Length: 0\r\n",
+        b"Transfer-Encoding: chunked\r\n",
+        b"X:  spaced \r\n",
+    ]
+)
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(UPGRADE_LINES, max_size=7), st.booleans())
+def test_upgrade_requests_mean_the_same_to_h11(lines: list[bytes], host_first: bool) -> None:
+    body = b"".join(lines)
+    head = b"Host: a\r\n" + body if host_first else body + b"Host: a\r\n"
+    check_request(b"GET /ws HTTP/1.1\r\n" + head + b"\r\n")
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(UPGRADE_LINES, max_size=7),
+    st.sampled_from([b"Switching Protocols", b"", b"OK then"]),
+    st.sampled_from([b"", b"\x81\x05hello"]),
+)
+def test_101s_mean_the_same_to_h11(lines: list[bytes], reason: bytes, after: bytes) -> None:
+    check_switch(b"HTTP/1.1 101 " + reason + b"\r\n" + b"".join(lines) + b"\r\n" + after)
