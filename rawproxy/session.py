@@ -99,6 +99,14 @@ def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode("latin-1")
 
 
+def _request_head(sent: SimpleRequest) -> bytes:
+    """The head of a fast-path request for the backend: the one the plain path made, or one
+    written from its headers."""
+    if sent.head is not None:
+        return sent.head
+    return write_head(b"%s %s HTTP/1.1\r\n" % (sent.method, sent.target), sent.raw)
+
+
 def _header(request: h11.Request | SimpleRequest, name: bytes) -> bytes | None:
     if isinstance(request, SimpleRequest):
         return request.header(name)
@@ -1035,7 +1043,7 @@ class Session:
         plain bytes (an h11 machine's send cannot be taken back)."""
         backend = self.backend
         assert backend is not None
-        head = write_head(b"%s %s HTTP/1.1\r\n" % (sent.method, sent.target), sent.raw)
+        head = _request_head(sent)
         sock = backend.sock
         set_nodelay(sock)  # before the first byte; it works on a connecting socket
         try:
@@ -1163,10 +1171,7 @@ class Session:
         sent = self.backend_request
         if isinstance(sent, SimpleRequest):
             assert self.backend is not None
-            head = sent.head
-            if head is None:
-                head = write_head(b"%s %s HTTP/1.1\r\n" % (sent.method, sent.target), sent.raw)
-            self.backend.queue((head,))
+            self.backend.queue((_request_head(sent),))
             return
         assert sent is not None
         self._to_backend(sent)
