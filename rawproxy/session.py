@@ -252,9 +252,9 @@ class Session:
         self.target: Target | None = None
         self.rejected_bytes = 0
         self.connect_started = self.request_at = self.loop.now
-        self.client_h11 = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=self.config.max_header_size
-        )
+        # Made on first use (_client_machine): a connection whose exchanges all take the fast
+        # path (a WebSocket handshake, most GETs) never needs it.
+        self.client_h11: h11.Connection | None = None
         self.backend: Leg | None = None
         self.backend_h11: h11.Connection | None = None
         # The TLS session the backend connection offered for resumption.
@@ -468,6 +468,7 @@ class Session:
         backend = self.backend
         return (
             phase == EXCHANGE
+            and self.client_h11 is not None
             and self.client_h11.their_state is h11.SEND_BODY
             and backend is not None
             and backend.backlog is None
@@ -603,7 +604,7 @@ class Session:
                 return
             head_bytes += data
         # h11 copies what it is given (its annotation says bytes; any bytes-like works).
-        self.client_h11.receive_data(data)  # type: ignore[arg-type]
+        self._client_machine().receive_data(data)  # type: ignore[arg-type]
         self._pump_client()
 
     def _take_simple_request(self, data: memoryview, idle: bool = False) -> bool:
@@ -615,7 +616,11 @@ class Session:
         if (
             self.draining
             or self.phase != HEAD
-            or (not idle and self.client_h11.their_state is not h11.IDLE)
+            or (
+                not idle
+                and self.client_h11 is not None  # a machine not made yet is idle
+                and self.client_h11.their_state is not h11.IDLE
+            )
             or (backend is not None and (self.backend_state != _READY or backend.backlog))
         ):
             return False
@@ -696,9 +701,9 @@ class Session:
     def _give_held_bytes_to_h11(self) -> None:
         pending = self.fast_pending
         if pending:
-            self.client_h11.receive_data(bytes(pending))
+            self._client_machine().receive_data(bytes(pending))
         if self.fast_client_eof:
-            self.client_h11.receive_data(b"")
+            self._client_machine().receive_data(b"")
         self.fast_pending = None
         self.fast_client_eof = False
 
@@ -712,7 +717,7 @@ class Session:
         assert head is not None
         assert isinstance(sent, SimpleRequest)
         self.fast_head = None
-        client_h11 = self.client_h11
+        client_h11 = self._client_machine()
         try:
             client_h11.receive_data(head)
             request = client_h11.next_event()
@@ -824,7 +829,7 @@ class Session:
     def _pump_client(self) -> None:
         """Turn what h11 holds from the client into actions, until it needs more bytes, the
         backend cannot take more (backpressure), or the exchange waits for the backend."""
-        client_h11 = self.client_h11
+        client_h11 = self._client_machine()
         while self.phase in (HEAD, EXCHANGE, REJECT):
             if self.phase == EXCHANGE and self.backend is not None and self.backend.backlog:
                 return
@@ -979,7 +984,7 @@ class Session:
             self._read_backend_tls_rest()
 
     def _to_client(self, event: h11.Event) -> None:
-        self.client.queue(self.client_h11.send_with_data_passthrough(event) or ())
+        self.client.queue(self._client_machine().send_with_data_passthrough(event) or ())
 
     def _push(self) -> None:
         """Send what this event queued for either side: one system call per side."""
@@ -1179,6 +1184,15 @@ class Session:
             # A retry on a fresh connection of a request that had no body (see _backend_lost).
             self._to_backend(h11.EndOfMessage())
         self._pump_client()
+
+    def _client_machine(self) -> h11.Connection:
+        """The h11 machine of the client connection, made on first use (see __init__)."""
+        machine = self.client_h11
+        if machine is None:
+            machine = self.client_h11 = h11.Connection(
+                h11.SERVER, max_incomplete_event_size=self.config.max_header_size
+            )
+        return machine
 
     def _backend_machine(self) -> h11.Connection:
         """The h11 machine of the backend connection, made on first use: an exchange on the
@@ -1447,7 +1461,7 @@ class Session:
         """The answer to the client is complete: keep the connection for the next request,
         or close it (the client asked to, spoke HTTP/1.0, is still sending a body nobody
         waited for, or the proxy is draining)."""
-        client_h11 = self.client_h11
+        client_h11 = self._client_machine()
         self.request = None
         if (
             client_h11.our_state is not h11.DONE
@@ -1460,7 +1474,7 @@ class Session:
         self._next_request()
 
     def _next_request(self) -> None:
-        pending, closed = self.client_h11.trailing_data
+        pending, closed = self._client_machine().trailing_data
         self._await_request(pending, closed)
 
     def _await_request(self, pending: bytes, closed: bool) -> None:
@@ -1489,7 +1503,8 @@ class Session:
             self._fail(502, f"backend {self.current_target.name} switched protocols unasked")
             return
         # MIGHT_SWITCH_PROTOCOL is a documented h11 state, just missing from its __all__.
-        if self.client_h11.their_state is not h11.MIGHT_SWITCH_PROTOCOL:  # type: ignore[attr-defined]
+        client_h11 = self._client_machine()
+        if client_h11.their_state is not h11.MIGHT_SWITCH_PROTOCOL:  # type: ignore[attr-defined]
             self._fail(
                 502,
                 f"backend {self.current_target.name} switched protocols before the "
@@ -1498,7 +1513,7 @@ class Session:
             return
         backend_h11 = self.backend_h11
         assert backend_h11 is not None
-        head = self.client_h11.send(
+        head = client_h11.send(
             h11.InformationalResponse(
                 status_code=101,
                 headers=client_response_headers(answer.headers.raw_items(), True),
@@ -1506,7 +1521,7 @@ class Session:
             )
         )
         assert head is not None
-        client_rest, client_eof = self.client_h11.trailing_data
+        client_rest, client_eof = client_h11.trailing_data
         backend_rest, backend_eof = backend_h11.trailing_data
         self._become_tunnel(head, client_rest, client_eof, backend_rest, backend_eof)
 
