@@ -651,13 +651,13 @@ class Session:
             ):
                 # Without an Upgrade header the decision is only for the log line that the
                 # h11 path writes too.
-                decision = decide_upgrade(request.raw)
+                decision = decide_upgrade(request.upgrade_fields)
             upgrade = decision.upgrade
             headers = plain_request_headers(request, cached[1], upgrade)
             head = plain_request_head(raw, request, target, cached[2], upgrade)
         else:
             if request.upgrade_headers:
-                decision = decide_upgrade(request.raw)
+                decision = decide_upgrade(request.upgrade_fields)
             headers = backend_request_headers(
                 request.raw,
                 decision,

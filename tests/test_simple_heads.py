@@ -101,6 +101,9 @@ def check_request(data: bytes) -> SimpleRequest | None:
     assert request.http_version == b"1.1"
     assert list(request.headers.raw_items()) == simple.raw
     assert isinstance(rest[0], h11.EndOfMessage), "a simple request has no body"
+    # The session decides on the Connection and Upgrade headers alone: the same decision.
+    assert decide_upgrade(simple.upgrade_fields) == decide_upgrade(simple.raw)
+    assert simple.upgrade_headers == bool(simple.upgrade_fields)
     start = b"%s %s HTTP/1.1\r\n" % (simple.method, simple.target)
     assert write_head(start, simple.raw) == h11_writes_request(
         simple.method, simple.target, simple.raw
