@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from rawproxy.config import Route
@@ -455,6 +456,28 @@ def _spaced_header_lines(data: bytes, start: int, end: int) -> list[Header] | No
     return [(name, value) for _, name, value in found]
 
 
+_Fields = TypeVar("_Fields", bound=tuple[Any, ...])
+
+
+def _header_fields(
+    data: bytes, start: int, end: int, fields_of: Callable[[list[Header], int], _Fields | None]
+) -> tuple[list[Header], _Fields] | None:
+    """The header lines of data[start:end] and what `fields_of` (_request_fields, ...) makes
+    of them, or None. Read first as `Name: value` lines in one pass; when those do not cover
+    the lines exactly (other spacing, or something that is no header line of the subset),
+    read again with optional whitespace: such a head is never `plain`, and the peer then gets
+    it as h11 would write it."""
+    raw = _SIMPLE_HEADER_LINE.findall(data, start, end)
+    fields = fields_of(raw, start)
+    if fields is not None and fields[0] != end:
+        spaced = _spaced_header_lines(data, start, end)
+        if spaced is None:
+            return None
+        raw = spaced
+        fields = fields_of(raw, -1)
+    return None if fields is None else (raw, fields)
+
+
 def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:
     """`data` as one simple request head (all of `data`, nothing after it), or None."""
     size = len(data)
@@ -464,17 +487,11 @@ def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:
     if line is None or line[1] == b"CONNECT":  # h11 treats CONNECT as a protocol switch
         return None
     lines = line.end()
-    raw = _SIMPLE_HEADER_LINE.findall(data, lines, size - 2)
-    fields = _request_fields(raw, lines)
-    if fields is not None and fields[0] != size - 2:
-        # Not all `Name: value` lines (or not all header lines): read them again with
-        # optional whitespace; the backend then gets them as h11 would write them.
-        spaced = _spaced_header_lines(data, lines, size - 2)
-        if spaced is None:
-            return None
-        raw = spaced
-        fields = _request_fields(raw, -1)
-    if fields is None or fields[1] != 1:  # exactly one Host
+    found = _header_fields(data, lines, size - 2, _request_fields)
+    if found is None:
+        return None
+    raw, fields = found
+    if fields[1] != 1:  # exactly one Host
         return None
     _, _, upgrade_fields, has_upgrade_header, plain, cuts = fields
     if plain:
@@ -549,28 +566,18 @@ def parse_simple_response(data: bytes, upgrade: bool = False) -> SimpleResponse 
     if status in (204, 304) or (status < 200 and (status != 101 or not upgrade)):
         return None
     lines = line.end()
-    raw = _SIMPLE_HEADER_LINE.findall(data, lines, end + 2)
     if status == 101:
-        switch = _switch_fields(raw, lines)
-        if switch is not None and switch[0] != end + 2:
-            spaced = _spaced_header_lines(data, lines, end + 2)
-            if spaced is None:
-                return None
-            raw = spaced
-            switch = _switch_fields(raw, -1)
+        switch = _header_fields(data, lines, end + 2, _switch_fields)
         if switch is None:
             return None
-        return SimpleResponse(status, line[2], raw, end + 4, 0, switch[1], switch[2])
-    fields = _response_fields(raw, lines)
-    if fields is not None and fields[0] != end + 2:
-        spaced = _spaced_header_lines(data, lines, end + 2)
-        if spaced is None:
-            return None
-        raw = spaced
-        fields = _response_fields(raw, -1)
-    if fields is None or fields[1] < 0:  # no Content-Length
+        raw, (_, plain, cuts) = switch
+        return SimpleResponse(status, line[2], raw, end + 4, 0, plain, cuts)
+    found = _header_fields(data, lines, end + 2, _response_fields)
+    if found is None:
         return None
-    _, length, plain, cuts = fields
+    raw, (_, length, plain, cuts) = found
+    if length < 0:  # no Content-Length
+        return None
     return SimpleResponse(status, line[2], raw, end + 4, length, plain, cuts)
 
 
