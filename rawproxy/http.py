@@ -398,11 +398,8 @@ class SimpleRequest:
     target: bytes
     raw: list[Header]
     http_version: bytes = b"1.1"
-    # An Upgrade or a Connection header is present: decide_upgrade has something to decide.
-    upgrade_headers: bool = False
-    # An Upgrade header is present (without one, no request is an upgrade).
-    has_upgrade_header: bool = False
-    # The Connection and Upgrade headers in order: all of the head that decide_upgrade reads.
+    # The Connection and Upgrade headers in order: all of the head that decide_upgrade reads
+    # (empty: it has nothing to decide).
     upgrade_fields: list[Header] = dataclasses.field(default_factory=list)
     # Every header line is `Name: value`, Host is the first, and no header is one the proxy
     # rewrites or adds to (forwarded headers): the backend gets the header lines as they are,
@@ -414,6 +411,11 @@ class SimpleRequest:
     cuts: list[int] = dataclasses.field(default_factory=list)
     # The head for the backend, when the fast path made it before the backend was connected.
     head: bytes | None = None
+
+    @property
+    def has_upgrade_header(self) -> bool:
+        """An Upgrade header is present (without one, no request is an upgrade)."""
+        return any(name.lower() == b"upgrade" for name, _ in self.upgrade_fields)
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header `name` (lower case), or None."""
@@ -493,15 +495,13 @@ def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:
     raw, fields = found
     if fields[1] != 1:  # exactly one Host
         return None
-    _, _, upgrade_fields, has_upgrade_header, plain, cuts = fields
+    _, _, upgrade_fields, plain, cuts = fields
     if plain:
         plain = raw[0][0].lower() == b"host" and _X_FORWARDED.search(data, lines - 1) is None
     return SimpleRequest(
         line[1],
         line[2],
         raw,
-        upgrade_headers=bool(upgrade_fields),
-        has_upgrade_header=has_upgrade_header,
         upgrade_fields=upgrade_fields,
         plain=plain,
         lines=lines,
@@ -511,16 +511,14 @@ def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:
 
 def _request_fields(
     raw: list[Header], at: int
-) -> tuple[int, int, list[Header], bool, bool, list[int]] | None:
+) -> tuple[int, int, list[Header], bool, list[int]] | None:
     """For parse_simple_request: None if a header refuses the head, else (where the lines
     end if each is `Name: value` and the first starts at `at`, how many Host headers, the
-    Upgrade and Connection headers, whether there is an Upgrade header, whether the head can
-    be `plain`, the offsets of the lines the backend must not get). `at` < 0: the lines are
-    not all `Name: value`."""
+    Upgrade and Connection headers, whether the head can be `plain`, the offsets of the lines
+    the backend must not get). `at` < 0: the lines are not all `Name: value`."""
     hosts = 0
     lengths = 0
     upgrade_fields: list[Header] = []
-    has_upgrade_header = False
     plain = at >= 0
     cuts: list[int] = []
     for name, value in raw:
@@ -542,14 +540,13 @@ def _request_fields(
                 upgrade_fields.append((name, value))
             elif lower == b"upgrade":
                 upgrade_fields.append((name, value))
-                has_upgrade_header = True
             if lower in HOP_BY_HOP:
                 # backend_request_headers drops it (and sends its own Connection and Upgrade
                 # for an upgrade; those only nominate the hop-by-hop Upgrade and Keep-Alive).
                 cuts += (start, at)
             else:
                 plain = False  # a forwarded header: ours replace or extend it
-    return at, hosts, upgrade_fields, has_upgrade_header, plain, cuts
+    return at, hosts, upgrade_fields, plain, cuts
 
 
 def parse_simple_response(data: bytes, upgrade: bool = False) -> SimpleResponse | None:

@@ -647,7 +647,7 @@ class Session:
                 )
                 cached = self.forwarded_cache = (host, added, header_lines(added))
             if request.has_upgrade_header or (
-                request.upgrade_headers and log.isEnabledFor(logging.DEBUG)
+                request.upgrade_fields and log.isEnabledFor(logging.DEBUG)
             ):
                 # Without an Upgrade header the decision is only for the log line that the
                 # h11 path writes too.
@@ -656,7 +656,7 @@ class Session:
             headers = plain_request_headers(request, cached[1], upgrade)
             head = plain_request_head(raw, request, target, cached[2], upgrade)
         else:
-            if request.upgrade_headers:
+            if request.upgrade_fields:
                 decision = decide_upgrade(request.upgrade_fields)
             headers = backend_request_headers(
                 request.raw,
