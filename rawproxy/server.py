@@ -340,10 +340,12 @@ class Server:
         inherited: list[tuple[str, socket.socket]] | None = None,
         preopened: list[Listener] | None = None,
         worker: int | None = None,
+        serving_fd: int | None = None,
     ) -> None:
         """`reread` gives the configuration anew on SIGHUP (from the config file and the
         flags); `inherited` are sockets passed by systemd, with their names; `preopened` are
-        the listeners a --workers supervisor opened for this worker number `worker`."""
+        the listeners a --workers supervisor opened for this worker number `worker`, which
+        tells the supervisor on `serving_fd` when it serves."""
         self.runtime = Runtime(config)
         self.reread = reread
         self.loop = Loop()
@@ -358,6 +360,7 @@ class Server:
         self.inherited = inherited or []
         self.preopened = preopened
         self.worker = worker
+        self.serving_fd = serving_fd
         self.accepting = False
         self.resume_timer: Timer | None = None
         self.accept_failures = 0
@@ -527,6 +530,7 @@ class Server:
             )
         if self.worker is not None:
             log.info("worker %d (pid %d) serving", self.worker, os.getpid())
+            self._tell_supervisor(self.worker)
         else:
             self._log_listeners(self.listeners)
             self.runtime.describe()
@@ -544,6 +548,17 @@ class Server:
             self.loop.run()
         finally:
             self.stop()
+
+    def _tell_supervisor(self, worker: int) -> None:
+        """Say to the --workers supervisor that this worker serves (it says ready once every
+        worker has). A supervisor that is gone or not reading changes nothing here."""
+        fd = self.serving_fd
+        if fd is None:
+            return
+        self.serving_fd = None
+        with contextlib.suppress(OSError):
+            os.write(fd, worker.to_bytes(4, "big"))
+        os.close(fd)
 
     def _log_listeners(self, socks: list[socket.socket]) -> None:
         for sock in socks:

@@ -15,7 +15,7 @@ import socket
 from collections.abc import Callable
 
 from rawproxy.config import Config
-from rawproxy.loop import Loop
+from rawproxy.loop import READ, Loop
 from rawproxy.server import Listener, Server, _shown, inherited_listener, open_listener
 from rawproxy.systemd import Notifier
 
@@ -44,6 +44,14 @@ def run_workers(
     notifier = Notifier()
     children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, start time)
     stopping = False
+    # Each worker writes its index here once it serves (4 bytes: one atomic pipe write); the
+    # supervisor says ready when every worker has. Non-blocking at both ends: a worker never
+    # waits on it, and the supervisor reads it from its loop.
+    serving_r, serving_w = os.pipe()
+    os.set_blocking(serving_r, False)
+    os.set_blocking(serving_w, False)
+    serving: set[int] = set()
+    announced = False
 
     def spawn(index: int) -> None:
         # Signals stay blocked across the fork until the worker has its own handlers: a
@@ -57,9 +65,16 @@ def run_workers(
             try:
                 loop.forget_in_child()
                 notifier.forget_in_child()
+                os.close(serving_r)
                 for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
                     os.environ.pop(name, None)
-                server = Server(config, reread=reread, preopened=listeners, worker=index)
+                server = Server(
+                    config,
+                    reread=reread,
+                    preopened=listeners,
+                    worker=index,
+                    serving_fd=serving_w,
+                )
                 server.open()
                 server.open_admin()
                 server.run()
@@ -114,20 +129,34 @@ def run_workers(
             loop.stop()
 
     def reload(signum: int) -> None:
-        notifier.reloading()
+        if announced:  # before that, systemd still waits for the first READY
+            notifier.reloading()
         log.info("SIGHUP received; passed to the workers")
         for pid in list(children):
             os.kill(pid, signum)
-        notifier.ready(f"{len(children)} workers")
+        if announced:
+            notifier.ready(f"{len(children)} workers")
+
+    def on_serving(_mask: int) -> None:
+        nonlocal announced
+        try:
+            data = os.read(serving_r, 4096)
+        except BlockingIOError:
+            return
+        for at in range(0, len(data) - 3, 4):
+            serving.add(int.from_bytes(data[at : at + 4], "big"))
+        if not announced and not stopping and len(serving) >= count:
+            announced = True
+            log.info("ready: %d workers", count)
+            notifier.ready(f"{count} workers")
 
     loop.add_signal_handler(signal.SIGCHLD, reap)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
     loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add(serving_r, READ, on_serving)
     for index in range(count):
         spawn(index)
-    log.info("ready: %d workers", count)
-    notifier.ready(f"{count} workers")
     if notifier.watchdog_interval:
 
         def watchdog() -> None:
@@ -140,5 +169,8 @@ def run_workers(
         loop.run()
     finally:
         notifier.close()
+        loop.remove(serving_r)
         loop.close()
+        os.close(serving_r)
+        os.close(serving_w)
     return 0

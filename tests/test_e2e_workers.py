@@ -182,6 +182,22 @@ def test_workers_serve_the_connections(run_proxy, http_backend):
     assert not any(_alive(pid) for pid in workers), "a worker outlived the main process"
 
 
+def test_ready_only_once_every_worker_serves(run_proxy, http_backend):
+    """The supervisor says ready (the log line, and READY=1 to systemd with it) once every
+    worker serves, not as soon as it has forked them: a service that says ready takes
+    connections on all its workers."""
+    proxy = start_workers(run_proxy, http_backend.port, workers="3")
+    lines = proxy.log_text().splitlines()
+    ready = [i for i, line in enumerate(lines) if re.search(r"\bready: 3 workers", line)]
+    serving = [
+        i for i, line in enumerate(lines) if re.search(r"worker \d \(pid \d+\) serving", line)
+    ]
+    assert len(ready) == 1, lines
+    assert len(serving) == 3, lines
+    assert max(serving) < ready[0], lines
+    assert proxy.stop() == 0
+
+
 def test_killed_worker_is_restarted_and_service_goes_on(run_proxy, http_backend):
     proxy = start_workers(run_proxy, http_backend.port)
     workers = wait_for_children(proxy.pid, 2)
