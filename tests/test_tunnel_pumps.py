@@ -250,6 +250,53 @@ def test_a_direction_refused_splice_leaves_the_other_ones_pipe_alone(
         r.close()
 
 
+def notsent_lowat(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+
+
+def test_one_way_bulk_keeps_the_unsent_queue_short_bulk_both_ways_does_not(rig: Rig) -> None:
+    """Bulk one way: the destination socket queues at most NOTSENT_LOWAT unsent bytes (the
+    rest waits in the pipe), the other socket keeps the system's default. Bulk both ways at
+    once: neither socket keeps the limit. Bulk one way again, the other way this time: the
+    limit is back, on the socket that now receives the bulk. Bytes arrive whole throughout."""
+    client, backend = rig.tunnel.client, rig.tunnel.backend
+    assert isinstance(client, socket.socket)
+    assert isinstance(backend, socket.socket)
+    received = bytearray()
+    data = pattern(4 * 1024 * 1024, 1)
+    rig.move(data, received)
+    assert received == data
+    assert notsent_lowat(backend) == tunnel_module.NOTSENT_LOWAT
+    assert notsent_lowat(client) == 0
+
+    # Both ways, watched turn by turn.
+    both_bulk: list[tuple[int, int]] = []
+    turn = rig.turn
+
+    def watched_turn() -> None:
+        turn()
+        if rig.tunnel.c2b.bulk and rig.tunnel.b2c.bulk:
+            both_bulk.append((notsent_lowat(client), notsent_lowat(backend)))
+
+    rig.turn = watched_turn  # type: ignore[method-assign]
+    up, down = pattern(16 * 1024 * 1024, 2), pattern(16 * 1024 * 1024, 3)
+    got_up, got_down = bytearray(), bytearray()
+    rig.exchange(up, down, got_up, got_down)
+    assert got_up == up
+    assert got_down == down
+    assert both_bulk, "the two directions never carried bulk at the same time"
+    assert (0, 0) in both_bulk, f"bulk both ways, the limits stayed: {set(both_bulk)}"
+    rig.turn = turn  # type: ignore[method-assign]
+
+    # A small message each way ends both bursts; then bulk backend -> client only.
+    rig.exchange(b"x", b"y", bytearray(), bytearray())
+    got_down = bytearray()
+    down = pattern(4 * 1024 * 1024, 4)
+    rig.exchange(b"", down, bytearray(), got_down)
+    assert got_down == down
+    assert notsent_lowat(client) == tunnel_module.NOTSENT_LOWAT
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
 def test_random_traffic_both_ways_arrives_whole_and_in_order(seed: int) -> None:
     """Messages of random sizes (1 byte to 700 KiB, so both pumps and the switches between
