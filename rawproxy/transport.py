@@ -54,6 +54,7 @@ class TlsSocket:
         "_plain",
         "_raw_eof",
         "_raw_short",
+        "_tls_eof",
         "_unacked",
         "raw",
     )
@@ -81,6 +82,8 @@ class TlsSocket:
         self._raw_eof = False
         # The last read from the kernel took less than it could: the socket was empty then.
         self._raw_short = False
+        # The peer's stream ended (close_notify, or a bare FIN): every later read says so.
+        self._tls_eof = False
 
     # -- the socket API the proxy uses -------------------------------------------------------
 
@@ -145,12 +148,17 @@ class TlsSocket:
         return self._recv(view, True)
 
     def recv_more(self, view: memoryview) -> int:
-        """recv_into for the reads that follow one (of the same readiness event): the kernel
-        is asked again only if its last read filled the buffer. Otherwise it most likely has
-        nothing, and asking costs a system call for EAGAIN on every request; the selector
-        (level-triggered) says when more comes. Records already read are decrypted either way,
-        a close_notify among them included."""
-        return self._recv(view, not self._raw_short)
+        """recv_into for the reads that follow one (of the same readiness event), -1 instead
+        of a would-block error: the kernel is asked again only if its last read filled the
+        buffer. Otherwise it most likely has nothing, and asking costs a system call for
+        EAGAIN on every request; the selector (level-triggered) says when more comes. Records
+        already read are decrypted either way, a close_notify among them included."""
+        if self._raw_short and not self.pending():
+            return -1  # the usual end of a read: no exception for it (they cost microseconds)
+        try:
+            return self._recv(view, not self._raw_short)
+        except ssl.SSLWantReadError:
+            return -1
 
     def _recv(self, view: memoryview, kernel: bool) -> int:
         if self._plain:
@@ -158,6 +166,18 @@ class TlsSocket:
             view[:n] = self._plain[:n]
             del self._plain[:n]
             return n
+        if self._tls_eof:
+            return 0
+        if (
+            kernel
+            and not self._raw_eof
+            and not self._incoming.pending
+            and not self._obj.pending()
+            and not self._read_raw()
+        ):
+            # Nothing buffered, and the kernel has nothing: say so without asking SSL, whose
+            # want-read error would cost an exception on every read event.
+            raise ssl.SSLWantReadError()
         while True:
             try:
                 # With a buffer, read() fills it and returns the count (typeshed says bytes).
@@ -167,7 +187,12 @@ class TlsSocket:
                     raise
                 continue
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return 0  # close_notify, or a bare FIN (tolerated by our contexts)
+                n = 0
+            if not n:
+                # close_notify (read() returns 0 for it, or raises), or a bare FIN (tolerated
+                # by our contexts).
+                self._tls_eof = True
+                return 0
             if self._outgoing.pending:
                 self._flush()  # TLS 1.3 answers some records (key updates, tickets)
             return n
@@ -266,12 +291,9 @@ def receive_into(sock: Stream, view: memoryview) -> int:
         return total
     size = len(view)
     while total < size:
-        try:
-            n = sock.recv_more(view[total:])
-        except WOULD_BLOCK:
-            break
-        if n == 0:
-            break  # end of stream; the next read reports it
+        n = sock.recv_more(view[total:])
+        if n <= 0:
+            break  # nothing more now; or end of stream, which the next read reports
         total += n
     return total
 
