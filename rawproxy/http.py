@@ -415,7 +415,9 @@ class SimpleRequest:
     @property
     def has_upgrade_header(self) -> bool:
         """An Upgrade header is present (without one, no request is an upgrade)."""
-        return any(name.lower() == b"upgrade" for name, _ in self.upgrade_fields)
+        # Not any(<generator>): closing a generator that stopped early raises GeneratorExit
+        # inside it, once per WebSocket handshake. The list has two or three entries.
+        return b"upgrade" in [name.lower() for name, _ in self.upgrade_fields]
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header `name` (lower case), or None."""
