@@ -19,12 +19,15 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from peers import (
+    REPO,
     Background,
     HttpBackend,
     HttpClient,
@@ -196,6 +199,50 @@ def test_ready_only_once_every_worker_serves(run_proxy, http_backend):
     assert len(serving) == 3, lines
     assert max(serving) < ready[0], lines
     assert proxy.stop() == 0
+
+
+def test_ready_to_systemd_only_once_every_worker_serves(http_backend, tmp_path: Path):
+    """READY=1 itself (not only the log line) waits for every worker: the moment it arrives,
+    the three "serving" lines are in the log. The log is a file here, written by each process
+    before it tells the supervisor (a pipe read by a thread could lag behind the datagram)."""
+    address = str(tmp_path / "notify")
+    notify = NotifySocket(address)
+    log_path = tmp_path / "stderr.log"
+    with log_path.open("ab") as stderr:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "rawproxy",
+                "--listen",
+                "127.0.0.1:0",
+                "--backend",
+                f"127.0.0.1:{http_backend.port}",
+                "--workers",
+                "3",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            cwd=REPO,
+            env=notify_env(address),
+        )
+    try:
+        ready = notify.wait_for(has("READY", "1"), timeout=15)
+        logged = log_path.read_text()  # what was written before READY=1 arrived
+        serving = re.findall(r"worker \d \(pid \d+\) serving", logged)
+        assert len(serving) == 3, logged
+        assert notify.messages[ready].get("MAINPID") == str(proc.pid)
+        assert not any("READY" in m for m in notify.messages[:ready])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(15) == 0, log_path.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            notify.close()
 
 
 def test_killed_worker_is_restarted_and_service_goes_on(run_proxy, http_backend):
