@@ -64,10 +64,15 @@ def proxy_ops(mode: str) -> Op:
     address = server.listeners[0].getsockname()
 
     def turn() -> None:
-        for key, mask in loop.selector.select(0):
-            key.data(mask)
-        loop.now = time.monotonic()
-        loop._run_timers()
+        loop.run_once(0)
+
+    if not hasattr(loop, "run_once"):  # a revision from before 2026-11-22 (`--source`)
+
+        def turn() -> None:
+            for key, mask in loop.selector.select(0):
+                key.data(mask)
+            loop.now = time.monotonic()
+            loop._run_timers()
 
     if mode in ("w1", "w3"):
         # One kept-alive connection, opened by a first exchange: a GET, or the upgrade.

@@ -490,7 +490,9 @@ class Leg:
         return self.sock, interest
 
     def close(self, reset: bool = False) -> None:
-        self.want(0)
+        if self.interest:
+            self.loop.forget(self.fd)  # the socket is closed below: no EPOLL_CTL_DEL needed
+            self.interest = 0
         if reset:
             abort_on_close(self.sock)
         elif self.queued is not None:

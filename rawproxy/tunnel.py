@@ -563,7 +563,7 @@ class Tunnel:
             (self.backend_fd, self.backend_interest),
         ):
             if interest:
-                self.loop.remove(fd)
+                self.loop.forget(fd)  # closed below: no EPOLL_CTL_DEL needed
         self.client_interest = self.backend_interest = 0
         for d in (self.c2b, self.b2c):
             self._release_pipe(d)

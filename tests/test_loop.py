@@ -1,7 +1,9 @@
-"""The event loop's timer heap, and the batch that sets keepalive on long-lived tunnels."""
+"""The event loop: its events and registrations, its timer heap, and the batch that sets
+keepalive on long-lived tunnels."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 import weakref
@@ -10,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from rawproxy import loop as loop_module
-from rawproxy.loop import Loop, Timer
+from rawproxy.loop import READ, WRITE, Loop, Timer
 from rawproxy.tunnel import LaterKeepalive
 
 pytestmark = pytest.mark.timeout(30)
@@ -21,6 +23,112 @@ def loop() -> Iterator[Loop]:
     lp = Loop()
     yield lp
     lp.close()
+
+
+def _readable_pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.send(b"x")
+    return a, b
+
+
+def test_an_event_of_a_closed_fd_never_reaches_the_socket_that_reuses_its_number(
+    loop: Loop,
+) -> None:
+    """Two fds ready in one round: the first callback closes the other and opens a socket that
+    gets the freed number. The round's event for that number was the old socket's."""
+    first, first_peer = _readable_pair()
+    second, second_peer = _readable_pair()
+    calls: list[str] = []
+    opened: list[socket.socket] = []
+
+    def on_ready(name: str, mine: socket.socket, other: socket.socket) -> None:
+        calls.append(name)
+        mine.recv(1)
+        if len(calls) > 1:
+            return
+        number = other.fileno()
+        loop.forget(number)
+        other.close()
+        new, new_peer = socket.socketpair()  # nothing to read on it
+        opened.extend((new, new_peer))
+        assert new.fileno() == number, "the kernel gives out the lowest free fd"
+        loop.add(number, READ, lambda _mask: calls.append("new owner"))
+
+    loop.add(first.fileno(), READ, lambda _m: on_ready("first", first, second))
+    loop.add(second.fileno(), READ, lambda _m: on_ready("second", second, first))
+    loop.run_once(1.0)
+    loop.run_once(0.05)
+    assert calls in (["first"], ["second"])
+    for s in (first, second, first_peer, second_peer, *opened):
+        s.close()
+
+
+def test_a_socket_handed_to_a_new_callback_gets_its_events_from_the_next_round(
+    loop: Loop,
+) -> None:
+    a, a_peer = _readable_pair()
+    b, b_peer = _readable_pair()
+    calls: list[str] = []
+
+    def new_owner(_mask: int) -> None:
+        calls.append("new")
+        a.recv(1)
+        loop.remove(a.fileno())
+
+    def on_b(_mask: int) -> None:
+        calls.append("b")
+        b.recv(1)
+        loop.remove(b.fileno())
+        loop.modify(a.fileno(), READ, new_owner)  # a hand-over, as session -> tunnel
+
+    def on_a(_mask: int) -> None:
+        calls.append("a")
+        a.recv(1)
+        loop.remove(a.fileno())
+        loop.modify(b.fileno(), READ, new_owner)
+
+    loop.add(a.fileno(), READ, on_a)
+    loop.add(b.fileno(), READ, on_b)
+    loop.run_once(1.0)
+    assert len(calls) == 1, "the handed-over fd's event of the same round was held back"
+    loop.run_once(1.0)
+    assert calls[1] == "new"
+    for s in (a, a_peer, b, b_peer):
+        s.close()
+
+
+def test_forget_needs_no_unregister_when_the_fd_is_closed(loop: Loop) -> None:
+    a, a_peer = _readable_pair()
+    number = a.fileno()
+    loop.add(number, READ, lambda _mask: None)
+    loop.forget(number)
+    a.close()  # the kernel takes the closed description out of the epoll set
+    c, c_peer = _readable_pair()
+    assert c.fileno() == number
+    got: list[int] = []
+    loop.add(number, READ, got.append)  # no "already registered"
+    loop.run_once(1.0)
+    assert got
+    assert got[0] & READ
+    for s in (a_peer, c, c_peer):
+        s.close()
+
+
+def test_a_hang_up_alone_reaches_a_reader_as_read_and_write(loop: Loop) -> None:
+    """An empty pipe whose writer closed reports EPOLLHUP without EPOLLIN: an owner that only
+    looks at READ must still be called with it, or it would never read the end (and the loop
+    would spin on the level-triggered hang-up)."""
+    r, w = os.pipe()
+    os.close(w)
+    got: list[int] = []
+    loop.add(r, READ, got.append)
+    loop.run_once(1.0)
+    loop.remove(r)
+    os.close(r)
+    assert got
+    assert got[0] & READ
+    assert got[0] & WRITE
 
 
 def test_timers_fire_in_deadline_order_and_cancelled_ones_never(loop: Loop) -> None:

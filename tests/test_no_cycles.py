@@ -48,10 +48,7 @@ class Driven:
         loop = self.server.loop
         deadline = time.monotonic() + limit
         while True:
-            for key, mask in loop.selector.select(0.01):
-                key.data(mask)
-            loop.now = time.monotonic()
-            loop._run_timers()
+            loop.run_once(0.01)
             if until() or time.monotonic() > deadline:
                 return
 

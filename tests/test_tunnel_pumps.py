@@ -68,8 +68,7 @@ class Rig:
         self.seen: set[bool] = set()
 
     def turn(self) -> None:
-        for key, mask in self.loop.selector.select(0.01):
-            key.data(mask)
+        self.loop.run_once(0.01)
         self.seen.add(self.tunnel.c2b.bulk)
 
     def move(self, data: bytes, received: bytearray) -> None:
