@@ -24,6 +24,8 @@ import re
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -741,6 +743,72 @@ def test_tls_1_1_refused_and_1_2_accepted(tls_proxy, client, pki):
     c = client(proxy.port, ssl_context=tls12)
     assert c.sock.version() == "TLSv1.2"
     assert c.request(simple_get("/tls12")).status == 200
+
+
+# A TLS 1.3 client that asks for AES-128-GCM first, as Chrome and Firefox do. Python cannot
+# order TLS 1.3 suites itself; OpenSSL's configuration file can, for the process it starts.
+_BROWSER_ORDER_CNF = """openssl_conf = openssl_init
+[openssl_init]
+ssl_conf = ssl_sect
+[ssl_sect]
+system_default = system_default_sect
+[system_default_sect]
+Ciphersuites = {suites}
+"""
+_PRINT_CIPHER = """
+import socket, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5) as raw:
+    with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        print(tls.version(), tls.cipher()[0])
+"""
+
+
+@pytest.mark.parametrize(
+    "suites",
+    [
+        "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256",
+        "TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256",
+    ],
+)
+def test_the_client_chooses_the_tls13_suite(tls_proxy, pki, tmp_path, suites):
+    """Every TLS 1.3 suite is strong: the client's first choice wins (a browser's AES-128-GCM,
+    a phone's ChaCha20), not OpenSSL's server order, which starts with AES-256-GCM."""
+    proxy = tls_proxy()
+    cnf = tmp_path / "openssl.cnf"
+    cnf.write_text(_BROWSER_ORDER_CNF.format(suites=suites))
+    env = {**os.environ, "OPENSSL_CONF": str(cnf)}
+    done = subprocess.run(
+        [sys.executable, "-c", _PRINT_CIPHER, str(proxy.port), str(pki.ca_file)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    )
+    assert done.stdout.split() == ["TLSv1.3", suites.split(":")[0]]
+
+
+def test_the_client_chooses_among_aead_suites_only_with_tls12(tls_proxy, client, pki):
+    proxy = tls_proxy()
+    for first in ("CHACHA20-POLY1305", "AES128-GCM-SHA256"):
+        ctx = pki.client_context()
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers(
+            ":".join(
+                f"ECDHE-{auth}-{suite}"
+                for suite in (first, "AES256-GCM-SHA384")
+                for auth in ("ECDSA", "RSA")
+            )
+        )
+        c = client(proxy.port, ssl_context=ctx)
+        assert c.sock.obj.cipher()[0].endswith(first)
+        assert c.request(simple_get("/tls12")).status == 200
+    cbc = pki.client_context()
+    cbc.maximum_version = ssl.TLSVersion.TLSv1_2
+    cbc.set_ciphers("ECDHE-ECDSA-AES128-SHA256:ECDHE-RSA-AES128-SHA256")  # CBC, no AEAD
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        TlsStream.connect(proxy.port, cbc, server_hostname="localhost", timeout=5).close()
 
 
 def test_sni_chooses_the_certificate(start_proxy, http_backend, sockets, pki):
