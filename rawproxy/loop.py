@@ -203,6 +203,10 @@ class Loop:
                 continue
             callback = callbacks.get(fd)
             if callback is None:
+                # Registered without an owner: forget() on a descriptor that stayed open.
+                # Unregister it, or level-triggered epoll would report it on every round.
+                with contextlib.suppress(OSError):
+                    self.epoll.unregister(fd)
                 continue
             if mask & ERROR:
                 mask |= BOTH

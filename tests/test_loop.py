@@ -115,6 +115,18 @@ def test_forget_needs_no_unregister_when_the_fd_is_closed(loop: Loop) -> None:
         s.close()
 
 
+def test_a_forgotten_fd_that_stayed_open_is_unregistered_not_polled_forever(loop: Loop) -> None:
+    a, a_peer = _readable_pair()
+    got: list[int] = []
+    loop.add(a.fileno(), READ, got.append)
+    loop.forget(a.fileno())  # a misuse: the socket is not closed
+    loop.run_once(0.5)
+    assert got == []
+    assert loop.epoll.poll(0) == [], "the readable fd is still in the epoll set"
+    for s in (a, a_peer):
+        s.close()
+
+
 def test_a_hang_up_alone_reaches_a_reader_as_read_and_write(loop: Loop) -> None:
     """An empty pipe whose writer closed reports EPOLLHUP without EPOLLIN: an owner that only
     looks at READ must still be called with it, or it would never read the end (and the loop
