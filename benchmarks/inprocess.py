@@ -63,13 +63,15 @@ def proxy_ops(mode: str) -> Op:
     loop = server.loop
     address = server.listeners[0].getsockname()
 
-    def turn() -> None:
-        loop.run_once(0)
-
-    if not hasattr(loop, "run_once"):  # a revision from before 2026-11-22 (`--source`)
+    if hasattr(loop, "run_once"):
 
         def turn() -> None:
-            for key, mask in loop.selector.select(0):
+            loop.run_once(0)
+
+    else:  # a revision from before 2026-11-22 (`--source`): a selectors loop
+
+        def turn() -> None:
+            for key, mask in loop.selector.select(0):  # type: ignore[attr-defined]
                 key.data(mask)
             loop.now = time.monotonic()
             loop._run_timers()
