@@ -6,7 +6,7 @@ compiled `benchtool` (and for wrk in W1) where gcc or wrk is missing.
     python -m benchmarks.pytool tunnel --port P --mode up|down|both --bytes N
     python -m benchmarks.pytool pingpong --port P --conns C --seconds S
     python -m benchmarks.pytool handshake --port P --inflight K --seconds S
-    python -m benchmarks.pytool idle --port P --count N
+    python -m benchmarks.pytool idle --port P --count N [--pause-after K]
 
 Same protocol and the same one-line JSON results as benchtool.c (plain TCP only: the TLS
 variants need the compiled tool). The stand-ins are slower than what they replace, so a
@@ -14,7 +14,9 @@ DIRECT row measured with them may be limited by the load generator; the results 
 
 `idle` opens N upgraded echo tunnels, prints {"opened": ...}, then answers commands on
 stdin: `check` sends 16 bytes down every tunnel and prints how many came back, `close`
-(or end of input) closes them all and exits.
+(or end of input) closes them all and exits. With `--pause-after K` it first opens K, prints
+{"paused": K, ...} and waits for a line on stdin before it opens the rest, so that the
+caller can read the proxy's memory in between (W4's marginal cost per tunnel).
 """
 
 from __future__ import annotations
@@ -470,8 +472,10 @@ def handshake(port: int, inflight: int, seconds: float, warmup: float) -> None:
 # --- idle: W4 ------------------------------------------------------------------------------------
 
 
-def idle(port: int, count: int, inflight: int, timeout: float) -> None:
-    """Open `count` echo tunnels, `inflight` handshakes at a time; then obey stdin."""
+def idle(port: int, count: int, inflight: int, timeout: float, pause_after: int = 0) -> None:
+    """Open `count` echo tunnels, `inflight` handshakes at a time; then obey stdin. With
+    `pause_after`, stop after that many have finished their handshakes (opened or failed),
+    report, and go on when stdin has a line."""
     request = upgrade_request("/ws/echo")
     sel = selectors.DefaultSelector()
     tunnels: list[socket.socket] = []
@@ -489,9 +493,24 @@ def idle(port: int, count: int, inflight: int, timeout: float) -> None:
         sock.connect_ex(("127.0.0.1", port))
         sel.register(sock, selectors.EVENT_WRITE, [bytearray(), False])
 
-    for _ in range(min(inflight, count)):
+    first = min(pause_after, count) if pause_after > 0 else count
+    for _ in range(min(inflight, first)):
         begin()
-    while sel.get_map() and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        if not sel.get_map():
+            if started >= count:
+                break
+            # The first stage is done: report it and wait for the caller's go-ahead.
+            emit({"paused": len(tunnels), "errors": errors, "first_error": first_error})
+            waited = time.monotonic()
+            if not sys.stdin.readline():
+                break
+            waited = time.monotonic() - waited
+            start += waited  # "seconds" counts opening tunnels, not the caller's reading
+            deadline += waited
+            first = count
+            for _ in range(min(inflight, count - started)):
+                begin()
         for key, _ in sel.select(0.5):
             sock = key.fileobj
             assert isinstance(sock, socket.socket)
@@ -514,7 +533,7 @@ def idle(port: int, count: int, inflight: int, timeout: float) -> None:
             else:
                 errors += 1
                 sock.close()
-            if started < count:
+            if started < first:
                 begin()
     for key in list(sel.get_map().values()):  # the ones that did not finish in time
         errors += 1
@@ -588,6 +607,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", default="up")
     parser.add_argument("--bytes", type=int, default=64 << 20)
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--pause-after", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(args.port)
@@ -600,7 +620,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "handshake":
         handshake(args.port, args.inflight, args.seconds, args.warmup)
     elif args.command == "idle":
-        idle(args.port, args.count, args.inflight, args.timeout)
+        idle(args.port, args.count, args.inflight, args.timeout, args.pause_after)
     else:
         parser.error(f"unknown command {args.command}")
 
