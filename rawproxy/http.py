@@ -35,6 +35,10 @@ NEVER_NOMINATED = frozenset({b"content-length", b"transfer-encoding", b"host"})
 # send requests the proxy never sees (HAProxy, Envoy and Traefik drop them too).
 REFUSED_UPGRADE_PROTOCOLS = frozenset({b"h2c", b"h2"})
 
+# Methods whose effect is the same however often a request is repeated (RFC 9110 9.2.2): only
+# these may be sent again when a kept-alive backend connection fails under them.
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
 FORWARDED_FOR = b"x-forwarded-for"
 FORWARDED_PROTO = b"x-forwarded-proto"
 FORWARDED_HOST = b"x-forwarded-host"

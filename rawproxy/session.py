@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import h11
 
 from rawproxy.http import (
+    IDEMPOTENT_METHODS,
     REASONS,
     REWRITTEN_HEADERS,
     ClientSide,
@@ -1352,14 +1353,19 @@ class Session:
         # h11 decides on a retry (and writes it, on a new connection).
         if self.fast_head is not None and not self.response_started and not self._leave_fast_path():
             return
+        request = self.request
         if (
             self.backend_reused
             and not self.response_started
             and self.request_done
             and self.body_sent == 0
+            and request is not None
+            and request.method in IDEMPOTENT_METHODS
         ):
-            # A kept-alive connection the backend closed just as we reused it: the request
-            # never reached the application, and having no body it can be sent again.
+            # A kept-alive connection the backend closed just as we reused it: most likely
+            # its idle timeout and our request crossed, but the application may have seen
+            # the request. An idempotent one without a body may be sent again (as nginx and
+            # HAProxy do); a POST or PATCH may not: the client gets 502 and decides.
             log.debug(
                 "%s reused backend connection %s; retrying on a new one", self._describe(), detail
             )

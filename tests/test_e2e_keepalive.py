@@ -1,6 +1,7 @@
-"""A kept-alive backend connection that the backend closes just as the proxy reuses it: a
-request without a body is sent again on a new connection (it never reached the application);
-one with a body is not, and the client gets 502."""
+"""A kept-alive backend connection that the backend closes just as the proxy reuses it: an
+idempotent request (GET, DELETE, ...) without a body is sent again on a new connection; one
+with a body, or a POST even without one (the backend may have run it), is not, and the client
+gets 502."""
 
 from __future__ import annotations
 
@@ -50,3 +51,27 @@ def test_request_with_body_not_retried(scripted_backend, start_proxy, client):
         "POST", "/2", [("Host", "backend.test"), ("Content-Length", "4")], body=b"data"
     )
     assert c.request(post, "POST").status == 502
+
+
+def test_post_without_body_not_retried(scripted_backend, start_proxy, client):
+    """The backend may have run the POST before it closed: sending it again could charge a
+    card twice. The client gets 502, and the backend saw the POST once."""
+    counter = itertools.count()
+    backend = scripted_backend(closes_when_reused(counter))
+    proxy = start_proxy(backend.port)
+    c = client(proxy.port)
+    assert c.request(simple_get("/1")).body == b"first"
+    post = request_bytes("POST", "/2", [("Host", "backend.test"), ("Content-Length", "0")])
+    assert c.request(post, "POST").status == 502
+    assert next(counter) == 1  # no second backend connection was opened
+
+
+def test_delete_without_body_retried(scripted_backend, start_proxy, client):
+    """DELETE is idempotent (RFC 9110 9.2.2): repeating it changes nothing more."""
+    backend = scripted_backend(closes_when_reused(itertools.count()))
+    proxy = start_proxy(backend.port, "--log-level", "debug")
+    c = client(proxy.port)
+    assert c.request(simple_get("/1")).body == b"first"
+    delete = request_bytes("DELETE", "/2", [("Host", "backend.test")])
+    assert c.request(delete, "DELETE").body == b"second"
+    proxy.wait_for_log(r"retrying on a new one")
