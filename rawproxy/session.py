@@ -84,6 +84,15 @@ log = logging.getLogger("rawproxy")
 
 HEAD, IDLE, CONNECTING, EXCHANGE, CLOSING, DONE, HANDSHAKE, REJECT, PROXY_HEADER = range(9)
 
+# CR and LF: a request may follow empty lines, which a server ignores (RFC 9112 2.2).
+_EMPTY_LINE = (13, 10)
+
+
+def _without_empty_lines(data: memoryview) -> memoryview:
+    """`data` without the CR and LF bytes it starts with."""
+    return memoryview(bytes(data).lstrip(b"\r\n"))
+
+
 # How long a closing connection keeps reading (and discarding) what the client still sends,
 # so that our last answer is not destroyed by a reset.
 LINGER_SECONDS = 2.0
@@ -582,6 +591,10 @@ class Session:
             if not data:
                 self._close()
                 return
+            if data[0] in _EMPTY_LINE:
+                data = _without_empty_lines(data)
+                if not data:
+                    return  # still idle: the request, if any, comes after them
             self.phase = HEAD
             self.exchange_start = self.loop.now
             if self._take_simple_request(data, idle=True):
@@ -598,12 +611,18 @@ class Session:
         self._take_client_bytes(data)
 
     def _take_client_bytes(self, data: memoryview, fast: bool = True) -> None:
-        self.progress = self.loop.now
         head_bytes = self.head_bytes
         if head_bytes is not None:
-            if fast and not head_bytes and self._take_simple_request(data):
-                return
+            if not head_bytes:
+                if data and data[0] in _EMPTY_LINE:
+                    data = _without_empty_lines(data)
+                    if not data:
+                        return  # the head has not begun; the header timeout still runs
+                if fast and self._take_simple_request(data):
+                    self.progress = self.loop.now
+                    return
             head_bytes += data
+        self.progress = self.loop.now
         # h11 copies what it is given (its annotation says bytes; any bytes-like works).
         self._client_machine().receive_data(data)  # type: ignore[arg-type]
         self._pump_client()
@@ -833,6 +852,11 @@ class Session:
         client_h11 = self._client_machine()
         while self.phase in (HEAD, EXCHANGE, REJECT):
             if self.phase == EXCHANGE and self.backend is not None and self.backend.backlog:
+                return
+            if client_h11.their_state is h11.MUST_CLOSE:
+                # The request is whole and the client said it is its last (Connection: close,
+                # HTTP/1.0): what came after it is ignored, as RFC 9112 9.6 says, and the
+                # connection closes after the answer. (h11 would call those bytes an error.)
                 return
             try:
                 event = client_h11.next_event()
@@ -1481,6 +1505,17 @@ class Session:
 
     def _next_request(self) -> None:
         pending, closed = self._client_machine().trailing_data
+        if pending and pending[0] in _EMPTY_LINE:
+            # Empty lines before the next request (old clients end a body with an extra CRLF).
+            # h11 refuses them and its buffer cannot be edited: a fresh machine (equal to one
+            # between requests) gets what follows them.
+            pending = pending.lstrip(b"\r\n")
+            self.client_h11 = None
+            machine = self._client_machine()
+            if pending:
+                machine.receive_data(pending)
+            if closed:
+                machine.receive_data(b"")  # h11's end of input
         self._await_request(pending, closed)
 
     def _await_request(self, pending: bytes, closed: bool) -> None:

@@ -324,6 +324,62 @@ def test_backend_closing_after_response(proxy, http_backend, client):
     assert http_backend.accepts == 2
 
 
+@pytest.mark.parametrize(
+    "request_and_more",
+    [
+        simple_get("/last", "b.test", ("Connection", "close")) + simple_get("/never"),
+        request_bytes(
+            "POST", "/echo", [("Host", "b.test"), ("Content-Length", "4")], b"last"
+        ).replace(b"HTTP/1.1", b"HTTP/1.0")
+        + b"\r\n",
+    ],
+    ids=["connection-close-then-request", "http10-body-then-crlf"],
+)
+def test_bytes_after_a_last_request_are_ignored(proxy, http_backend, client, request_and_more):
+    """RFC 9112 9.6: after a request that closes the connection, the server answers it and
+    ignores what follows (h11 calls such bytes an error: the client got 400 for a request
+    the backend had answered)."""
+    c = client(proxy.port)
+    c.send(request_and_more)
+    resp = c.read_response()
+    assert resp.status == 200
+    assert resp.body in (b"GET /last", b"last")
+    assert c.wait_closed()[1] == b""
+    http_backend.wait_for_requests(1)
+    time.sleep(0.2)
+    assert len(http_backend.requests) == 1, "the bytes after the last request were forwarded"
+
+
+def test_empty_lines_before_requests_are_ignored(proxy, http_backend, client):
+    """RFC 9112 2.2: empty lines before a request line are skipped: before the first request,
+    after a body (old clients end a POST body with CRLF), alone in a packet, and pipelined."""
+    c = client(proxy.port)
+    assert c.request(b"\r\n" + simple_get("/first")).body == b"GET /first"
+    post = request_bytes("POST", "/echo", [("Host", "b.test"), ("Content-Length", "4")], b"body")
+    c.send(post + b"\r\n" + simple_get("/pipelined"))
+    assert c.read_response().body == b"body"
+    assert c.read_response().body == b"GET /pipelined"
+    c.send(post + b"\r\n")
+    assert c.read_response().body == b"body"
+    time.sleep(0.1)
+    c.send(b"\r\n\n")
+    time.sleep(0.1)
+    assert c.request(simple_get("/later")).body == b"GET /later"
+    targets = [r.target for r in http_backend.wait_for_requests(5)]
+    assert targets == [b"/first", b"/echo", b"/pipelined", b"/echo", b"/later"]
+
+
+def test_empty_lines_leave_a_kept_alive_connection_idle(start_proxy, http_backend, client):
+    """An empty line between requests is no request begun: the connection stays idle under
+    --idle-timeout and is not held to --header-timeout."""
+    proxy = start_proxy(http_backend.port, "--header-timeout", "0.5", "--idle-timeout", "30")
+    c = client(proxy.port, timeout=5)
+    assert c.request(simple_get("/first")).status == 200
+    c.send(b"\r\n")
+    time.sleep(1.2)
+    assert c.request(simple_get("/second")).body == b"GET /second"
+
+
 # --- connection limits and timeouts (as --help describes them) ------------------------------
 
 
