@@ -252,11 +252,19 @@ def backend_request_headers(
     for lower, (name, value) in zip(lowers, raw_headers, strict=True):
         if lower in HOP_BY_HOP or lower in nominated:
             continue
+        if b"_" in lower:
+            # CGI, WSGI, PHP and Rack read X_Forwarded_For as X-Forwarded-For (both become
+            # HTTP_X_FORWARDED_FOR): a claim under that spelling is treated as the claim.
+            dashed = lower.replace(b"_", b"-")
+            if dashed in FORWARDED_HEADERS or _is_client_claim(dashed):
+                if client.trusted and dashed not in FORWARDED_HEADERS:
+                    out.append((name, value))
+                continue
         if lower in FORWARDED_HEADERS:
             if client.trusted:
                 incoming.setdefault(lower, []).append(value.strip())
             continue
-        if lower.startswith(b"x-forwarded-") or lower == b"x-real-ip":
+        if _is_client_claim(lower):
             # Other claims about the client (X-Forwarded-Prefix, -Ssl, -Server, X-Real-IP):
             # passed on from a trusted proxy, dropped from anyone else.
             if client.trusted:
@@ -281,6 +289,12 @@ def backend_request_headers(
         out.append((b"Connection", b"upgrade"))
         out.append((b"Upgrade", decision.upgrade))
     return out
+
+
+def _is_client_claim(lower: bytes) -> bool:
+    """A header (lower-case name) that tells the backend about the client but is none of
+    FORWARDED_HEADERS: X-Forwarded-Prefix, -Ssl, -Server, X-Real-IP."""
+    return lower.startswith(b"x-forwarded-") or lower == b"x-real-ip"
 
 
 def forwarded_headers(
@@ -533,6 +547,8 @@ def _request_fields(
         lower = name.lower()
         if lower == b"host":
             hosts += 1
+        elif b"_" in lower:
+            plain = False  # backend_request_headers decides (X_Forwarded_For, ...)
         elif lower in _NOT_SIMPLE_REQUEST:
             return None
         elif lower == b"content-length":

@@ -263,6 +263,18 @@ def test_x_forwarded_for_from_an_untrusted_client_is_replaced(proxy, http_backen
     assert header_tokens(req.headers, "x-forwarded-for") == [b"127.0.0.1"]
 
 
+def test_x_forwarded_for_spelled_with_underscores_is_dropped(proxy, http_backend, client):
+    """The fast path (a simple GET) hands a head with an underscore name to the rules that
+    drop a forged X_Forwarded_For; a WSGI backend would read it as X-Forwarded-For."""
+    c = client(proxy.port)
+    resp = c.request(simple_get("/xff", "b.test", ("X_Forwarded_For", "203.0.113.7")))
+    assert resp.status == 200
+    [req] = http_backend.wait_for_requests(1)
+    names = [k.lower() for k, _ in req.headers]
+    assert b"x_forwarded_for" not in names
+    assert header_tokens(req.headers, "x-forwarded-for") == [b"127.0.0.1"]
+
+
 def test_x_forwarded_for_from_a_trusted_proxy_is_appended(start_proxy, http_backend, client):
     proxy = start_proxy(http_backend.port, "--trusted-proxy", "127.0.0.0/8")
     c = client(proxy.port)

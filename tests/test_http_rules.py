@@ -261,6 +261,35 @@ def test_untrusted_forwarded_headers_never_pass(mode: str) -> None:
     assert families == expected
 
 
+UNDERSCORED = H(
+    ("Host", "front.test"),
+    ("X_Forwarded_For", "203.0.113.1"),
+    ("x_forwarded-proto", "https"),
+    ("X_REAL_IP", "203.0.113.1"),
+    ("X_Forwarded_Prefix", "/evil"),
+    ("Forwarded_", "for=203.0.113.1"),
+    ("X_Custom_Header", "kept"),
+)
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["untrusted", "trusted"])
+def test_underscore_spellings_of_forwarded_headers_are_dropped(trusted: bool) -> None:
+    """CGI, WSGI and PHP map X_Forwarded_For and X-Forwarded-For to the same variable: the
+    underscore spelling must not smuggle a client address past the filter. From a trusted
+    proxy, the claims outside the forwarded families (X-Real-IP, X-Forwarded-Prefix) pass
+    under either spelling, as they do with dashes."""
+    client = ClientSide("10.0.0.2", "http", 80, trusted=trusted)
+    out = backend_request_headers(UNDERSCORED, decide_upgrade([]), client, default_host=b"b")
+    assert value(out, "x-forwarded-for") == b"10.0.0.2"
+    assert value(out, "x-forwarded-proto") == b"http"
+    assert b"x_forwarded_for" not in names(out)
+    assert b"x_forwarded-proto" not in names(out)
+    assert value(out, "x_custom_header") == b"kept"
+    claims = {b"x_real_ip", b"x_forwarded_prefix"} & set(names(out))
+    assert claims == ({b"x_real_ip", b"x_forwarded_prefix"} if trusted else set())
+    assert b"forwarded_" in names(out)  # "Forwarded-" is no header of ours: kept
+
+
 def test_trusted_headers_pass_unchanged_in_the_other_family() -> None:
     trusted = ClientSide("10.0.0.2", "http", 80, trusted=True)
     out = backend_request_headers(
