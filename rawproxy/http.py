@@ -508,6 +508,8 @@ def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:
     line = _SIMPLE_REQUEST_LINE.match(data)
     if line is None or line[1] == b"CONNECT":  # h11 treats CONNECT as a protocol switch
         return None
+    if needs_resolving(line[2]):  # absolute-form, or dot segments: h11's path resolves them
+        return None
     lines = line.end()
     found = _header_fields(data, lines, size - 2, _request_fields)
     if found is None:
@@ -547,6 +549,8 @@ def _request_fields(
         lower = name.lower()
         if lower == b"host":
             hosts += 1
+            if not valid_host(value):
+                return None  # h11's path refuses it with 400
         elif b"_" in lower:
             plain = False  # backend_request_headers decides (X_Forwarded_For, ...)
         elif lower in _NOT_SIMPLE_REQUEST:
@@ -728,6 +732,106 @@ def write_head(start_line: bytes, headers: Iterable[Header]) -> bytes:
     return b"".join(lines)
 
 
+# -- the request's target and Host ---------------------------------------------------------
+
+# RFC 3986 host (an IP literal in brackets, or a reg-name: IPv4 addresses and DNS names are
+# reg-names too) and an optional port: what a Host header or an authority may hold.
+_HOST_VALUE = re.compile(
+    rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[-A-Za-z0-9._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?"
+)
+_ABSOLUTE_FORM = re.compile(rb"(?i:https?)://([^/?#]*)([^#]*)")
+
+
+class RequestRefused(Exception):
+    """A request that is answered with `status` and never forwarded."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def valid_host(value: bytes) -> bool:
+    """A Host value is host[:port] as RFC 3986 spells them (RFC 9112 3.2: else 400)."""
+    return _HOST_VALUE.fullmatch(value) is not None
+
+
+def needs_resolving(target: bytes) -> bool:
+    """Whether resolve_request may change this target: absolute-form, `*`, or a path with
+    a segment that starts with a dot (spelled or %2e). Cheap; the fast path asks it."""
+    return target[:1] != b"/" or b"/." in target or b"/%" in target
+
+
+def resolve_request(
+    target: bytes, http_version: bytes, headers: Sequence[Header]
+) -> tuple[bytes, list[Header] | None]:
+    """The target and headers to route and forward a request by, as a server reads them:
+    (target, None) when the headers stay as they are. Raises RequestRefused.
+
+    - HTTP major version other than 1: 505 (h11 reads any digit).
+    - Every Host value must be host[:port]: 400 (RFC 9112 3.2).
+    - An absolute-form target (`http://host/path?q`, what proxies send) becomes origin-form
+      and its authority becomes the Host, which a server must then ignore (RFC 9112 3.2.2):
+      the backend, the route and the forwarded headers see one host, not two.
+    - Dot segments (`.`, `..`, also as %2e) are resolved (RFC 3986 5.2.4) before the route is
+      chosen, as nginx and Apache do: `/static/../admin` is `/admin`, routed and sent as
+      such, so no prefix mapping can be climbed out of. One that climbs above the root: 400.
+    """
+    if http_version[:1] != b"1":
+        raise RequestRefused(505, f"HTTP/{http_version.decode('latin-1')} is not supported")
+    new_headers: list[Header] | None = None
+    for name, value in headers:
+        if name.lower() == b"host" and not valid_host(value):
+            raise RequestRefused(400, f"invalid Host header {value.decode('latin-1')!r}")
+    if target[:1] != b"/":
+        if target == b"*":
+            return target, None
+        absolute = _ABSOLUTE_FORM.fullmatch(target)
+        if absolute is None:
+            raise RequestRefused(400, f"invalid request target {target[:200].decode('latin-1')!r}")
+        authority = absolute[1]
+        if not authority or b"@" in authority or not valid_host(authority):
+            raise RequestRefused(
+                400, f"invalid authority in the request target {target[:200].decode('latin-1')!r}"
+            )
+        target = absolute[2] or b"/"
+        if target[:1] != b"/":  # "http://host?q"
+            target = b"/" + target
+        new_headers = []
+        for name, value in headers:
+            if name.lower() != b"host":
+                new_headers.append((name, value))
+            elif not any(n.lower() == b"host" for n, _ in new_headers):
+                new_headers.append((name, authority))
+        if not any(n.lower() == b"host" for n, _ in new_headers):
+            new_headers.insert(0, (b"Host", authority))
+    if b"/." in target or b"/%" in target:
+        target = _without_dot_segments(target)
+    return target, new_headers
+
+
+def _without_dot_segments(target: bytes) -> bytes:
+    """An origin-form target with the `.` and `..` segments of its path resolved."""
+    path, question, query = target.partition(b"?")
+    segments = path.split(b"/")[1:]
+    out: list[bytes] = []
+    last = len(segments) - 1
+    for i, segment in enumerate(segments):
+        dots = segment.lower().replace(b"%2e", b".") if b"%" in segment else segment
+        if dots == b".":
+            if i == last:
+                out.append(b"")
+        elif dots == b"..":
+            if not out:
+                raise RequestRefused(400, "request path climbs above the root")
+            out.pop()
+            if i == last:
+                out.append(b"")
+        else:
+            out.append(segment)
+    return b"/" + b"/".join(out) + question + query
+
+
 # -- routes ---------------------------------------------------------------------------------
 
 
@@ -883,6 +987,7 @@ REASONS = {
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
 }
 
 

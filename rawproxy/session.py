@@ -39,6 +39,7 @@ from rawproxy.http import (
     REWRITTEN_HEADERS,
     ClientSide,
     Header,
+    RequestRefused,
     ResponseRewrite,
     SimpleRequest,
     SimpleResponse,
@@ -59,6 +60,7 @@ from rawproxy.http import (
     plain_request_head,
     plain_request_headers,
     plain_switch_head,
+    resolve_request,
     rewrite_response_headers,
     without_cuts,
     write_head,
@@ -938,6 +940,22 @@ class Session:
         if problem is not None:
             self._fail(400, problem)
             return
+        try:
+            target, resolved = resolve_request(
+                request.target, request.http_version, request.headers.raw_items()
+            )
+        except RequestRefused as e:
+            self._fail(e.status, e.reason)
+            return
+        if target != request.target or resolved is not None:
+            log.debug("%s routed and forwarded as %s", self._describe(), target.decode("latin-1"))
+            request = h11.Request(
+                method=request.method,
+                target=target,
+                headers=request.headers.raw_items() if resolved is None else resolved,
+                http_version=request.http_version,
+            )
+            self.request = request
         chosen = self.runtime.choose(request.target)
         if chosen is None:
             # Answered here once the request (and any small body) is in; the connection stays.

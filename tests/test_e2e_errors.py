@@ -78,6 +78,12 @@ BAD_HEADS = {
     "cr-in-value": b"GET / HTTP/1.1\r\nHost: b.test\r\nX-Cr: a\rb\r\n\r\n",
     "cr-in-value-smuggles-header": b"GET / HTTP/1.1\r\nHost: b.test\r\n"
     b"X-Cr: a\rTransfer-Encoding: chunked\r\n\r\n",
+    # Host must be host[:port] (RFC 9112 3.2); the fast path hands these to h11's path
+    "host-with-space": b"GET / HTTP/1.1\r\nHost: b.test evil.test\r\n\r\n",
+    "host-with-path": b"GET / HTTP/1.1\r\nHost: b.test/x@evil.test\r\n\r\n",
+    "absolute-form-userinfo": b"GET http://user@b.test/ HTTP/1.1\r\nHost: b.test\r\n\r\n",
+    "absolute-form-other-scheme": b"GET ftp://b.test/ HTTP/1.1\r\nHost: b.test\r\n\r\n",
+    "dot-segments-above-root": b"GET /a/../../etc/passwd HTTP/1.1\r\nHost: b.test\r\n\r\n",
 }
 
 CHUNKED_HEAD = b"POST /echo HTTP/1.1\r\nHost: b.test\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -99,6 +105,18 @@ def test_bad_request_head_gets_400(proxy, http_backend, client, name):
     assert_serves(proxy, http_backend)
     nothing_reached_backend(http_backend)
     assert_logged_once(proxy, mark, status_pattern(400))
+
+
+@pytest.mark.parametrize("version", ["2.0", "3.1", "0.9"])
+def test_http_major_version_other_than_1_gets_505(proxy, http_backend, client, version):
+    """h11 reads any digit as a version; what is not HTTP/1.x is not forwarded as HTTP/1.1."""
+    mark = proxy.mark()
+    c = client(proxy.port, timeout=5)
+    c.send(f"GET / HTTP/{version}\r\nHost: b.test\r\n\r\n".encode())
+    assert_answer_then_close(c, 505)
+    assert_serves(proxy, http_backend)
+    nothing_reached_backend(http_backend)
+    assert_logged_once(proxy, mark, status_pattern(505))
 
 
 @pytest.mark.parametrize("name", list(BAD_BODIES))

@@ -160,14 +160,46 @@ def test_prefix_is_a_plain_string_prefix(launch, make_backend, client):
 
 
 def test_absolute_form_is_routed_by_its_path(launch, make_backend, client):
-    """A request target in absolute form (RFC 9112, 3.2.2) is matched on its path."""
+    """A request target in absolute form (RFC 9112, 3.2.2) is matched on its path and sent in
+    origin form, its authority as Host (a server ignores Host beside an absolute target: the
+    backend must not see two hosts), as nginx does."""
     strip, plain = make_backend(), make_backend()
     proxy = launch(*route("/api/", strip, "/"), *route("/", plain))
     c = client(proxy.port)
-    assert get(c, "http://app.test/api/x?q=1") == b"GET /x?q=1"
-    assert get(c, "http://app.test/other") == b"GET http://app.test/other"
+    assert get(c, "http://app.test/api/x?q=1", "other.test") == b"GET /x?q=1"
+    assert get(c, "HTTP://App.Test:8080/other", "other.test") == b"GET /other"
     assert targets(strip) == [b"/x?q=1"]
-    assert targets(plain) == [b"http://app.test/other"]
+    assert targets(plain) == [b"/other"]
+    hosts = [header_values(r.headers, "host") for r in strip.requests + plain.requests]
+    assert hosts == [[b"app.test"], [b"App.Test:8080"]]
+    forwarded = [header_values(r.headers, "x-forwarded-host") for r in plain.requests]
+    assert forwarded == [[b"App.Test:8080"]]
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/static/../admin", "/static/%2e%2E/admin", "/static/./../admin", "/static/x/../../admin"],
+)
+def test_dot_segments_cannot_climb_out_of_a_route(launch, make_backend, client, target):
+    """`..` is resolved before the route is chosen (nginx, Apache): /static/../admin is /admin,
+    routed and sent as such; the mapped /files/ prefix is never climbed out of."""
+    files, rest = make_backend(), make_backend()
+    proxy = launch(*route("/static/", files, "/files/"), *route("/", rest))
+    c = client(proxy.port)
+    assert get(c, target) == b"GET /admin"
+    assert get(c, "/static/a/./b/../c.css?p=/../x") == b"GET /files/a/c.css?p=/../x"
+    assert targets(files) == [b"/files/a/c.css?p=/../x"]
+    assert targets(rest) == [b"/admin"]
+
+
+def test_dot_segments_above_the_root_are_refused(launch, make_backend, client):
+    files = make_backend()
+    proxy = launch(*route("/static/", files, "/files/"))
+    c = client(proxy.port)
+    resp = c.request(simple_get("/static/../../etc/passwd"))
+    assert resp.status == 400
+    assert b"climbs above the root" in resp.body
+    assert targets(files) == []
 
 
 def test_backend_is_shorthand_for_the_root_route(launch, make_backend, client):

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from rawproxy.config import parse_route
 from rawproxy.http import (
     ClientSide,
+    RequestRefused,
     ResponseRewrite,
     backend_request_headers,
     client_response_headers,
@@ -22,6 +23,7 @@ from rawproxy.http import (
     framing_error,
     head_error,
     origin,
+    resolve_request,
     rewrite_response_headers,
     rewrite_set_cookie,
     rewrite_url,
@@ -579,3 +581,71 @@ def test_error_response_for_head_has_no_body() -> None:
     raw = error_response(502, "x", head_only=True)
     assert raw.endswith(b"\r\n\r\n")
     assert b"Content-Length: " in raw
+
+
+# -- resolve_request: target and Host as a server reads them ------------------------------
+
+RESOLVED = [
+    # (target, Host, what is routed and sent, the Host sent or None when unchanged)
+    (b"/a/b?c", b"x", b"/a/b?c", None),
+    (b"/a/./b/../c", b"x", b"/a/c", None),
+    (b"/a/b/..", b"x", b"/a/", None),
+    (b"/a/.", b"x", b"/a/", None),
+    (b"/a/%2E%2e/b", b"x", b"/b", None),
+    (b"/a/.%2e/b", b"x", b"/b", None),
+    (b"/a//../b", b"x", b"/a/b", None),
+    (b"/a/..b/.c/c.", b"x", b"/a/..b/.c/c.", None),  # dots inside names are names
+    (b"/x?next=/../y", b"x", b"/x?next=/../y", None),  # the query is not a path
+    (b"*", b"x", b"*", None),
+    (b"http://a.test/p?q", b"x", b"/p?q", b"a.test"),
+    (b"HTTPS://A.test:8443", b"x", b"/", b"A.test:8443"),
+    (b"http://a.test?q=1", b"x", b"/?q=1", b"a.test"),
+    (b"http://[::1]:80/../p", b"x", None, None),  # refused: above the root
+    (b"/", b"[2001:db8::1]:8080", b"/", None),
+    (b"/", b"", b"/", None),  # empty Host is valid (RFC 9110 7.2)
+]
+
+
+@pytest.mark.parametrize(("target", "host", "sent", "sent_host"), RESOLVED)
+def test_resolve_request(
+    target: bytes, host: bytes, sent: bytes | None, sent_host: bytes | None
+) -> None:
+    headers = [(b"Host", host), (b"Accept", b"*/*")]
+    if sent is None:
+        with pytest.raises(RequestRefused) as refused:
+            resolve_request(target, b"1.1", headers)
+        assert refused.value.status == 400
+        return
+    new_target, new_headers = resolve_request(target, b"1.1", headers)
+    assert new_target == sent
+    if sent_host is None:
+        assert new_headers is None
+    else:
+        assert new_headers == [(b"Host", sent_host), (b"Accept", b"*/*")]
+
+
+def test_absolute_form_without_host_gets_one() -> None:
+    target, headers = resolve_request(b"http://a.test/p", b"1.0", [(b"Accept", b"*/*")])
+    assert (target, headers) == (b"/p", [(b"Host", b"a.test"), (b"Accept", b"*/*")])
+
+
+@pytest.mark.parametrize(
+    "host", [b"a b", b"a/b", b"a@b", b"a\\b", b"a:b:c", b"[::1", b"a\tb", b"a%zz", b"a:80x"]
+)
+def test_invalid_host_refused(host: bytes) -> None:
+    with pytest.raises(RequestRefused) as refused:
+        resolve_request(b"/", b"1.1", [(b"Host", host)])
+    assert refused.value.status == 400
+
+
+@given(st.lists(st.sampled_from([b"a", b".", b"..", b"%2e", b"", b"b.c"]), max_size=8))
+def test_resolved_paths_have_no_dot_segments(segments: list[bytes]) -> None:
+    """Whatever the mix of segments, the resolved path starts with / and has no . or .."""
+    target = b"/" + b"/".join(segments)
+    try:
+        resolved, _ = resolve_request(target, b"1.1", [(b"Host", b"x")])
+    except RequestRefused:
+        return
+    assert resolved.startswith(b"/")
+    for segment in resolved.split(b"/"):
+        assert segment.lower().replace(b"%2e", b".") not in (b".", b"..")

@@ -183,7 +183,7 @@ SIMPLE_REQUESTS = [
     b"DELETE /r HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost:a\r\nX-Empty:\r\nX-Spaces:  a  b\t \r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\r\nX-Empty: \r\nX-Spaces: a  b\t c\r\n\r\n",
-    b"GET http://a/p HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET /x.y/a.b HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
     b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n",
@@ -213,6 +213,13 @@ NOT_SIMPLE_REQUESTS = [
     b"GET / HTTP/1.1\r\nHost: a\r\n",  # incomplete
     b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n",
     b"G\xc3T / HTTP/1.1\r\nHost: a\r\n\r\n",
+    # the target and Host as resolve_request reads them: h11's path resolves or refuses
+    b"GET http://a/p HTTP/1.1\r\nHost: a\r\n\r\n",  # absolute-form: its authority is Host
+    b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET /a/../b HTTP/1.1\r\nHost: a\r\n\r\n",  # dot segments
+    b"GET /a/%2E%2e/b HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",  # no host[:port]
+    b"GET / HTTP/1.1\r\nHost: a/b@c\r\n\r\n",
 ]
 
 
