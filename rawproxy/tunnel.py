@@ -67,6 +67,13 @@ WANT_READ = 1
 WANT_WRITE = 2
 FINISHED = 0
 
+# A socket's registration with the loop, beside its interest (READ | WRITE, or 0). A socket
+# neither direction needs now stays registered with interest 0: epoll reports its errors and
+# hang-ups whatever the interest, and that is how a reset on it is noticed while both
+# directions wait on the other socket (a stalled reader there, or a half-closed tunnel).
+UNREGISTERED = -1  # not registered (handed over so by the session)
+HUNG_UP = -2  # unregistered after a hang-up without an error, until a direction needs it
+
 
 class PipePool:
     """Pipes for splice, lent to a direction only while it has bytes in flight.
@@ -240,8 +247,10 @@ class Tunnel:
         self.client_fd = client.fileno()
         self.backend_fd = backend.fileno()
         # The sockets may come registered with the loop by their previous owner (`registered`:
-        # the interest of each); the first interest update takes the registrations over.
-        self.client_interest, self.backend_interest = registered
+        # the interest of each, 0 for not registered); the first interest update takes the
+        # registrations over.
+        self.client_interest = registered[0] or UNREGISTERED
+        self.backend_interest = registered[1] or UNREGISTERED
         self.adopted = False
         # Bound once: the loop recognises a registration by its callback's identity.
         self.on_client: Callable[[int], None] = self._on_client
@@ -286,16 +295,45 @@ class Tunnel:
     # -- events ----------------------------------------------------------------------------
 
     def _on_client(self, mask: int) -> None:
+        if self.client_interest == 0:
+            self._hung_up("client")
+            return
         if mask & READ and self.c2b.want == WANT_READ:
             self._run(self.c2b)
         if mask & WRITE and self.b2c.want == WANT_WRITE and self.client_fd >= 0:
             self._run(self.b2c)
 
     def _on_backend(self, mask: int) -> None:
+        if self.backend_interest == 0:
+            self._hung_up("backend")
+            return
         if mask & READ and self.b2c.want == WANT_READ:
             self._run(self.b2c)
         if mask & WRITE and self.c2b.want == WANT_WRITE and self.client_fd >= 0:
             self._run(self.c2b)
+
+    def _hung_up(self, side: str) -> None:
+        """An error or a hang-up on a socket that no direction needs now (interest 0). An
+        error (a reset) ends the tunnel and resets the other leg, as it would have if a
+        direction had been reading or writing. A hang-up without one (the peer closed and we
+        shut down our side: nothing more to read or write there, though the other direction
+        may still be delivering what it read before) is not reported again: level-triggered,
+        it would be on every round. The socket is registered again when a direction needs it."""
+        sock = self.client if side == "client" else self.backend
+        try:
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError as e:
+            error = e.errno or errno.EBADF
+        if error:
+            how = "reset" if error in (errno.ECONNRESET, errno.EPIPE) else os.strerror(error)
+            self.close(f"{side} {how}", reset=True)
+            return
+        if side == "client":
+            self.loop.remove(self.client_fd)
+            self.client_interest = HUNG_UP
+        else:
+            self.loop.remove(self.backend_fd)
+            self.backend_interest = HUNG_UP
 
     def _run(self, d: Direction, readable: bool = True, update: bool = True) -> None:
         """Move what can be moved in direction `d`; `readable`: its source may have bytes."""
@@ -320,33 +358,34 @@ class Tunnel:
         client = (READ if c2b == WANT_READ else 0) | (WRITE if b2c == WANT_WRITE else 0)
         backend = (READ if b2c == WANT_READ else 0) | (WRITE if c2b == WANT_WRITE else 0)
         if not self.adopted:
+            # Take over the previous owner's registrations: rebinding one to the tunnel with
+            # the same interest costs no system call.
             self.adopted = True
-            self._adopt(self.client_fd, self.client_interest, client, self.on_client)
-            self._adopt(self.backend_fd, self.backend_interest, backend, self.on_backend)
-            self.client_interest = client
-            self.backend_interest = backend
+            self.client_interest = self._set(
+                self.client_fd, self.client_interest, client, self.on_client
+            )
+            self.backend_interest = self._set(
+                self.backend_fd, self.backend_interest, backend, self.on_backend
+            )
             return
         if client != self.client_interest:
-            self._set(self.client_fd, self.client_interest, client, self.on_client)
-            self.client_interest = client
+            self.client_interest = self._set(
+                self.client_fd, self.client_interest, client, self.on_client
+            )
         if backend != self.backend_interest:
-            self._set(self.backend_fd, self.backend_interest, backend, self.on_backend)
-            self.backend_interest = backend
+            self.backend_interest = self._set(
+                self.backend_fd, self.backend_interest, backend, self.on_backend
+            )
 
-    def _adopt(self, fd: int, old: int, new: int, callback: Callable[[int], None]) -> None:
-        """Take over a registration made by the socket's previous owner (old: its interest)."""
-        if old and new:
-            self.loop.modify(fd, new, callback)  # same interest: no system call
-        elif old or new:
-            self._set(fd, old, new, callback)
-
-    def _set(self, fd: int, old: int, new: int, callback: Callable[[int], None]) -> None:
-        if old == 0:
-            self.loop.add(fd, new, callback)
-        elif new == 0:
-            self.loop.remove(fd)
-        else:
+    def _set(self, fd: int, old: int, new: int, callback: Callable[[int], None]) -> int:
+        """Register `fd` for `new` (0 included; see UNREGISTERED); returns its new state."""
+        if old >= 0:
             self.loop.modify(fd, new, callback)
+        elif new or old == UNREGISTERED:
+            self.loop.add(fd, new, callback)
+        else:
+            return HUNG_UP  # nothing needed from a hung-up socket yet: it stays unregistered
+        return new
 
     # -- pumps -----------------------------------------------------------------------------
 
@@ -422,7 +461,17 @@ class Tunnel:
                     d.bulk = False  # small messages again: copy them
                 return
             if d.pipe is None:
-                d.pipe = self.pipes.take()
+                try:
+                    d.pipe = self.pipes.take()
+                except OSError as e:
+                    if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                        raise TunnelError(d.name, e) from e
+                    # Out of file descriptors (or pipe memory): copy instead of failing a
+                    # working tunnel over a speed-up, from now on (asking again on every
+                    # full read would cost a failing pipe2() each time).
+                    self.splice = d.bulk = False
+                    self._pump_copy(d)
+                    return
                 self._pace(d)
             try:
                 n = os.splice(src_fd, d.pipe[1], self.pipes.size, flags=SPLICE_FLAGS)
@@ -562,9 +611,9 @@ class Tunnel:
             (self.client_fd, self.client_interest),
             (self.backend_fd, self.backend_interest),
         ):
-            if interest:
+            if interest >= 0:
                 self.loop.forget(fd)  # closed below: no EPOLL_CTL_DEL needed
-        self.client_interest = self.backend_interest = 0
+        self.client_interest = self.backend_interest = UNREGISTERED
         for d in (self.c2b, self.b2c):
             self._release_pipe(d)
         for sock in (self.client, self.backend):

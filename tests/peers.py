@@ -1002,6 +1002,13 @@ START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user and system) process `pid` has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class ProxyProcess:
     """A running `python -m rawproxy` with its stderr collected line by line.
 
@@ -1105,6 +1112,10 @@ class ProxyProcess:
                 self._cond.wait(left)
 
     # process
+
+    def cpu_seconds(self) -> float:
+        """The CPU time (user and system) the proxy process has used."""
+        return cpu_seconds(self.pid)
 
     def rss_kib(self) -> int:
         with open(f"/proc/{self.pid}/status") as f:

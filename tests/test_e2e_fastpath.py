@@ -1122,13 +1122,6 @@ def test_requests_sent_while_fast_path_request_2_waits(setup, answer, later):
 # --- the client side of a fast-path exchange ---------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """The CPU time (user and system) process `pid` has used."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def held_answer(answer: bytes, then: str) -> tuple[threading.Event, Answer]:
     """A backend step that holds `answer` until the returned gate is set, then sends it and
     does `then` (KEEP, LINGER, ...)."""
@@ -1155,9 +1148,9 @@ def test_client_half_close_after_a_fast_path_request(setup, answer):
         s.client.send(simple_get("/2"))
         s.exchanges.wait_heads(2)
         s.client.sock.shutdown(socket.SHUT_WR)
-        busy = cpu_seconds(s.proxy.pid)
+        busy = s.proxy.cpu_seconds()
         time.sleep(0.5)  # the answer is awaited (no event to wait for: nothing must happen)
-        busy = cpu_seconds(s.proxy.pid) - busy
+        busy = s.proxy.cpu_seconds() - busy
         assert busy < 0.2, f"the proxy used {busy:.2f} s of CPU in 0.5 s of waiting"
     finally:
         gate.set()

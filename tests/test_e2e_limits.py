@@ -3,17 +3,10 @@ and service comes back as soon as descriptors are free again."""
 
 from __future__ import annotations
 
-import os
 import resource
 import time
 
 from peers import assert_serves, connect
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_fd_exhaustion_pauses_accepting_without_spinning(start_proxy, http_backend, sockets):
@@ -26,9 +19,9 @@ def test_fd_exhaustion_pauses_accepting_without_spinning(start_proxy, http_backe
         sockets.append(connect(proxy.port, timeout=5))
     line = proxy.wait_for_log(r"cannot accept", since=mark, timeout=5)
     assert "pausing accepts" in line
-    before = cpu_seconds(proxy.pid)
+    before = proxy.cpu_seconds()
     time.sleep(1.5)
-    used = cpu_seconds(proxy.pid) - before
+    used = proxy.cpu_seconds() - before
     assert used < 0.5, f"the proxy used {used:.2f} s of CPU in 1.5 s while out of descriptors"
     # One line about it, not one per pause.
     assert len(proxy.logs_matching(r"cannot accept", since=mark)) == 1

@@ -241,6 +241,96 @@ def test_client_reset_while_backend_streams(open_tunnel, blob):
     assert t.backend.result(15) == "closed"
 
 
+def test_client_reset_while_the_backend_does_not_read(open_tunnel, blob):
+    """The client fills a backend that does not read, then resets. Neither direction reads
+    the client now (one waits to write to the backend, the other for the backend's bytes),
+    yet the reset reaches the backend at once: it is not left holding a tunnel until it
+    happens to read or write."""
+
+    stalled = threading.Event()
+
+    def script(sc: ScriptedConn):
+        sc.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sc.sock.sendall(RESPONSE_101)
+        stalled.wait(10)
+        # Watch for the proxy's end without reading: a read would unblock the tunnel, which
+        # would then find the reset by itself.
+        started = time.monotonic()
+        poller = select.poll()
+        poller.register(sc.sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        ended = poller.poll(8000)
+        return bool(ended), time.monotonic() - started
+
+    t = open_tunnel(script)
+    t.sock.setblocking(False)
+    sent, deadline = 0, time.monotonic() + 10
+    while time.monotonic() < deadline:  # until the proxy and the backend hold all they take
+        try:
+            sent += t.sock.send(blob[: 1 * MiB])
+        except BlockingIOError:
+            if select.select([], [t.sock], [], 0.5)[1] == []:
+                break
+    assert sent > 0
+    reset_close(t.sock)
+    stalled.set()
+    ended, waited = t.backend.result(15)
+    assert ended, "the backend leg was still open 8 s after the client's reset"
+    assert waited < 3, f"the backend leg was closed {waited:.1f} s after the client's reset"
+
+
+def test_client_reset_after_its_half_close(open_tunnel):
+    """The client half-closes (its direction is over), the backend says nothing, then the
+    client resets: the backend leg is closed too, not held until the backend speaks."""
+
+    def script(sc: ScriptedConn):
+        sc.sock.sendall(RESPONSE_101)
+        assert sc.read_to_eof() == (5, sha256(b"hello"))
+        started = time.monotonic()
+        poller = select.poll()  # the end of our reading side was read: wait for a reset
+        poller.register(sc.sock, select.POLLHUP | select.POLLERR)
+        ended = poller.poll(8000)
+        return bool(ended), time.monotonic() - started
+
+    t = open_tunnel(script)
+    t.sock.sendall(b"hello")
+    t.sock.shutdown(socket.SHUT_WR)
+    time.sleep(0.5)  # the backend has read the EOF and waits
+    reset_close(t.sock)
+    ended, waited = t.backend.result(15)
+    assert ended, "the backend leg was still open 8 s after the client's reset"
+    assert waited < 3, f"the backend leg was reset {waited:.1f} s after the client's reset"
+    t.proxy.wait_for_log(r'ended="client reset"')
+
+
+def test_client_end_while_its_bytes_wait_for_the_backend(open_tunnel, blob):
+    """The backend has ended its direction (the proxy shut the client's receiving side), and
+    the client sends 4 MiB and its end while the backend does not read: the client socket is
+    then hung up with bytes still to move. The proxy neither spins on that hang-up nor loses
+    the bytes: all arrive once the backend reads."""
+    data = blob[: 4 * MiB]
+    reading = threading.Event()
+
+    def script(sc: ScriptedConn):
+        sc.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sc.sock.sendall(RESPONSE_101)
+        sc.sock.shutdown(socket.SHUT_WR)
+        reading.wait(10)
+        return sc.read_to_eof()
+
+    t = open_tunnel(script)
+    assert t.read_to_eof() == (0, sha256(b""))
+    sender = threading.Thread(target=lambda: (t.sock.sendall(data), t.sock.shutdown(1)))
+    sender.start()
+    time.sleep(0.5)
+    busy = t.proxy.cpu_seconds()
+    time.sleep(1.0)
+    busy = t.proxy.cpu_seconds() - busy
+    reading.set()
+    assert t.backend.result(15) == (len(data), sha256(data))
+    sender.join(10)
+    assert busy < 0.3, f"the proxy used {busy:.2f} s of CPU in 1 s while waiting"
+
+
 def test_client_reset_before_the_101(scripted_backend, start_proxy, sockets):
     """The client asks to upgrade and resets while the backend is still deciding; the
     backend's 101 (with data behind it) then has nowhere to go: the backend's connection is

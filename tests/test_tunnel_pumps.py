@@ -191,6 +191,25 @@ def test_without_splice_everything_is_copied() -> None:
         r.close()
 
 
+def test_no_pipe_for_splice_means_copying_not_a_broken_tunnel(rig: Rig) -> None:
+    """Out of file descriptors, pipe2() fails with EMFILE when bulk starts: the tunnel copies
+    instead (a speed-up is not worth a working connection), and every byte arrives."""
+    received = bytearray()
+    first = pattern(100, 5)
+    rig.move(first, received)
+
+    def no_pipe() -> tuple[int, int]:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    rig.pipes.take = no_pipe  # type: ignore[method-assign]
+    data = pattern(4 * 1024 * 1024, 6)
+    rig.move(data, received)
+    assert received == first + data
+    assert rig.closed == []
+    assert rig.tunnel.splice is False  # and it does not ask for a pipe again
+    assert rig.seen == {False}
+
+
 def test_a_direction_refused_splice_leaves_the_other_ones_pipe_alone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
