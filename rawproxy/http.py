@@ -140,6 +140,25 @@ def decide_upgrade(headers: Iterable[Header]) -> UpgradeDecision:
     return UpgradeDecision(value, f"upgrade to {value.decode('latin-1')}", True, *seen)
 
 
+def switch_error(offered: bytes, response_headers: Iterable[Header]) -> str | None:
+    """Why a 101 must not become a tunnel, or None. `offered`: the Upgrade value sent to the
+    backend (UpgradeDecision.upgrade). A server may only switch to a protocol the client
+    listed (RFC 9110 7.8), and names it in the 101's Upgrade: one it was not offered (h2c
+    for a WebSocket request, say) is refused, as a tunnel would carry a protocol the client
+    never asked for, and never one we drop from requests. Protocols are compared by name
+    in any case (`websocket`, `WebSocket`); a 101 without Upgrade is left to the client."""
+    names = {p.split(b"/", 1)[0].strip().lower() for p in _split_tokens(offered)}
+    for name, value in response_headers:
+        if name.lower() != b"upgrade":
+            continue
+        for protocol in _split_tokens(value):
+            if protocol.split(b"/", 1)[0].strip().lower() not in names:
+                chosen = protocol.decode("latin-1")
+                asked = offered.decode("latin-1")
+                return f"switched to {chosen!r}, which the request did not offer ({asked!r})"
+    return None
+
+
 def _split_tokens(line: bytes) -> list[bytes]:
     """The comma-separated elements of one header line, trimmed, empty ones dropped."""
     if b"," not in line:

@@ -62,6 +62,7 @@ from rawproxy.http import (
     plain_switch_head,
     resolve_request,
     rewrite_response_headers,
+    switch_error,
     without_cuts,
     write_head,
 )
@@ -784,7 +785,8 @@ class Session:
                     self._pump_backend()
                 return
             if response.status == 101:
-                self._switch_simple(response, chunk)
+                if not self._refuse_switch(response.raw):
+                    self._switch_simple(response, chunk)
                 return
             self._on_simple_response(response)
             remaining = response.content_length
@@ -1555,11 +1557,24 @@ class Session:
             self.phase = IDLE
             self._arm(self.config.idle_timeout, self._on_timeout)
 
+    def _refuse_switch(self, headers: Iterable[Header]) -> bool:
+        """Answer 502 (and say True) if the backend's 101 names a protocol not offered."""
+        decision = self.decision
+        assert decision is not None
+        assert decision.upgrade is not None
+        problem = switch_error(decision.upgrade, headers)
+        if problem is None:
+            return False
+        self._fail(502, f"backend {self.current_target.name} {problem}")
+        return True
+
     def _switch(self, answer: h11.InformationalResponse) -> None:
         """The backend said 101: write its head to the client and become a tunnel."""
         decision = self.decision
         if decision is None or not decision.is_upgrade:
             self._fail(502, f"backend {self.current_target.name} switched protocols unasked")
+            return
+        if self._refuse_switch(answer.headers.raw_items()):
             return
         # MIGHT_SWITCH_PROTOCOL is a documented h11 state, just missing from its __all__.
         client_h11 = self._client_machine()

@@ -292,6 +292,27 @@ def test_unrequested_101_gets_502(proxy, http_backend, client, request_head):
     assert_logged_once(proxy, mark, status_pattern(502))
 
 
+@pytest.mark.parametrize("connection", ["Upgrade", "Upgrade, X-Trace"], ids=["fast", "h11"])
+def test_101_to_a_protocol_not_offered_gets_502(proxy, http_backend, client, connection):
+    """RFC 9110 7.8: a server switches only to a protocol the client offered. The backend
+    answers `Upgrade: websocket` to a request for `rawtest`: no tunnel, 502 (on the fast path
+    and, with a Connection token that sends the head to h11, on h11's)."""
+    mark = proxy.mark()
+    c = client(proxy.port, timeout=5)
+    resp = c.request(
+        request_bytes(
+            "GET",
+            "/unrequested-101",
+            [("Host", "b.test"), ("Connection", connection), ("Upgrade", "rawtest")],
+        )
+    )
+    assert resp.status == 502
+    assert b"which the request did not offer" in resp.body
+    assert b"raw-bytes-after-101" not in resp.body
+    assert_serves(proxy, http_backend)
+    assert_logged_once(proxy, mark, status_pattern(502))
+
+
 @pytest.mark.parametrize(
     "action",
     [None, b"NOT HTTP AT ALL\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"],

@@ -28,6 +28,7 @@ from rawproxy.http import (
     rewrite_set_cookie,
     rewrite_url,
     select_route,
+    switch_error,
 )
 
 HANDSHAKES = pathlib.Path(__file__).resolve().parent / "data" / "handshakes"
@@ -649,3 +650,23 @@ def test_resolved_paths_have_no_dot_segments(segments: list[bytes]) -> None:
     assert resolved.startswith(b"/")
     for segment in resolved.split(b"/"):
         assert segment.lower().replace(b"%2e", b".") not in (b".", b"..")
+
+
+@pytest.mark.parametrize(
+    ("offered", "answered", "refused"),
+    [
+        (b"websocket", [(b"Upgrade", b"websocket")], False),
+        (b"websocket", [(b"upgrade", b"WebSocket")], False),
+        (b"websocket", [], False),  # no Upgrade in the 101: left to the client
+        (b"foo/2, websocket", [(b"Upgrade", b"foo")], False),
+        (b"foo/2", [(b"Upgrade", b"foo/1")], False),  # the same protocol by name
+        (b"websocket", [(b"Upgrade", b"h2c")], True),
+        (b"websocket", [(b"Upgrade", b"websocket, h2c")], True),
+        (b"websocket", [(b"Upgrade", b"websocket"), (b"Upgrade", b"tls/1.2")], True),
+    ],
+)
+def test_a_101_may_only_switch_to_an_offered_protocol(
+    offered: bytes, answered: list[tuple[bytes, bytes]], refused: bool
+) -> None:
+    problem = switch_error(offered, answered)
+    assert (problem is not None) == refused, problem
