@@ -365,6 +365,8 @@ class Server:
         self.resume_timer: Timer | None = None
         self.accept_failures = 0
         self.accept_failure_logged = -ACCEPT_FAILURE_LOG_EVERY
+        self.limit_reached = 0  # times --max-connections stopped accepting
+        self.limit_logged = -ACCEPT_FAILURE_LOG_EVERY
         self.draining = False
         self.drain_timer: Timer | None = None
         self.notifier = Notifier()
@@ -450,11 +452,16 @@ class Server:
             tls = runtime.client_tls.context
         for _ in range(ACCEPTS_PER_EVENT):
             if len(self.connections) >= limit:
-                log.warning(
-                    "%d connections open (--max-connections); new clients wait in the "
-                    "listen backlog",
-                    limit,
-                )
+                # Once a minute at most: a busy proxy reaches the limit again and again.
+                self.limit_reached += 1
+                if self.loop.now >= self.limit_logged + ACCEPT_FAILURE_LOG_EVERY:
+                    self.limit_logged = self.loop.now
+                    log.warning(
+                        "%d connections open (--max-connections); new clients wait in the "
+                        "listen backlog (reached %d times so far)",
+                        limit,
+                        self.limit_reached,
+                    )
                 self._accept_off()
                 return
             try:

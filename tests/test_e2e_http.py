@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import select
 import time
 
@@ -417,3 +418,12 @@ def test_max_connections_holds_extra_clients_until_one_closes(start_proxy, http_
     first.close()
     resp = second.read_response()
     assert (resp.status, resp.body) == (200, b"GET /second")
+    # Reaching the limit again and again is logged once (a minute), not once per client.
+    for i in range(5):
+        waiting = client(proxy.port, timeout=5)
+        waiting.send(simple_get(f"/again/{i}"))
+        time.sleep(0.05)
+        second.close()
+        assert waiting.read_response().status == 200
+        second = waiting
+    assert len(re.findall(r"connections open \(--max-connections\)", proxy.log_text())) == 1
