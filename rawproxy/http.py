@@ -159,6 +159,17 @@ def switch_error(offered: bytes, response_headers: Iterable[Header]) -> str | No
     return None
 
 
+# Fields a trailer must not carry on (RFC 9110 6.5.1): framing and routing are decided by the
+# header section, and a recipient that merged one of these from a trailer would frame or route
+# the message otherwise than the proxy did; hop-by-hop fields never travel on.
+_NOT_IN_TRAILERS = HOP_BY_HOP | NEVER_NOMINATED
+
+
+def forwarded_trailers(trailers: Iterable[Header]) -> list[Header]:
+    """The trailer fields of a chunked message that are passed on (either direction)."""
+    return [(name, value) for name, value in trailers if name.lower() not in _NOT_IN_TRAILERS]
+
+
 def _split_tokens(line: bytes) -> list[bytes]:
     """The comma-separated elements of one header line, trimmed, empty ones dropped."""
     if b"," not in line:

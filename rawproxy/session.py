@@ -51,6 +51,7 @@ from rawproxy.http import (
     error_headers,
     error_response,
     forwarded_headers,
+    forwarded_trailers,
     framing_error,
     head_error,
     header_lines,
@@ -894,7 +895,12 @@ class Session:
                 self.body_sent += len(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 self.request_done = True
-                self._to_backend(h11.EndOfMessage(headers=event.headers))
+                trailers = event.headers
+                self._to_backend(
+                    h11.EndOfMessage(headers=forwarded_trailers(trailers.raw_items()))
+                    if trailers
+                    else event
+                )
             elif isinstance(event, h11.Request):
                 self._on_request(event)
             elif isinstance(event, h11.ConnectionClosed):
@@ -1307,7 +1313,12 @@ class Session:
         elif isinstance(event, h11.Response):
             self._on_response(event)
         elif isinstance(event, h11.EndOfMessage):
-            self._to_client(h11.EndOfMessage(headers=event.headers))
+            trailers = event.headers
+            self._to_client(
+                h11.EndOfMessage(headers=forwarded_trailers(trailers.raw_items()))
+                if trailers
+                else event
+            )
             self._exchange_done()
             return False
         elif isinstance(event, h11.InformationalResponse):

@@ -181,6 +181,37 @@ def test_pipelined_requests_answered_in_order(proxy, http_backend, client):
     ]
 
 
+def test_trailers_pass_without_framing_and_hop_by_hop_fields(scripted_backend, start_proxy, client):
+    """Trailer fields travel both ways, but not Content-Length, Transfer-Encoding, Host or
+    hop-by-hop ones (RFC 9110 6.5.1): a recipient that merged those into the header section
+    would frame or route the message otherwise than the proxy did."""
+
+    def script(sc):
+        while not sc.extra.endswith(b"\r\n\r\n") or b"0\r\n" not in sc.extra:
+            chunk = sc.sock.recv(65536)
+            if not chunk:
+                break
+            sc.extra += chunk
+        sc.sock.sendall(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
+            b"X-Sig: 1\r\nContent-Length: 99\r\nHost: evil.test\r\nConnection: close\r\n\r\n"
+        )
+        return bytes(sc.extra)
+
+    backend = scripted_backend(script)
+    proxy = start_proxy(backend.port)
+    c = client(proxy.port)
+    body = b"4\r\nbody\r\n0\r\nX-Checksum: abc\r\nContent-Length: 99\r\nTE: trailers\r\n\r\n"
+    resp = c.request(
+        request_bytes("POST", "/t", [("Host", "b.test"), ("Transfer-Encoding", "chunked")], body)
+    )
+    assert (resp.status, resp.body) == (200, b"hello")
+    assert resp.trailers == [(b"X-Sig", b"1")]
+    sent = backend.result()
+    trailer_section = sent[sent.index(b"0\r\n") + 3 :]
+    assert trailer_section == b"X-Checksum: abc\r\n\r\n"
+
+
 @pytest.mark.parametrize("framing", ["chunked", "content-length"])
 def test_head(proxy, client, framing):
     target = "/big?n=1000" + ("&cl=1" if framing == "content-length" else "")
