@@ -8,15 +8,24 @@ has drained. A worker is the single-process proxy, minus listening and minus sys
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
 import socket
 from collections.abc import Callable
 
-from rawproxy.config import Config
+from rawproxy.config import Config, ConfigError
 from rawproxy.loop import READ, Loop
-from rawproxy.server import Listener, Server, _shown, inherited_listener, open_listener
+from rawproxy.server import (
+    Listener,
+    Server,
+    StartupError,
+    _shown,
+    check_config,
+    inherited_listener,
+    open_listener,
+)
 from rawproxy.systemd import Notifier
 
 log = logging.getLogger("rawproxy")
@@ -79,6 +88,9 @@ def run_workers(
                 server.open_admin()
                 server.run()
                 code = 0
+            except (ConfigError, StartupError) as e:
+                # A certificate half-renewed on disk, say: one line, and the next try soon.
+                log.error("worker %d cannot start: %s", index, e)
             except BaseException:
                 log.exception("worker %d failed", index)
             finally:
@@ -129,9 +141,20 @@ def run_workers(
             loop.stop()
 
     def reload(signum: int) -> None:
+        nonlocal config
         if announced:  # before that, systemd still waits for the first READY
             notifier.reloading()
         log.info("SIGHUP received; passed to the workers")
+        # A worker restarted later must start from the configuration the others run, not
+        # from the one of start-up: read and check it here too (each worker logs why a
+        # configuration is refused; the listeners stay those of start-up, as in the workers).
+        try:
+            fresh = dataclasses.replace(reread(), listen=config.listen)
+            check_config(fresh)
+        except (ConfigError, StartupError):
+            pass  # the workers keep theirs and say why; workers restarted later keep it too
+        else:
+            config = fresh
         for pid in list(children):
             os.kill(pid, signum)
         if announced:

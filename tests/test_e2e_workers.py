@@ -297,6 +297,31 @@ def test_sighup_reaches_every_worker(run_proxy, backends, tmp_path: Path):
     assert children(proxy.pid) == workers, "a reload restarted workers"
 
 
+def test_a_worker_restarted_after_a_reload_runs_the_reloaded_config(
+    run_proxy, backends, tmp_path: Path
+):
+    """A worker that dies after a SIGHUP comes back with the configuration the others run,
+    not the one of start-up (which would split traffic between the old and new backend)."""
+    a, b = backends["a"], backends["b"]
+    config = tmp_path / "rawproxy.toml"
+    route = '\n\n[[route]]\nprefix = "/"\nbackend = "http://127.0.0.1:{}"\n'
+    config.write_text('listen = ["127.0.0.1:0"]' + route.format(a.port))
+    proxy = run_proxy("--config", str(config), "--workers", "2")
+    workers = wait_for_children(proxy.pid, 2)
+    config.write_text('listen = ["127.0.0.1:0"]' + route.format(b.port))
+    mark = proxy.mark()
+    proxy.proc.send_signal(signal.SIGHUP)
+    proxy.wait_for_logs(r"reloaded", 2, since=mark)
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
+    wait_for_children(proxy.pid, 2, exclude=frozenset({victim}))
+    proxy.wait_for_log(r"worker \d+ started", since=mark)
+    for i in range(12):
+        get_ok(proxy.port, f"/b-{i}")
+    assert len(a.heads) == 0, "a restarted worker runs the configuration of start-up"
+    assert len(b.heads) == 12
+
+
 def test_sighup_right_after_ready_kills_no_worker(run_proxy, http_backend):
     """systemd may reload as soon as READY=1: a worker that has not installed its signal
     handlers yet must not die of the SIGHUP passed on to it (SIGHUP's default action). The
