@@ -1137,6 +1137,7 @@ class Session:
 
     def _backend_ready(self) -> None:
         self.backend_state = _READY
+        self.next_address = 0  # connected (TLS and all): the next connection starts afresh
         backend = self.backend
         if (
             backend is not None
@@ -1161,7 +1162,6 @@ class Session:
                 if err:
                     self._connect_failed(os.strerror(err), err)
                 else:
-                    self.next_address = 0
                     set_nodelay(backend.sock)
                     self._send_proxy_header(backend)
                     tls = self.current_target.tls
@@ -1209,6 +1209,12 @@ class Session:
                 502,
                 f"TLS handshake with backend {self.current_target.name} failed: {_tls_reason(e)}",
             )
+            return
+        except OSError as e:
+            # A reset (or another socket error) before the handshake completed: the backend
+            # refused this connection; its next address, if any, is tried.
+            self._count_backend_tls_failure()
+            self._connect_failed(f"{e.strerror or e} during the TLS handshake", e.errno)
             return
         if wants:
             self.backend_state = wants
@@ -1402,6 +1408,11 @@ class Session:
 
     def _backend_lost(self, detail: str) -> None:
         """The backend connection failed or closed in the middle of an exchange."""
+        if self.phase == CONNECTING:
+            # Still being set up (a PROXY header or TLS handshake under way): a failed
+            # connection, answered now, not when --connect-timeout runs out.
+            self._connect_failed(detail)
+            return
         if self.phase != EXCHANGE:
             self._drop_backend()
             return

@@ -18,6 +18,7 @@ certificates from one trustme CA per session (see `tls_peers.Pki`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -585,6 +586,45 @@ def test_backend_certificate_rejected(start_proxy, make_backend, client, pki, ca
     assert len(lines) == 1, "expected one line about the certificate:\n" + proxy.log_text(mark)
     assert re.search(reason, lines[0], re.IGNORECASE), lines[0]
     assert backend.heads == [], "a request reached a backend whose certificate failed"
+
+
+@pytest.mark.parametrize("how", ["reset", "close"])
+def test_backend_ending_the_tls_handshake_gets_502_at_once(start_proxy, client, how):
+    """A TLS backend that resets (or closes) the connection during the handshake (a
+    connection limit, a crashing process) is a failed connection: 502 at once, saying so,
+    not after --connect-timeout with the blame on a slow backend; and it is not retried
+    in a loop on the same address."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    accepted: list[int] = []
+
+    def serve() -> None:
+        listener.settimeout(2)
+        with contextlib.suppress(OSError):
+            while len(accepted) < 5:
+                conn, _ = listener.accept()
+                accepted.append(1)
+                conn.recv(10)  # part of the ClientHello: closing now sends a reset
+                if how == "close":
+                    conn.recv(65536)
+                conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        proxy = start_proxy(port, "--connect-timeout", "10", backend=f"https://127.0.0.1:{port}")
+        mark = proxy.mark()
+        started = time.monotonic()
+        resp = client(proxy.port, timeout=15).request(simple_get("/hs"))
+        assert resp.status == 502, resp
+        assert time.monotonic() - started < 3
+        assert b"--connect-timeout" not in resp.body
+        assert re.search(rb"reset|closed|EOF", resp.body), resp.body
+        assert len(accepted) == 1, f"{len(accepted)} connections to the backend"
+        assert len(proxy.logs_matching(r" 502 ", mark)) == 1
+    finally:
+        listener.close()
+        thread.join(5)
 
 
 @pytest.mark.parametrize("case", list(VERIFY_FAILURES))
