@@ -558,6 +558,10 @@ def load_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: permission denied") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not UTF-8 (byte {e.start}); a TOML file must be saved as UTF-8"
+        ) from e
     except OSError as e:
         raise ConfigError(f"{path}: {e.strerror or e}") from e
     settings: dict[str, Any] = {}
@@ -585,6 +589,11 @@ def load_config_file(path: str) -> dict[str, Any]:
             settings.setdefault("key", []).extend(os.path.join(base, t["key"]) for t in value)
             continue
         dest = key.replace("-", "_")
+        if key.startswith("no-") and key[3:].replace("-", "_") in BOOLEANS:
+            raise ConfigError(
+                f"{path}: {key}: write {key[3:]} = false (the file says yes or no to a setting; "
+                f"--{key} is the command line's way of saying {key[3:]} = false)"
+            )
         if dest not in SETTINGS or "_" in key:
             raise ConfigError(
                 f"{path}: {key}: unknown setting (keys are the flag names "
@@ -615,6 +624,12 @@ def build_config(settings: dict[str, Any], activated: bool = False) -> Config:
     merged.update(settings)
     if not merged["listen"] and not activated:
         raise ConfigError("--listen is required (or listen = [...] in the config file)")
+    listens = [(where.host, where.port) for where in merged["listen"] if where.port]
+    twice = sorted(
+        {str(w) for w in merged["listen"] if w.port and listens.count((w.host, w.port)) > 1}
+    )
+    if twice:
+        raise ConfigError(f"--listen {twice[0]} given twice: each address can be listened on once")
     routes: list[Route] = list(merged["route"])
     if merged["backend"] is not None:
         if any(route.prefix == "/" for route in routes):

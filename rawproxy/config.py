@@ -181,6 +181,12 @@ def parse_backend(text: str) -> Backend:
     host, port_text = _split_host_port(authority, "--backend", example)
     if not host:
         raise ConfigError(f"--backend {original!r}: a host is required; {example}")
+    if host.isdigit():
+        # The resolver reads "9000" as the IPv4 address 0.0.35.40; it was meant as a port.
+        raise ConfigError(
+            f"--backend {original!r}: {host!r} is no host name; for port {host} on this "
+            f"machine write 127.0.0.1:{host}"
+        )
     if port_text is None:
         port = DEFAULT_PORTS[scheme or "http"]
     else:

@@ -10,9 +10,20 @@ checked and sent as SNI is the backend host or an override; verification can be 
 
 from __future__ import annotations
 
+import os
 import ssl
 
 from rawproxy.config import CertPair, ConfigError
+
+
+def _unreadable(pair: CertPair, error: OSError) -> str:
+    """Which file of `pair` load_cert_chain could not read (its errors do not say)."""
+    if error.filename:
+        return str(error.filename)
+    for flag, path in (("--cert", pair.cert), ("--key", pair.key)):
+        if not os.access(path, os.R_OK):
+            return f"{flag} {path}"
+    return f"--cert {pair.cert} / --key {pair.key}"
 
 
 def _read_pem_certificates(path: str) -> list[bytes]:
@@ -127,11 +138,13 @@ def _server_context(pair: CertPair) -> ssl.SSLContext:
     try:
         context.load_cert_chain(pair.cert, pair.key)
     except FileNotFoundError as e:
-        raise ConfigError(f"cannot read {e.filename}: no such file (check --cert/--key)") from e
+        raise ConfigError(
+            f"cannot read {_unreadable(pair, e)}: no such file (check --cert/--key)"
+        ) from e
     except PermissionError as e:
         raise ConfigError(
-            f"cannot read {e.filename}: permission denied (the proxy's user must be able to "
-            "read --cert and --key)"
+            f"cannot read {_unreadable(pair, e)}: permission denied (the proxy's user must be "
+            "able to read --cert and --key)"
         ) from e
     except ssl.SSLError as e:
         raise ConfigError(

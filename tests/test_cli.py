@@ -81,6 +81,8 @@ GOOD = ["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9"]
         ["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:0"],
         ["--listen", "127.0.0.1:0", "--backend", "http://127.0.0.1:9/some/path?query"],
         ["--listen", "127.0.0.1:0", "--backend", "no-such-host.invalid:80"],
+        ["--listen", "127.0.0.1:0", "--backend", "9000"],
+        ["--listen", "127.0.0.1:18997", "--listen", "127.0.0.1:18997", *GOOD[2:]],
     ],
     ids=[
         "unknown-flag",
@@ -97,10 +99,26 @@ GOOD = ["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9"]
         "backend-port-zero",
         "backend-path-with-query",
         "backend-unresolvable",
+        "backend-just-a-port",
+        "listen-twice",
     ],
 )
 def test_start_up_error_is_one_line(args):
     assert_one_line_error(run_rawproxy(*args))
+
+
+@pytest.mark.parametrize("missing", ["cert", "key"])
+def test_missing_certificate_file_is_named(tmp_path, missing):
+    """load_cert_chain's error names no file: ours names the one that is missing."""
+    pki = tmp_path / "there.pem"
+    pki.write_text("not read")
+    cert = tmp_path / "missing.pem" if missing == "cert" else pki
+    key = tmp_path / "missing.key" if missing == "key" else pki
+    done = run_rawproxy(
+        "--listen", "tls://127.0.0.1:0", "--cert", str(cert), "--key", str(key), *GOOD[2:]
+    )
+    assert_one_line_error(done)
+    assert f"--{missing} {tmp_path}/missing" in done.stderr, done.stderr
 
 
 def test_port_in_use_is_one_line():

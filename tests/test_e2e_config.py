@@ -638,6 +638,10 @@ BAD_FILES = {
     ),
     "cert-without-key": (LISTEN + 'cert = ["server.pem"]\n' + ROUTE, [r"cert|key"]),
     "nothing-to-forward-to": (LISTEN, [r"route|backend"]),
+    # a port meant, a host read (the resolver makes 9000 the address 0.0.35.40)
+    "backend-a-number": (LISTEN + "backend = 9000\n", [r"127\.0\.0\.1:9000"]),
+    "no-flag-as-key": (LISTEN + "no-backend-tls = true\n" + ROUTE, [r"backend-tls = false"]),
+    "listen-twice": ('listen = ["127.0.0.1:18998", "127.0.0.1:18998"]\n' + ROUTE, ["twice"]),
     "no-listener": (ROUTE, ["listen"]),
 }
 
@@ -653,6 +657,16 @@ def test_bad_file_is_one_line(write, case):
     for pattern in patterns:
         assert re.search(pattern, line), f"{pattern!r} not in: {line}"
     assert error_line(started) == line, "a normal start-up with --config says something else"
+
+
+def test_file_not_in_utf8_is_one_line(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b"# caf\xe9\n" + (LISTEN + ROUTE).encode())
+    checked, started = run_concurrently(["--check-config", str(path)], ["--config", str(path)])
+    line = error_line(checked)
+    assert path.name in line
+    assert "UTF-8" in line
+    assert error_line(started) == line
 
 
 def test_missing_file_is_one_line(tmp_path):
