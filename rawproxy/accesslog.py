@@ -83,13 +83,16 @@ class AccessLog:
         duration: float,
         backend: str | None,
         error: str | None = None,
+        level: int | None = None,
     ) -> None:
-        """One request. `error`: what the proxy answered itself and why; on stderr this line
-        is then the error's one line, at WARNING."""
-        if not self.enabled() and error is None:
+        """One request. `error`: what the proxy answered itself and why, or what cut the
+        exchange short; on stderr this line is then the error's one line, at WARNING unless
+        `level` says otherwise."""
+        if level is None:
+            level = logging.WARNING if error is not None else logging.INFO
+        if not self.enabled() and (error is None or not logger.isEnabledFor(level)):
             return
         now = time.time()
-        level = logging.WARNING if error is not None else logging.INFO
         if self.fmt == "json":
             self._write(
                 json.dumps(
@@ -121,6 +124,35 @@ class AccessLog:
         if error is not None:
             line += f' error="{_quoted(error)}"'
         self._write(line, level)
+
+    def unparsed(self, *, client: str, status: int, duration: float, error: str) -> None:
+        """An answer to a request whose head never parsed (400, 408, 431): for the access log
+        file, which has a line for every answer; on stderr the error's own line says it."""
+        if self.file is None:
+            return
+        now = time.time()
+        if self.fmt == "json":
+            self._write(
+                json.dumps(
+                    {
+                        "type": "request",
+                        "time": now,
+                        "client": client,
+                        "method": None,
+                        "target": None,
+                        "version": None,
+                        "status": status,
+                        "bytes": 0,
+                        "duration": round(duration, 6),
+                        "error": error,
+                    },
+                    separators=(",", ":"),
+                )
+            )
+            return
+        self._write(
+            f'{client} - - [{_clf_time(now)}] "-" {status} - "-" "-" error="{_quoted(error)}"'
+        )
 
     def tunnel(
         self,

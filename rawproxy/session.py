@@ -1053,10 +1053,19 @@ class Session:
                 raise _Broken("backend", e) from e
 
     def _client_lost(self, error: OSError) -> None:
+        reason = error.strerror or str(error)
         if self.phase in (HEAD, IDLE, CLOSING) and self.request is None:
-            log.debug("%s client connection ended: %s", self.peer, error.strerror or error)
+            log.debug("%s client connection ended: %s", self.peer, reason)
+        elif self.request is not None and self.phase in (CONNECTING, EXCHANGE):
+            # In the access log too, as nginx's 499 ("client closed request") before an
+            # answer, or the status it was getting, with the bytes it got.
+            status = self.response_status if self.response_started else 499
+            if self.server.access.to_file:
+                log.info("%s client went away: %s", self._describe(), reason)
+            # At INFO: browsers cancel requests all the time (a page left, a tab closed).
+            self._log_access(status, f"client went away: {reason}", logging.INFO)
         else:
-            log.info("%s client went away: %s", self._describe(), error.strerror or error)
+            log.info("%s client went away: %s", self._describe(), reason)
         self._close(reset=True)
 
     # -- backend side ----------------------------------------------------------------------
@@ -1396,11 +1405,10 @@ class Session:
 
     def _backend_invalid(self, detail: str) -> None:
         if self.response_started:
-            log.warning(
-                "%s backend %s sent an invalid response body: %s; connection closed",
-                self._describe(),
-                self.current_target.name,
-                detail,
+            self._report(
+                self.response_status,
+                f"backend {self.current_target.name} sent an invalid response body: {detail}; "
+                "connection closed",
             )
             self._close(reset=True)
             return
@@ -1440,11 +1448,13 @@ class Session:
             self._connect()
             return
         if self.response_started:
-            log.warning(
-                "%s backend %s %s in the middle of the response; connection closed",
-                self._describe(),
-                self.current_target.name,
-                detail,
+            # The client got a status and part of a body: the access line says so, with the
+            # bytes it got (nginx logs the same), and the connection is reset, so that the
+            # client cannot take the truncated body for a whole one.
+            self._report(
+                self.response_status,
+                f"backend {self.current_target.name} {detail} in the middle of the response; "
+                "connection closed",
             )
             self._close(reset=True)
             return
@@ -1485,12 +1495,18 @@ class Session:
         if self.request is None:
             self.server.metrics.count_request(status)
             log.warning("%s -> %d: %s", self._describe(), status, detail)
+            self.server.access.unparsed(
+                client=self.client_ip,
+                status=status,
+                duration=self.loop.now - self.exchange_start,
+                error=detail,
+            )
             return
         if self.server.access.to_file:
             log.warning("%s -> %d: %s", self._describe(), status, detail)
         self._log_access(status, detail)
 
-    def _log_access(self, status: int, error: str | None = None) -> None:
+    def _log_access(self, status: int, error: str | None = None, level: int | None = None) -> None:
         metrics = self.server.metrics
         metrics.count_request(status)
         metrics.bytes_backend_to_client += self.response_bytes
@@ -1511,6 +1527,7 @@ class Session:
             duration=self.loop.now - self.exchange_start,
             backend=self.target.name if self.target is not None else None,
             error=error,
+            level=level,
         )
 
     def _exchange_done(self) -> None:

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -42,6 +43,7 @@ from peers import (
     redirect_target,
     refused_port,
     request_bytes,
+    reset_close,
     tunnel_request,
 )
 from tls_peers import Pki
@@ -274,6 +276,59 @@ def test_access_log_combined_in_a_file(scene, tmp_path: Path):
     lines = read_file_lines(path)
     check_combined(lines, s)  # bare lines: the combined format from the first character
     assert not s.proxy.logs_matching(r'"GET /app/page\?q=1 HTTP/1\.1"')
+
+
+def test_access_log_file_has_a_line_for_every_answer(start_proxy, scripted_backend, tmp_path):
+    """What the access log file says when no response, or only part of one, was delivered:
+    a head that never parsed (400, request "-"), a body the backend cut short (its status,
+    the bytes the client got, why), a client that left mid-response (likewise)."""
+
+    def script(sc: ScriptedConn):
+        if b"/cut" in sc.head:
+            sc.sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n123456789")
+            return "cut"
+        sc.sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n")
+        with contextlib.suppress(OSError):
+            for _ in range(2000):
+                sc.sock.sendall(b"x" * 65536)
+        return "streamed"
+
+    backend = scripted_backend(script)
+    path = tmp_path / "access.log"
+    proxy = start_proxy(backend.port, "--access-log", str(path))
+    garbage = connect(proxy.port)
+    garbage.sendall(b"GARBAGE\r\n\r\n")
+    assert garbage.recv(100).startswith(b"HTTP/1.1 400 ")
+    garbage.close()
+    cut = connect(proxy.port)
+    cut.sendall(request_bytes("GET", "/cut", [("Host", "a")]))
+    buf = bytearray()
+    recv_until(cut, buf, b"123456789")
+    cut.close()
+    leaver = connect(proxy.port)
+    leaver.sendall(request_bytes("GET", "/stream", [("Host", "a")]))
+    recv_exact(leaver, 200_000, bytearray())
+    reset_close(leaver)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= 3:
+            break
+        time.sleep(0.05)
+    assert len(lines) == 3, lines
+    fields = [CLF.fullmatch(line) for line in lines]
+    assert all(fields), lines
+    by_request = {f["request"]: f for f in fields if f}
+    unparsed = by_request["-"]
+    assert (unparsed["status"], unparsed["size"]) == ("400", "-")
+    assert "error=" in unparsed["rest"]
+    truncated = by_request["GET /cut HTTP/1.1"]
+    assert (truncated["status"], truncated["size"]) == ("200", "9")
+    assert "in the middle of the response" in truncated["rest"]
+    left = by_request["GET /stream HTTP/1.1"]
+    assert left["status"] == "200"
+    assert 200_000 <= int(left["size"]) < 100_000_000
+    assert "client went away" in left["rest"]
 
 
 REQUEST_KEYS = {
