@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import ipaddress
 import logging
 import os
 import signal
@@ -109,6 +110,14 @@ class Target:
         return self.tls_single_use or age >= min(
             TLS_SESSION_RENEW_AFTER, saved.ticket_lifetime_hint / 2
         )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def _bracketed(host: str) -> str:
@@ -308,11 +317,13 @@ class Runtime:
                 )
             else:
                 log.info(
-                    "backend %s: TLS, certificate verified against %s for the name %r "
-                    "(sent as SNI)",
+                    "backend %s: TLS, certificate verified against %s for the name %r (%s)",
                     target.name,
                     config.backend_ca or "the system's CA store",
                     target.sni,
+                    "an IP address: no SNI is sent (RFC 6066)"
+                    if _is_ip(target.sni)
+                    else "sent as SNI",
                 )
         for route in self.routes:
             log.info(

@@ -8,6 +8,7 @@ has drained. A worker is the single-process proxy, minus listening and minus sys
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import os
@@ -34,6 +35,20 @@ log = logging.getLogger("rawproxy")
 # that a worker crashing at start-up does not make the supervisor spin.
 QUICK_DEATH = 1.0
 WORKER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _drain_when_orphaned(supervisor: int) -> None:
+    """In a worker: get SIGTERM (drain and exit) when the supervisor dies, however it dies
+    (PR_SET_PDEATHSIG), so that a killed supervisor leaves no workers holding the port. The
+    signal stays blocked until the worker has its handlers, so it is never lost."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return  # not Linux's libc: outside systemd, orphans are then left to the admin
+    if os.getppid() != supervisor:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run_workers(
@@ -66,11 +81,13 @@ def run_workers(
         # Signals stay blocked across the fork until the worker has its own handlers: a
         # SIGHUP passed on right after READY=1 must not kill a worker still starting.
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        supervisor = os.getpid()
         pid = os.fork()
         if pid:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         if pid == 0:
             code = 1
+            _drain_when_orphaned(supervisor)
             try:
                 loop.forget_in_child()
                 notifier.forget_in_child()

@@ -588,6 +588,19 @@ def test_backend_certificate_rejected(start_proxy, make_backend, client, pki, ca
     assert backend.heads == [], "a request reached a backend whose certificate failed"
 
 
+@pytest.mark.parametrize(
+    ("host", "says"), [("127.0.0.1", "no SNI is sent"), ("localhost", "sent as SNI")]
+)
+def test_startup_says_whether_sni_is_sent(start_proxy, make_backend, pki, host, says):
+    """An IP address is never sent as SNI (RFC 6066): the start-up line must not claim it is."""
+    backend = make_backend(HttpBackend, ssl_context=pki.server_context(pki.server))
+    proxy = start_proxy(
+        backend.port, "--backend-ca", str(pki.ca_file), backend=f"https://{host}:{backend.port}"
+    )
+    [line] = [ln for ln in startup_lines(proxy) if "certificate verified" in ln]
+    assert says in line, line
+
+
 @pytest.mark.parametrize("how", ["reset", "close"])
 def test_backend_ending_the_tls_handshake_gets_502_at_once(start_proxy, client, how):
     """A TLS backend that resets (or closes) the connection during the handshake (a

@@ -322,6 +322,21 @@ def test_a_worker_restarted_after_a_reload_runs_the_reloaded_config(
     assert len(b.heads) == 12
 
 
+def test_workers_end_when_the_supervisor_is_killed(run_proxy, http_backend):
+    """Outside systemd nothing else cleans up: a SIGKILLed supervisor must not leave workers
+    serving the port (a new rawproxy would find it in use)."""
+    proxy = start_workers(run_proxy, http_backend.port)
+    workers = wait_for_children(proxy.pid, 2)
+    os.kill(proxy.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+        time.sleep(0.05)
+    assert not [pid for pid in workers if _alive(pid)], "workers outlived their supervisor"
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", proxy.port))  # the port is free again
+
+
 def test_sighup_right_after_ready_kills_no_worker(run_proxy, http_backend):
     """systemd may reload as soon as READY=1: a worker that has not installed its signal
     handlers yet must not die of the SIGHUP passed on to it (SIGHUP's default action). The
