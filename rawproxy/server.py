@@ -306,6 +306,19 @@ class Runtime:
 
     def describe(self) -> None:
         config = self.config
+        tls_flags = [
+            flag
+            for flag, value in (
+                ("--backend-ca", config.backend_ca),
+                ("--backend-sni", config.backend_sni),
+                ("--backend-cert", config.backend_client_cert),
+            )
+            if value is not None
+        ]
+        if tls_flags and all(target.tls is None for target in self.targets.values()):
+            log.warning("%s given, but no backend uses TLS: ignored", ", ".join(tls_flags))
+        elif config.backend_insecure and config.backend_ca is not None:
+            log.warning("--backend-ca is ignored with --backend-insecure (nothing is verified)")
         for target in self.targets.values():
             if target.tls is None:
                 log.info("backend %s: plain TCP", target.name)
@@ -516,7 +529,7 @@ class Server:
     def forget(self, connection: Connection) -> None:
         self.connections.discard(connection)
         if self.draining:
-            if not self.connections:
+            if not self.connections and self.loop.running:  # not while stop() closes them
                 log.info("drained: every connection ended")
                 self.loop.stop()
             return
@@ -706,7 +719,11 @@ class Server:
     def _on_stop_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if self.draining:
-            log.info("%s received while draining; stopping now", name)
+            log.info(
+                "%s received while draining; stopping now: closing %d connection(s) still open",
+                name,
+                len(self.connections),
+            )
             self.loop.stop()
             return
         drain = self.config.drain_timeout

@@ -1850,7 +1850,13 @@ class Session:
             self._close()
 
     def shutdown(self) -> None:
-        """The proxy is stopping."""
+        """The proxy is stopping now (the drain time is over, or a second signal): an exchange
+        still under way is cut, and its access line says so."""
+        if self.request is not None and self.phase in (CONNECTING, EXCHANGE):
+            status = self.response_status if self.response_started else 502
+            self._log_access(status, "cut short: the proxy stopped before the answer was complete")
+            self._close(reset=True)
+            return
         self._close()
 
     def _close(self, reset: bool = False) -> None:

@@ -291,6 +291,25 @@ def test_second_stop_signal_stops_at_once(run_proxy, ws_backend, client, first, 
     assert kind in ("eof", "reset")
 
 
+def test_second_stop_signal_says_what_it_cut(run_proxy, scripted_backend, client):
+    """A request still waiting for its answer when the second signal comes is cut: its access
+    line says so, the log counts what was closed, and nothing claims a clean drain."""
+    backend = scripted_backend(lambda sc: time.sleep(3))
+    proxy = run_proxy("--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{backend.port}")
+    c = client(proxy.port)
+    c.send(simple_get("/slow"))
+    time.sleep(0.3)
+    mark = proxy.mark()
+    proxy.proc.send_signal(signal.SIGTERM)
+    proxy.wait_for_log(r"draining", since=mark)
+    proxy.proc.send_signal(signal.SIGTERM)
+    assert exit_code(proxy) == 0
+    text = proxy.log_text(mark)
+    assert "stopping now: closing 1 connection(s) still open" in text, text
+    assert re.search(r'"GET /slow HTTP/1\.1" 502 .*cut short', text), text
+    assert "drained: every connection ended" not in text, text
+
+
 # --- SIGHUP: the config file again -----------------------------------------------------------
 
 

@@ -601,6 +601,21 @@ def test_startup_says_whether_sni_is_sent(start_proxy, make_backend, pki, host, 
     assert says in line, line
 
 
+def test_backend_tls_flags_that_do_nothing_are_warned_about(start_proxy, http_backend, pki):
+    """--backend-ca for a plain backend, or beside --backend-insecure, changes nothing: the
+    admin who wrote it expects verification, so start-up says it is ignored."""
+    plain = start_proxy(http_backend.port, "--backend-ca", str(pki.ca_file))
+    assert [ln for ln in startup_lines(plain) if "WARNING" in ln and "no backend uses TLS" in ln]
+    insecure = start_proxy(
+        http_backend.port,
+        "--backend-insecure",
+        "--backend-ca",
+        str(pki.ca_file),
+        backend=f"https://127.0.0.1:{http_backend.port}",
+    )
+    assert [ln for ln in startup_lines(insecure) if "--backend-ca is ignored" in ln]
+
+
 @pytest.mark.parametrize("how", ["reset", "close"])
 def test_backend_ending_the_tls_handshake_gets_502_at_once(start_proxy, client, how):
     """A TLS backend that resets (or closes) the connection during the handshake (a
