@@ -73,9 +73,9 @@ class AccessLog:
         self,
         *,
         client: str,
-        method: str,
-        target: str,
-        version: str,
+        method: str | None,
+        target: str | None,
+        version: str | None,
         status: int,
         size: int,
         referer: str | None,
@@ -85,9 +85,9 @@ class AccessLog:
         error: str | None = None,
         level: int | None = None,
     ) -> None:
-        """One request. `error`: what the proxy answered itself and why, or what cut the
-        exchange short; on stderr this line is then the error's one line, at WARNING unless
-        `level` says otherwise."""
+        """One request (`method` None: its head never parsed). `error`: what the proxy
+        answered itself and why, or what cut the exchange short; on stderr this line is then
+        the error's one line, at WARNING unless `level` says otherwise."""
         if level is None:
             level = logging.WARNING if error is not None else logging.INFO
         if not self.enabled() and (error is None or not logger.isEnabledFor(level)):
@@ -116,8 +116,9 @@ class AccessLog:
                 level,
             )
             return
+        request_line = "-" if method is None else f"{method} {target} HTTP/{version}"
         line = (
-            f'{client} - - [{_clf_time(now)}] "{_quoted(f"{method} {target} HTTP/{version}")}" '
+            f'{client} - - [{_clf_time(now)}] "{_quoted(request_line)}" '
             f"{status} {size if size else '-'} "
             f'"{_quoted(referer or "-")}" "{_quoted(user_agent or "-")}"'
         )
@@ -127,32 +128,22 @@ class AccessLog:
 
     def unparsed(self, *, client: str, status: int, duration: float, error: str) -> None:
         """An answer to a request whose head never parsed (400, 408, 431): for the access log
-        file, which has a line for every answer; on stderr the error's own line says it."""
-        if self.file is None:
-            return
-        now = time.time()
-        if self.fmt == "json":
-            self._write(
-                json.dumps(
-                    {
-                        "type": "request",
-                        "time": now,
-                        "client": client,
-                        "method": None,
-                        "target": None,
-                        "version": None,
-                        "status": status,
-                        "bytes": 0,
-                        "duration": round(duration, 6),
-                        "error": error,
-                    },
-                    separators=(",", ":"),
-                )
+        file, which has a line for every answer (request "-"); on stderr the error's own line
+        says it already."""
+        if self.file is not None:
+            self.request(
+                client=client,
+                method=None,
+                target=None,
+                version=None,
+                status=status,
+                size=0,
+                referer=None,
+                user_agent=None,
+                duration=duration,
+                backend=None,
+                error=error,
             )
-            return
-        self._write(
-            f'{client} - - [{_clf_time(now)}] "-" {status} - "-" "-" error="{_quoted(error)}"'
-        )
 
     def tunnel(
         self,
