@@ -1060,10 +1060,8 @@ class Session:
             # In the access log too, as nginx's 499 ("client closed request") before an
             # answer, or the status it was getting, with the bytes it got.
             status = self.response_status if self.response_started else 499
-            if self.server.access.to_file:
-                log.info("%s client went away: %s", self._describe(), reason)
             # At INFO: browsers cancel requests all the time (a page left, a tab closed).
-            self._log_access(status, f"client went away: {reason}", logging.INFO)
+            self._report(status, f"client went away: {reason}", logging.INFO)
         else:
             log.info("%s client went away: %s", self._describe(), reason)
         self._close(reset=True)
@@ -1488,13 +1486,14 @@ class Session:
 
     # -- end of an exchange ----------------------------------------------------------------
 
-    def _report(self, status: int, detail: str) -> None:
-        """An answer the proxy gives itself: one line on stderr, whatever the access log does.
-        With the access log on stderr that line is the access line with the reason (at
-        WARNING); with --access-log FILE the request goes there and the reason to stderr."""
+    def _report(self, status: int, detail: str, level: int = logging.WARNING) -> None:
+        """An answer the proxy gives itself, or one cut short: one line on stderr, whatever
+        the access log does. With the access log on stderr that line is the access line with
+        the reason (at `level`); with --access-log FILE the request goes there and the reason
+        to stderr."""
         if self.request is None:
             self.server.metrics.count_request(status)
-            log.warning("%s -> %d: %s", self._describe(), status, detail)
+            log.log(level, "%s -> %d: %s", self._describe(), status, detail)
             self.server.access.unparsed(
                 client=self.client_ip,
                 status=status,
@@ -1503,8 +1502,8 @@ class Session:
             )
             return
         if self.server.access.to_file:
-            log.warning("%s -> %d: %s", self._describe(), status, detail)
-        self._log_access(status, detail)
+            log.log(level, "%s -> %d: %s", self._describe(), status, detail)
+        self._log_access(status, detail, level)
 
     def _log_access(self, status: int, error: str | None = None, level: int | None = None) -> None:
         metrics = self.server.metrics
@@ -1854,7 +1853,7 @@ class Session:
         still under way is cut, and its access line says so."""
         if self.request is not None and self.phase in (CONNECTING, EXCHANGE):
             status = self.response_status if self.response_started else 502
-            self._log_access(status, "cut short: the proxy stopped before the answer was complete")
+            self._report(status, "cut short: the proxy stopped before the answer was complete")
             self._close(reset=True)
             return
         self._close()
