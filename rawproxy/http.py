@@ -541,8 +541,10 @@ def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:
     if line is None or line[1] == b"CONNECT":  # h11 treats CONNECT as a protocol switch
         return None
     target = line[2]
-    if target[0] != 47 or b"/." in target or b"/%" in target:  # not needs_resolving(), inlined
-        return None  # absolute-form, or dot segments: h11's path resolves them
+    if target[0] != 47 or b"/." in target or b"/%" in target:
+        # Absolute form, `*`, or a segment starting with a dot (spelled or %2e): what
+        # resolve_request may change. h11's path asks it.
+        return None
     lines = line.end()
     found = _header_fields(data, lines, size - 2, _request_fields)
     if found is None:
@@ -803,12 +805,6 @@ def _remember_valid_host(value: bytes) -> bool:
     return True
 
 
-def needs_resolving(target: bytes) -> bool:
-    """Whether resolve_request may change this target: absolute-form, `*`, or a path with
-    a segment that starts with a dot (spelled or %2e). Cheap; the fast path asks it."""
-    return target[:1] != b"/" or b"/." in target or b"/%" in target
-
-
 def resolve_request(
     target: bytes, http_version: bytes, headers: Sequence[Header]
 ) -> tuple[bytes, list[Header] | None]:
@@ -844,14 +840,9 @@ def resolve_request(
         target = absolute[2] or b"/"
         if target[:1] != b"/":  # "http://host?q"
             target = b"/" + target
-        new_headers = []
-        for name, value in headers:
-            if name.lower() != b"host":
-                new_headers.append((name, value))
-            elif not any(n.lower() == b"host" for n, _ in new_headers):
-                new_headers.append((name, authority))
-        if not any(n.lower() == b"host" for n, _ in new_headers):
-            new_headers.insert(0, (b"Host", authority))
+        # Host first, where h11 writes it anyway.
+        new_headers = [(b"Host", authority)]
+        new_headers += [header for header in headers if header[0].lower() != b"host"]
     if b"/." in target or b"/%" in target:
         target = _without_dot_segments(target)
     return target, new_headers
