@@ -51,6 +51,25 @@ class Connection(Protocol):
     def drain(self) -> None: ...
 
 
+class _Recurring:
+    """A condition that may recur often (a busy proxy at its limits): counted every time,
+    logged the first time and then at most once per ACCEPT_FAILURE_LOG_EVERY seconds."""
+
+    __slots__ = ("count", "logged")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.logged = -ACCEPT_FAILURE_LOG_EVERY
+
+    def happened(self, now: float) -> bool:
+        """Count one more; True when it is to be logged now."""
+        self.count += 1
+        if now < self.logged + ACCEPT_FAILURE_LOG_EVERY:
+            return False
+        self.logged = now
+        return True
+
+
 class Target:
     """A backend as the I/O layer needs it: resolved addresses, TLS, the names it goes by.
     Routes to the same scheme, host and port share one (their paths may differ)."""
@@ -387,10 +406,8 @@ class Server:
         self.serving_fd = serving_fd
         self.accepting = False
         self.resume_timer: Timer | None = None
-        self.accept_failures = 0
-        self.accept_failure_logged = -ACCEPT_FAILURE_LOG_EVERY
-        self.limit_reached = 0  # times --max-connections stopped accepting
-        self.limit_logged = -ACCEPT_FAILURE_LOG_EVERY
+        self.accept_failures = _Recurring()  # accept() out of descriptors or memory
+        self.limit_reached = _Recurring()  # --max-connections stopped accepting
         self.draining = False
         self.drain_timer: Timer | None = None
         self.notifier = Notifier()
@@ -477,14 +494,12 @@ class Server:
         for _ in range(ACCEPTS_PER_EVENT):
             if len(self.connections) >= limit:
                 # Once a minute at most: a busy proxy reaches the limit again and again.
-                self.limit_reached += 1
-                if self.loop.now >= self.limit_logged + ACCEPT_FAILURE_LOG_EVERY:
-                    self.limit_logged = self.loop.now
+                if self.limit_reached.happened(self.loop.now):
                     log.warning(
                         "%d connections open (--max-connections); new clients wait in the "
                         "listen backlog (reached %d times so far)",
                         limit,
-                        self.limit_reached,
+                        self.limit_reached.count,
                     )
                 self._accept_off()
                 return
@@ -494,16 +509,14 @@ class Server:
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.accept_failures += 1
-                    if self.loop.now >= self.accept_failure_logged + ACCEPT_FAILURE_LOG_EVERY:
-                        self.accept_failure_logged = self.loop.now
+                    if self.accept_failures.happened(self.loop.now):
                         log.error(
                             "cannot accept: %s; pausing accepts for %gs at a time (%d pauses "
                             "so far; raise the file descriptor limit, e.g. LimitNOFILE=, or "
                             "lower --max-connections)",
                             e.strerror,
                             FD_EXHAUSTED_PAUSE,
-                            self.accept_failures,
+                            self.accept_failures.count,
                         )
                     self._accept_off()
                     self.resume_timer = self.loop.call_later(FD_EXHAUSTED_PAUSE, self._resume)
