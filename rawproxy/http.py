@@ -541,7 +541,7 @@ def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:
     if line is None or line[1] == b"CONNECT":  # h11 treats CONNECT as a protocol switch
         return None
     target = line[2]
-    if target[0] != 47 or b"/." in target or b"/%" in target:
+    if target[0] != 47 or _has_dot_segment(target):
         # Absolute form, `*`, or a segment starting with a dot (spelled or %2e): what
         # resolve_request may change. h11's path asks it.
         return None
@@ -843,9 +843,16 @@ def resolve_request(
         # Host first, where h11 writes it anyway.
         new_headers = [(b"Host", authority)]
         new_headers += [header for header in headers if header[0].lower() != b"host"]
-    if b"/." in target or b"/%" in target:
+    if _has_dot_segment(target):
         target = _without_dot_segments(target)
     return target, new_headers
+
+
+def _has_dot_segment(target: bytes) -> bool:
+    """A segment of the target starts with a dot, spelled or %2e (not only `.` and `..`:
+    `.well-known` too; cheap, and _without_dot_segments leaves such names as they are).
+    Percent-encoded UTF-8 paths (`/%E2%9C%93`) do not count."""
+    return b"/." in target or b"/%2e" in target or b"/%2E" in target
 
 
 def _without_dot_segments(target: bytes) -> bytes:

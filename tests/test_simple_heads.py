@@ -184,6 +184,7 @@ SIMPLE_REQUESTS = [
     b"GET / HTTP/1.1\r\nHost:a\r\nX-Empty:\r\nX-Spaces:  a  b\t \r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\r\nX-Empty: \r\nX-Spaces: a  b\t c\r\n\r\n",
     b"GET /x.y/a.b HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
+    b"GET /%E2%9C%93/%2Fx HTTP/1.1\r\nHost: a\r\n\r\n",  # encoded, no dot segment
     b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n",
@@ -218,6 +219,7 @@ NOT_SIMPLE_REQUESTS = [
     b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
     b"GET /a/../b HTTP/1.1\r\nHost: a\r\n\r\n",  # dot segments
     b"GET /a/%2E%2e/b HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET /a/%2e./b HTTP/1.1\r\nHost: a\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",  # no host[:port]
     b"GET / HTTP/1.1\r\nHost: a/b@c\r\n\r\n",
 ]
