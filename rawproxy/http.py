@@ -166,8 +166,20 @@ _NOT_IN_TRAILERS = HOP_BY_HOP | NEVER_NOMINATED
 
 
 def forwarded_trailers(trailers: Iterable[Header]) -> list[Header]:
-    """The trailer fields of a chunked message that are passed on (either direction)."""
-    return [(name, value) for name, value in trailers if name.lower() not in _NOT_IN_TRAILERS]
+    """The trailer fields of a chunked message that are passed on (either direction). Claims
+    about the client (X-Forwarded-*, Forwarded, X-Real-IP, in any spelling) are dropped too:
+    the header section drops them from an untrusted client, and a backend that merges
+    trailers must not get them this way."""
+    kept = []
+    for name, value in trailers:
+        lower = name.lower()
+        if lower in _NOT_IN_TRAILERS:
+            continue
+        dashed = lower.replace(b"_", b"-")
+        if dashed in FORWARDED_HEADERS or _is_client_claim(dashed):
+            continue
+        kept.append((name, value))
+    return kept
 
 
 def _split_tokens(line: bytes) -> list[bytes]:

@@ -184,7 +184,8 @@ def test_pipelined_requests_answered_in_order(proxy, http_backend, client):
 def test_trailers_pass_without_framing_and_hop_by_hop_fields(scripted_backend, start_proxy, client):
     """Trailer fields travel both ways, but not Content-Length, Transfer-Encoding, Host or
     hop-by-hop ones (RFC 9110 6.5.1): a recipient that merged those into the header section
-    would frame or route the message otherwise than the proxy did."""
+    would frame or route the message otherwise than the proxy did. Nor a client's claims
+    about itself (X-Forwarded-For, X_Real_IP), which the header section drops."""
 
     def script(sc):
         while not sc.extra.endswith(b"\r\n\r\n") or b"0\r\n" not in sc.extra:
@@ -201,7 +202,10 @@ def test_trailers_pass_without_framing_and_hop_by_hop_fields(scripted_backend, s
     backend = scripted_backend(script)
     proxy = start_proxy(backend.port)
     c = client(proxy.port)
-    body = b"4\r\nbody\r\n0\r\nX-Checksum: abc\r\nContent-Length: 99\r\nTE: trailers\r\n\r\n"
+    body = (
+        b"4\r\nbody\r\n0\r\nX-Checksum: abc\r\nContent-Length: 99\r\nTE: trailers\r\n"
+        b"X-Forwarded-For: 6.6.6.6\r\nX_Real_IP: 6.6.6.6\r\n\r\n"
+    )
     resp = c.request(
         request_bytes("POST", "/t", [("Host", "b.test"), ("Transfer-Encoding", "chunked")], body)
     )
