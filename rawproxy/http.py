@@ -553,10 +553,8 @@ def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:
     if line is None or line[1] == b"CONNECT":  # h11 treats CONNECT as a protocol switch
         return None
     target = line[2]
-    if target[0] != 47 or _has_dot_segment(target):
-        # Absolute form, `*`, or a segment starting with a dot (spelled or %2e): what
-        # resolve_request may change. h11's path asks it.
-        return None
+    if target[0] != 47 or _may_resolve(target):
+        return None  # what resolve_request may change or refuse: h11's path asks it
     lines = line.end()
     found = _header_fields(data, lines, size - 2, _request_fields)
     if found is None:
@@ -855,8 +853,15 @@ def resolve_request(
         # Host first, where h11 writes it anyway.
         new_headers = [(b"Host", authority)]
         new_headers += [header for header in headers if header[0].lower() != b"host"]
+    if b"#" in target:
+        raise RequestRefused(400, "a request target has no fragment (#)")
     if _has_dot_segment(target):
         target = _without_dot_segments(target)
+    if _disguised_dot_segment(target):
+        # `..%2F`, `..\`, `..;/`: no dot segment to RFC 3986, but one to a backend that
+        # decodes slashes, takes a backslash for one (IIS) or cuts path parameters (Tomcat).
+        # Refused as Apache does (AllowEncodedSlashes Off), rather than guessed at.
+        raise RequestRefused(400, "a disguised dot segment (encoded slash, backslash or ;)")
     return target, new_headers
 
 
@@ -865,6 +870,35 @@ def _has_dot_segment(target: bytes) -> bool:
     `.well-known` too; cheap, and _without_dot_segments leaves such names as they are).
     Percent-encoded UTF-8 paths (`/%E2%9C%93`) do not count."""
     return b"/." in target or b"/%2e" in target or b"/%2E" in target
+
+
+def _may_resolve(target: bytes) -> bool:
+    """For the fast path, cheaply: an origin-form target that resolve_request may change or
+    refuse (a dot or disguised dot segment, a fragment). Errs towards True."""
+    return (
+        b"/." in target
+        or b".." in target
+        or b"%2e" in target
+        or b"%2E" in target
+        or b"\\" in target
+        or b"#" in target
+    )
+
+
+def _disguised_dot_segment(target: bytes) -> bool:
+    """A `..` segment once %2e, %2f and %5c are decoded, a backslash is read as a slash and
+    `;` path parameters are cut (what some backends do before resolving dot segments)."""
+    path = target.split(b"?", 1)[0]
+    if b"." not in path and b"%2" not in path.lower():
+        return False
+    decoded = (
+        path.lower()
+        .replace(b"%2e", b".")
+        .replace(b"%2f", b"/")
+        .replace(b"%5c", b"/")
+        .replace(b"\\", b"/")
+    )
+    return any(segment.split(b";", 1)[0] == b".." for segment in decoded.split(b"/"))
 
 
 def _without_dot_segments(target: bytes) -> bytes:

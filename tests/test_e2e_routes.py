@@ -192,13 +192,24 @@ def test_dot_segments_cannot_climb_out_of_a_route(launch, make_backend, client, 
     assert targets(rest) == [b"/admin"]
 
 
-def test_dot_segments_above_the_root_are_refused(launch, make_backend, client):
+@pytest.mark.parametrize(
+    ("target", "why"),
+    [
+        ("/static/../../etc/passwd", b"climbs above the root"),
+        ("/static/..%2F..%2Fetc/passwd", b"disguised dot segment"),
+        ("/static/..;/admin", b"disguised dot segment"),
+        ("/static/..\\admin", b"disguised dot segment"),
+    ],
+)
+def test_dot_segments_that_climb_out_are_refused(launch, make_backend, client, target, why):
+    """Above the root, or disguised (an encoded slash, a backslash, a `;` parameter) so that
+    a backend decoding them would climb out of the route's /files/: 400, nothing forwarded."""
     files = make_backend()
     proxy = launch(*route("/static/", files, "/files/"))
     c = client(proxy.port)
-    resp = c.request(simple_get("/static/../../etc/passwd"))
+    resp = c.request(simple_get(target))
     assert resp.status == 400
-    assert b"climbs above the root" in resp.body
+    assert why in resp.body
     assert targets(files) == []
 
 

@@ -604,6 +604,17 @@ RESOLVED = [
     (b"http://[::1]:80/../p", b"x", None, None),  # refused: above the root
     (b"/", b"[2001:db8::1]:8080", b"/", None),
     (b"/", b"", b"/", None),  # empty Host is valid (RFC 9110 7.2)
+    # disguised dot segments, refused: a backend may decode or split them into `..`
+    (b"/api/..%2Fadmin", b"x", None, None),
+    (b"/api/%2e%2e%2fadmin", b"x", None, None),
+    (b"/api/..;/admin", b"x", None, None),
+    (b"/api/..\\admin", b"x", None, None),
+    (b"/api/x%5C..%5Cadmin", b"x", None, None),
+    (b"/public#/../admin", b"x", None, None),  # no fragment in a request target
+    # ... but dots, encoded slashes and queries that hide none are left alone
+    (b"/file..txt", b"x", b"/file..txt", None),
+    (b"/a%2Fb/c", b"x", b"/a%2Fb/c", None),
+    (b"/x?next=..%2F..%2F", b"x", b"/x?next=..%2F..%2F", None),
 ]
 
 
