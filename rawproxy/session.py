@@ -195,6 +195,7 @@ class Session:
         "client_h11",
         "client_handshake",
         "client_ip",
+        "client_peeked",
         "client_port",
         "client_side_cache",
         "config",
@@ -283,6 +284,7 @@ class Session:
         self.backend_request: h11.Request | SimpleRequest | None = None
         self.decision: UpgradeDecision | None = None
         self.request_done = False
+        self.client_peeked = False
         self.body_sent = 0
         self.response_started = False
         self.response_status = 0
@@ -479,6 +481,8 @@ class Session:
             return not self.fast_client_eof and (
                 pending is None or len(pending) < self.config.max_header_size
             )
+        if phase in (CONNECTING, EXCHANGE) and self.request_done:  # and not the fast path
+            return not self.client_peeked  # watched for the client leaving: _peek_client
         backend = self.backend
         return (
             phase == EXCHANGE
@@ -506,9 +510,16 @@ class Session:
                 if mask & WRITE and self.client.flush():
                     self._client_drained()
                 if mask & READ and self.phase != DONE:
-                    self._read_client()
-                    if self.client.tls:
-                        self._read_client_tls_rest()
+                    if (
+                        self.phase in (CONNECTING, EXCHANGE)
+                        and self.request_done
+                        and self.fast_head is None  # the fast path reads (_hold_client_bytes)
+                    ):
+                        self._peek_client()
+                    else:
+                        self._read_client()
+                        if self.client.tls:
+                            self._read_client_tls_rest()
             if self.phase != DONE:
                 self._push()
         except _Broken as e:
@@ -516,6 +527,23 @@ class Session:
         except OSError as e:
             self._on_broken("client", e)
         self._update_interest()
+
+    def _peek_client(self) -> None:
+        """A complete request waits for its answer (h11's path; the fast path keeps reading
+        instead): the client is watched for a reset, which means it left (499 in the access
+        log, and the backend's connection dropped, as nginx does). Bytes (a pipelined request,
+        WebSocket frames before the 101) or the client's end (a half-close, which a client may
+        do after its request) are left where they are, and the socket is not watched again
+        in this exchange: level-triggered, it would be reported on every round."""
+        sock = self.client.sock
+        raw = sock.raw if isinstance(sock, TlsSocket) else sock
+        try:
+            raw.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            raise _Broken("client", e) from e
+        self.client_peeked = True
 
     def _read_client_tls_rest(self) -> None:
         """Decrypted bytes left inside the client's SSL object raise no readiness event: read
@@ -928,6 +956,7 @@ class Session:
         self.request = request
         self.request_at = self.loop.now
         self.request_done = request_done
+        self.client_peeked = False
         self.body_sent = 0
         self.response_started = False
         self.response_status = 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import select
 import socket
 import threading
 import time
@@ -329,6 +330,77 @@ def test_access_log_file_has_a_line_for_every_answer(start_proxy, scripted_backe
     assert left["status"] == "200"
     assert 200_000 <= int(left["size"]) < 100_000_000
     assert "client went away" in left["rest"]
+
+
+@pytest.mark.parametrize("path", ["fast", "h11"])
+def test_a_client_that_resets_while_waiting_is_logged_499(
+    start_proxy, scripted_backend, tmp_path, path
+):
+    """A client that resets while its request waits for the backend has left: 499 in the
+    access log, and the backend's connection is dropped, on the fast path (which reads the
+    client anyway) and on h11's (a request with a body goes there; the client is watched for
+    a reset once its request is complete)."""
+    gone = threading.Event()
+
+    def script(sc: ScriptedConn):
+        # Wait, not reading, until the proxy drops the connection (or 5 s).
+        poller = select.poll()
+        poller.register(sc.sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        if poller.poll(5000):
+            gone.set()
+        return "done"
+
+    backend = scripted_backend(script)
+    path_log = tmp_path / "access.log"
+    proxy = start_proxy(backend.port, "--access-log", str(path_log))
+    c = connect(proxy.port)
+    if path == "fast":
+        c.sendall(request_bytes("GET", "/wait", [("Host", "a")]))
+    else:
+        c.sendall(request_bytes("POST", "/wait", [("Host", "a"), ("Content-Length", "4")], b"body"))
+    time.sleep(0.3)
+    reset_close(c)
+    assert gone.wait(5), "the backend connection was kept after the client left"
+    deadline = time.monotonic() + 5
+    lines: list[str] = []
+    while time.monotonic() < deadline and not lines:
+        lines = path_log.read_text().splitlines() if path_log.exists() else []
+        time.sleep(0.05)
+    [line] = lines
+    m = CLF.fullmatch(line)
+    assert m, line
+    assert m["status"] == "499", line
+    assert "client went away" in m["rest"]
+
+
+def test_a_client_half_closed_after_its_request_still_gets_the_answer(
+    start_proxy, scripted_backend
+):
+    """The other side of the watch for a reset: a client that shuts its sending side after a
+    request on h11's path (a body sends it there) has not left. The answer comes, and the
+    proxy does not spin on the client's end of stream while it waits."""
+
+    def script(sc: ScriptedConn):
+        time.sleep(0.8)
+        sc.sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        return "answered"
+
+    backend = scripted_backend(script)
+    proxy = start_proxy(backend.port)
+    c = connect(proxy.port)
+    c.sendall(request_bytes("POST", "/half", [("Host", "a"), ("Content-Length", "4")], b"body"))
+    c.shutdown(socket.SHUT_WR)
+    time.sleep(0.1)
+    busy = proxy.cpu_seconds()
+    time.sleep(0.5)
+    busy = proxy.cpu_seconds() - busy
+    assert busy < 0.2, f"the proxy used {busy:.2f} s of CPU in 0.5 s of waiting"
+    try:
+        answer = recv_until(c, bytearray(), b"ok")
+    finally:
+        c.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK"), answer
+    assert backend.result() == "answered"
 
 
 REQUEST_KEYS = {
