@@ -481,7 +481,7 @@ class Session:
             return not self.fast_client_eof and (
                 pending is None or len(pending) < self.config.max_header_size
             )
-        if phase in (CONNECTING, EXCHANGE) and self.request_done:  # and not the fast path
+        if self._awaiting_answer():
             return not self.client_peeked  # watched for the client leaving: _peek_client
         backend = self.backend
         return (
@@ -510,11 +510,7 @@ class Session:
                 if mask & WRITE and self.client.flush():
                     self._client_drained()
                 if mask & READ and self.phase != DONE:
-                    if (
-                        self.phase in (CONNECTING, EXCHANGE)
-                        and self.request_done
-                        and self.fast_head is None  # the fast path reads (_hold_client_bytes)
-                    ):
+                    if self._awaiting_answer():
                         self._peek_client()
                     else:
                         self._read_client()
@@ -527,6 +523,11 @@ class Session:
         except OSError as e:
             self._on_broken("client", e)
         self._update_interest()
+
+    def _awaiting_answer(self) -> bool:
+        """A complete request on h11's path waits for its answer: the client is not read, only
+        watched (_peek_client). The fast path reads it instead (_hold_client_bytes)."""
+        return self.phase in (CONNECTING, EXCHANGE) and self.request_done and self.fast_head is None
 
     def _peek_client(self) -> None:
         """A complete request waits for its answer (h11's path; the fast path keeps reading
