@@ -1,0 +1,187 @@
+"""One connection's flood of tiny body chunks neither holds the loop nor multiplies itself.
+
+A chunked body of 1-byte chunks is one h11 event per 6 bytes. The proxy turns at most
+PUMP_BUDGET of one connection's events into actions per turn of the loop, and passes a run of
+body data on as one chunk. The first test drives a real Server in this process turn by turn
+(no clock involved): another client's request is answered while the flood is still being
+relayed. The others check through a running proxy that the chunks arrive joined and whole.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from rawproxy import session
+from rawproxy.cli import build_parser, load_settings
+from rawproxy.server import Server
+from tests import peers
+
+CHUNKS = 10_000
+PAYLOAD = bytes(b"abcdefghij"[i % 10] for i in range(CHUNKS))
+TINY_CHUNKED = b"".join(b"1\r\n%c\r\n" % byte for byte in PAYLOAD) + b"0\r\n\r\n"
+ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def decode_chunked(data: bytes) -> tuple[bytes, int]:
+    """The body of a complete chunked message body `data`, and how many chunks carried it."""
+    body = bytearray()
+    chunks = 0
+    pos = 0
+    while True:
+        end = data.index(b"\r\n", pos)
+        size = int(data[pos:end].split(b";")[0], 16)
+        pos = end + 2
+        if size == 0:
+            assert data[pos:] == b"\r\n", "trailers or junk after the last chunk"
+            return bytes(body), chunks
+        body += data[pos : pos + size]
+        assert data[pos + size : pos + size + 2] == b"\r\n"
+        pos += size + 2
+        chunks += 1
+
+
+@pytest.fixture
+def inprocess() -> Iterator[tuple[Server, socket.socket]]:
+    backend = socket.create_server(("127.0.0.1", 0))
+    backend.setblocking(False)
+    argv = ["--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{backend.getsockname()[1]}"]
+    config, _ = load_settings(build_parser().parse_args([*argv, "--log-level", "error"]))
+    server = Server(config)
+    server.open()
+    server._accept_on()
+    yield server, backend
+    server.stop()
+    backend.close()
+
+
+def _turns(server: Server, until: Callable[[], bool], limit: int = 500) -> int:
+    for turn in range(1, limit + 1):
+        server.loop.run_once(0.01)
+        if until():
+            return turn
+    raise AssertionError(f"not done in {limit} turns of the loop")
+
+
+def _accept(backend: socket.socket) -> socket.socket | None:
+    try:
+        conn = backend.accept()[0]
+    except BlockingIOError:
+        return None
+    conn.setblocking(False)
+    return conn
+
+
+def _drain(conn: socket.socket, into: bytearray) -> None:
+    try:
+        while chunk := conn.recv(1 << 20):
+            into += chunk
+    except BlockingIOError:
+        pass
+
+
+def test_a_flood_of_tiny_chunks_does_not_hold_up_other_clients(
+    inprocess: tuple[Server, socket.socket],
+) -> None:
+    server, backend = inprocess
+    address = server.listeners[0].getsockname()
+    flood = socket.create_connection(address, timeout=5)
+    other = socket.create_connection(address, timeout=5)
+    conns: list[socket.socket] = []
+    try:
+        flood.sendall(
+            b"POST /upload HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + TINY_CHUNKED
+        )
+
+        def accepted() -> bool:
+            conn = _accept(backend)
+            if conn is not None:
+                conns.append(conn)
+            return bool(conns)
+
+        _turns(server, accepted)
+        flood_conn = conns[0]
+        flooded = bytearray()
+        # The flood's head is at the backend; now another client asks for a page.
+        other.sendall(b"GET /page HTTP/1.1\r\nHost: app\r\n\r\n")
+        other.setblocking(False)
+        answer = bytearray()
+
+        def other_answered() -> bool:
+            _drain(flood_conn, flooded)
+            if len(conns) == 1:
+                accepted()
+            elif not answer:
+                page = conns[1]
+                request = bytearray()
+                _drain(page, request)
+                if request.endswith(b"\r\n\r\n"):
+                    page.sendall(ANSWER)
+                    answer.extend(b" ")  # asked and answered: wait for the client's copy
+            try:
+                got = other.recv(65536)
+            except BlockingIOError:
+                return False
+            answer[:] = got
+            return True
+
+        _turns(server, other_answered)
+        assert bytes(answer).startswith(b"HTTP/1.1 200 OK")
+        assert not flooded.endswith(b"0\r\n\r\n"), (
+            "the other client waited until the whole flood had been relayed"
+        )
+        _turns(server, lambda: (_drain(flood_conn, flooded), flooded.endswith(b"0\r\n\r\n"))[1])
+        head, _, body = bytes(flooded).partition(b"\r\n\r\n")
+        assert b"transfer-encoding: chunked" in head.lower()
+        data, chunks = decode_chunked(body)
+        assert data == PAYLOAD
+        # A turn's run of chunks goes on as one chunk.
+        assert chunks <= CHUNKS // session.PUMP_BUDGET + 2
+    finally:
+        for sock in [flood, other, *conns]:
+            sock.close()
+
+
+def test_tiny_request_chunks_reach_the_backend_joined(
+    start_proxy: Callable[..., peers.ProxyProcess],
+    scripted_backend: Callable[..., peers.ScriptedBackend],
+) -> None:
+    def script(conn: peers.ScriptedConn) -> bytes:
+        body = peers.recv_until(conn.sock, conn.extra, b"\r\n0\r\n\r\n", limit=1 << 20)
+        conn.sock.sendall(ANSWER)
+        return body
+
+    backend = scripted_backend(script)
+    proxy = start_proxy(backend.port)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as c:
+        c.sendall(
+            b"POST /upload HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + TINY_CHUNKED
+        )
+        assert peers.recv_until(c, bytearray(), b"ok").startswith(b"HTTP/1.1 200 OK")
+    data, chunks = decode_chunked(backend.result())
+    assert data == PAYLOAD
+    assert chunks <= CHUNKS // 10, f"{chunks} chunks for {CHUNKS} 1-byte chunks"
+
+
+def test_tiny_response_chunks_reach_the_client_joined(
+    start_proxy: Callable[..., peers.ProxyProcess],
+    scripted_backend: Callable[..., peers.ScriptedBackend],
+) -> None:
+    def script(conn: peers.ScriptedConn) -> None:
+        conn.sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + TINY_CHUNKED)
+
+    backend = scripted_backend(script)
+    proxy = start_proxy(backend.port)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as c:
+        c.sendall(b"GET /stream HTTP/1.1\r\nHost: app\r\n\r\n")
+        got = peers.recv_until(c, bytearray(), b"\r\n0\r\n\r\n", limit=1 << 20)
+    backend.result()
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    data, chunks = decode_chunked(body)
+    assert data == PAYLOAD
+    assert chunks <= CHUNKS // 10, f"{chunks} chunks for {CHUNKS} 1-byte chunks"
