@@ -146,16 +146,21 @@ def switch_error(offered: bytes, response_headers: Iterable[Header]) -> str | No
     listed (RFC 9110 7.8), and names it in the 101's Upgrade: one it was not offered (h2c
     for a WebSocket request, say) is refused, as a tunnel would carry a protocol the client
     never asked for, and never one we drop from requests. Protocols are compared by name
-    in any case (`websocket`, `WebSocket`); a 101 without Upgrade is left to the client."""
+    in any case (`websocket`, `WebSocket`). A 101 without Upgrade is refused too: it must
+    say what it switches to (RFC 9110 15.2.2), and a browser fails such a handshake."""
     names = {p.split(b"/", 1)[0].strip().lower() for p in _split_tokens(offered)}
+    named = False
     for name, value in response_headers:
         if name.lower() != b"upgrade":
             continue
         for protocol in _split_tokens(value):
+            named = True
             if protocol.split(b"/", 1)[0].strip().lower() not in names:
                 chosen = protocol.decode("latin-1")
                 asked = offered.decode("latin-1")
                 return f"switched to {chosen!r}, which the request did not offer ({asked!r})"
+    if not named:
+        return "switched protocols without naming the protocol (no Upgrade header in its 101)"
     return None
 
 
@@ -379,12 +384,16 @@ def forwarded_headers(
     return out
 
 
-def client_response_headers(raw_headers: Iterable[Header], switching: bool) -> list[Header]:
+def client_response_headers(
+    raw_headers: Iterable[Header], switching: bool, status: int = 200
+) -> list[Header]:
     """The headers to send to the client for a backend's response.
 
     Hop-by-hop headers and those the backend's Connection header names are removed; h11 adds
     the Connection header the client side needs. With Transfer-Encoding present a
     Content-Length is dropped (h11 frames by Transfer-Encoding; the client must not see both).
+    A 1xx or 204 `status` has no body and gets neither (RFC 9110 8.6, RFC 9112 6.1: they
+    must not be sent there; a client could wait for a body that never comes).
     For a 101 the backend's Upgrade value is kept and `Connection: upgrade` is sent.
     """
     raw_headers = list(raw_headers)
@@ -394,6 +403,7 @@ def client_response_headers(raw_headers: Iterable[Header], switching: bool) -> l
         nominated = {t.lower() for t in comma_tokens(raw_headers, b"connection")}
         nominated -= NEVER_NOMINATED
     chunked = b"transfer-encoding" in lowers
+    bodiless = status < 200 or status == 204
     out: list[Header] = []
     for lower, (name, value) in zip(lowers, raw_headers, strict=True):
         if switching and lower == b"upgrade":
@@ -401,7 +411,9 @@ def client_response_headers(raw_headers: Iterable[Header], switching: bool) -> l
             continue
         if lower in HOP_BY_HOP or lower in nominated:
             continue
-        if chunked and lower == b"content-length":
+        if (chunked or bodiless) and lower == b"content-length":
+            continue
+        if bodiless and lower == b"transfer-encoding":
             continue
         out.append((name, value))
     if switching:

@@ -872,7 +872,7 @@ class Session:
         self.response_started = True
         self.response_status = response.status
         if not response.plain:
-            headers = self._response_headers(response.raw)
+            headers = self._response_headers(response.raw, response.status)
             start = b"HTTP/1.1 %d %s\r\n" % (response.status, response.reason)
             self.client.queue((write_head(start, headers),))
 
@@ -1464,10 +1464,13 @@ class Session:
             self._on_response(event)
         elif isinstance(event, h11.EndOfMessage):
             trailers = event.headers
+            # An HTTP/1.0 client gets the body without its chunked framing, so without the
+            # trailer fields, which a recipient may drop (RFC 9112 7.1.2): h11 would refuse
+            # to send them, and the whole answer was lost.
             self._to_client(
                 h11.EndOfMessage(headers=forwarded_trailers(trailers.raw_items()))
-                if trailers
-                else event
+                if trailers and not self._client_speaks_1_0()
+                else h11.EndOfMessage()
             )
             self._exchange_done()
             return False
@@ -1475,37 +1478,49 @@ class Session:
             if event.status_code == 101:
                 self._switch(event)
                 return False
-            # 100 Continue, 103 Early Hints: passed on, the real answer follows.
-            headers = client_response_headers(event.headers.raw_items(), False)
-            self._to_client(
-                h11.InformationalResponse(
-                    status_code=event.status_code, headers=headers, reason=event.reason
+            # 100 Continue, 103 Early Hints: passed on, the real answer follows; never to an
+            # HTTP/1.0 client, which would take one for the answer (RFC 9110 15.2).
+            if not self._client_speaks_1_0():
+                headers = client_response_headers(
+                    event.headers.raw_items(), False, event.status_code
                 )
-            )
+                self._to_client(
+                    h11.InformationalResponse(
+                        status_code=event.status_code, headers=headers, reason=event.reason
+                    )
+                )
         elif isinstance(event, h11.ConnectionClosed):
             self._backend_lost("closed the connection before answering")
             return False
         return True
 
+    def _client_speaks_1_0(self) -> bool:
+        version = self._client_machine().their_http_version
+        return version is not None and version < b"1.1"
+
     def _on_response(self, response: h11.Response) -> None:
         self.server.metrics.observe_head_latency(self.loop.now - self.request_at)
         self.response_started = True
         self.response_status = response.status_code
-        headers = self._response_headers(response.headers.raw_items())
+        headers = self._response_headers(response.headers.raw_items(), response.status_code)
         self._to_client(
             h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)
         )
 
-    def _response_headers(self, raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    def _response_headers(
+        self, raw: Iterable[tuple[bytes, bytes]], status: int
+    ) -> list[tuple[bytes, bytes]]:
         """The headers of a backend's (non-101) answer as the client gets them."""
-        headers = client_response_headers(raw, False)
+        headers = client_response_headers(raw, False, status)
         # Most answers carry nothing to rewrite: build the rule only when one could apply.
         if not REWRITTEN_HEADERS.isdisjoint([name.lower() for name, _ in headers]):
             rule = self._response_rewrite()
             if rule is not None:
                 headers = rewrite_response_headers(headers, rule)
-        if self.draining:
-            headers.append((b"Connection", b"close"))  # the proxy stops after this answer
+        if self.draining or not self.request_done:
+            # The proxy stops after this answer: it drains, or the answer came before the
+            # end of the request's body (a 401 or 413 to an upload), which is not read on.
+            headers.append((b"Connection", b"close"))
         return headers
 
     def _response_rewrite(self) -> ResponseRewrite | None:

@@ -668,7 +668,9 @@ def test_resolved_paths_have_no_dot_segments(segments: list[bytes]) -> None:
     [
         (b"websocket", [(b"Upgrade", b"websocket")], False),
         (b"websocket", [(b"upgrade", b"WebSocket")], False),
-        (b"websocket", [], False),  # no Upgrade in the 101: left to the client
+        (b"websocket", [], True),  # a 101 must say what it switches to
+        (b"websocket", [(b"Upgrade", b"")], True),
+        (b"websocket", [(b"Upgrade", b" , ")], True),
         (b"foo/2, websocket", [(b"Upgrade", b"foo")], False),
         (b"foo/2", [(b"Upgrade", b"foo/1")], False),  # the same protocol by name
         (b"websocket", [(b"Upgrade", b"h2c")], True),
