@@ -12,8 +12,29 @@ from __future__ import annotations
 
 import os
 import ssl
+from typing import NoReturn
 
 from rawproxy.config import CertPair, ConfigError
+
+
+class _EncryptedKey(Exception):
+    """Raised by `_refuse_passphrase` out of load_cert_chain: the key needs a passphrase."""
+
+
+def _refuse_passphrase() -> NoReturn:
+    """The password callback for every key loaded. Without one, OpenSSL asks for the
+    passphrase of an encrypted key on the terminal (blocking the event loop on SIGHUP) or,
+    with no terminal, fails with a bare "Invalid argument"."""
+    raise _EncryptedKey
+
+
+def _encrypted(flag: str, key: str) -> str:
+    return (
+        f"{flag} {key} is encrypted with a passphrase, and rawproxy needs an unencrypted key: "
+        f"write one with `openssl pkey -in {key} -out {key}.plain` (it asks for the "
+        f"passphrase once), give that file as {flag}, and let only the proxy's user read it "
+        f"(chmod 600)"
+    )
 
 
 def _unreadable(pair: CertPair, error: OSError) -> str:
@@ -136,7 +157,9 @@ def _server_context(pair: CertPair) -> ssl.SSLContext:
     context.set_ciphers(TLS12_CIPHERS)
     context.set_alpn_protocols(["http/1.1"])
     try:
-        context.load_cert_chain(pair.cert, pair.key)
+        context.load_cert_chain(pair.cert, pair.key, password=_refuse_passphrase)
+    except _EncryptedKey:
+        raise ConfigError(_encrypted("--key", pair.key)) from None
     except FileNotFoundError as e:
         raise ConfigError(
             f"cannot read {_unreadable(pair, e)}: no such file (check --cert/--key)"
@@ -218,7 +241,9 @@ def backend_context(
         context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if client_pair is not None:
         try:
-            context.load_cert_chain(client_pair.cert, client_pair.key)
+            context.load_cert_chain(client_pair.cert, client_pair.key, password=_refuse_passphrase)
+        except _EncryptedKey:
+            raise ConfigError(_encrypted("--backend-key", client_pair.key)) from None
         except (OSError, ssl.SSLError) as e:
             raise ConfigError(
                 f"--backend-cert {client_pair.cert} / --backend-key {client_pair.key}: "

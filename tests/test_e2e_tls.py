@@ -13,6 +13,7 @@ certificates from one trustme CA per session (see `tls_peers.Pki`).
 - the client side: plain HTTP to a TLS port, stalled handshakes, ALPN, TLS 1.1, SNI choosing
   among several certificates, a certificate chain, mixed plain and TLS listeners;
 - SIGHUP re-reading the certificate (and keeping it when the new file is broken);
+- an encrypted key: a start-up error, or on SIGHUP a logged one, never a passphrase prompt;
 - two proxies chained over TLS.
 """
 
@@ -987,6 +988,107 @@ def test_sighup_reloads_certificate(start_proxy, ws_backend, client, pki, tmp_pa
     assert tunnel.recv() == "old tunnel still up"
     assert_closes_cleanly(tunnel)
     assert proxy.proc.poll() is None
+
+
+# --- 7b. encrypted keys: refused, never a passphrase prompt -----------------------------------
+
+# Runs its arguments in a new session whose controlling terminal is the tty named first, as
+# an interactive shell (or tmux) gives one: where OpenSSL, left to itself, would ask for a
+# key's passphrase and wait for an answer.
+_ON_A_TERMINAL = """
+import os, sys
+os.setsid()
+os.close(os.open(sys.argv[1], os.O_RDWR))  # a session leader's first tty becomes its own
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+@contextlib.contextmanager
+def a_terminal():
+    """(launcher, read_terminal): a launcher for a process whose controlling terminal is a
+    new pty, and a function returning what was written to that terminal so far. The pty's
+    master stays open until the block ends: stop the proxy inside the block (a hang-up would
+    send it SIGHUP)."""
+    master, slave = os.openpty()
+    os.set_blocking(master, False)
+
+    def read_terminal() -> bytes:
+        got = b""
+        with contextlib.suppress(BlockingIOError, OSError):
+            while chunk := os.read(master, 4096):
+                got += chunk
+        return got
+
+    try:
+        yield [sys.executable, "-c", _ON_A_TERMINAL, os.ttyname(slave)], read_terminal
+    finally:
+        os.close(slave)
+        os.close(master)
+
+
+@pytest.mark.parametrize("which", ["--key", "--backend-key"])
+def test_encrypted_key_is_a_start_up_error_not_a_prompt(http_backend, pki, tmp_path, which):
+    """Without a password callback OpenSSL asks for the passphrase on the terminal (and
+    without one says only "Invalid argument"): the proxy must exit at once, saying the key
+    is encrypted and how to make an unencrypted one."""
+    encrypted = pki.client.write_encrypted_key(tmp_path / "encrypted.key")
+    if which == "--key":
+        flags = ["--cert", str(pki.client.cert), "--key", str(encrypted)]
+    else:
+        flags = [*cert_flags(pki.server), "--backend-cert", str(pki.client.cert)]
+        flags += ["--backend-key", str(encrypted)]
+    args = ["--listen", "tls://127.0.0.1:0", "--backend", f"https://127.0.0.1:{http_backend.port}"]
+    with a_terminal() as (launcher, read_terminal):
+        try:
+            done = subprocess.run(
+                [*launcher, sys.executable, "-m", "rawproxy", *args, *flags],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running after 10 s; the terminal shows {read_terminal()!r}")
+        prompt = read_terminal()
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert len(lines) == 1, done.stderr
+    assert f"{which} {encrypted} is encrypted with a passphrase" in lines[0], lines[0]
+    assert f"openssl pkey -in {encrypted} -out {encrypted}.plain" in lines[0], lines[0]
+    assert b"pass phrase" not in prompt.lower(), prompt
+
+
+def test_sighup_with_an_encrypted_key_keeps_serving(run_proxy, http_backend, pki, tmp_path):
+    """A key replaced by an encrypted one, then SIGHUP, the proxy on a terminal: OpenSSL's
+    passphrase prompt used to block the event loop (no connection served, ever). Now the
+    reload fails at once, is logged, and the current certificate stays."""
+    cert_file, key_file = tmp_path / "live.pem", tmp_path / "live.key"
+    cert_file.write_bytes(pki.server.cert.read_bytes())
+    key_file.write_bytes(pki.server.key.read_bytes())
+    args = ["--listen", "tls://127.0.0.1:0", "--backend", f"127.0.0.1:{http_backend.port}"]
+    args += ["--cert", str(cert_file), "--key", str(key_file)]
+    ctx = pki.client_context()
+    with a_terminal() as (launcher, read_terminal):
+        proxy = run_proxy(*args, launcher=launcher)
+        try:
+            with HttpClient(proxy.port, 5, ctx) as c:
+                assert c.request(simple_get("/before")).status == 200
+
+            pki.server.write_encrypted_key(key_file)
+            mark = proxy.mark()
+            proxy.proc.send_signal(signal.SIGHUP)
+            [line] = proxy.wait_for_logs(r"SIGHUP: keeping", 1, since=mark, timeout=2)
+            assert f"--key {key_file} is encrypted with a passphrase" in line, line
+            started = time.monotonic()
+            with HttpClient(proxy.port, 5, ctx) as c:
+                assert c.sock.peer_cert_der() == pki.server.der
+                assert c.request(simple_get("/after")).status == 200
+            assert time.monotonic() - started < 1
+            assert b"pass phrase" not in read_terminal().lower()
+        finally:
+            proxy.stop()
 
 
 # --- 8. two proxies chained over TLS -------------------------------------------------------

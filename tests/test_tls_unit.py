@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import trustme
+from cryptography.hazmat.primitives import serialization
 
 from rawproxy.config import CertPair, ConfigError
 from rawproxy.tls import ServerTLS, backend_context, certificate_names, name_matches
@@ -80,6 +81,53 @@ def test_reload_failure_keeps_the_old_context(tmp_path: pathlib.Path) -> None:
     before = tls.context
     pathlib.Path(pair.cert).write_text("not a certificate")
     with pytest.raises(ConfigError):
+        tls.reload()
+    assert tls.context is before
+
+
+def _encrypt_key(pair: CertPair, traditional: bool) -> None:
+    """Encrypt `pair`'s key in place with the passphrase "secret"."""
+    path = pathlib.Path(pair.key)
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    form = serialization.PrivateFormat
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            form.TraditionalOpenSSL if traditional else form.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+
+
+ENCRYPTED_FORMS = [pytest.param(False, id="pkcs8"), pytest.param(True, id="traditional")]
+
+
+@pytest.mark.parametrize("traditional", ENCRYPTED_FORMS)
+def test_encrypted_key_is_refused_with_the_way_out(
+    tmp_path: pathlib.Path, traditional: bool
+) -> None:
+    """OpenSSL would ask for the passphrase on the terminal (or fail with "Invalid argument"
+    without one): the error says what the key is and how to make an unencrypted one."""
+    pair = _pair(tmp_path, trustme.CA().issue_cert("localhost"), "a")
+    _encrypt_key(pair, traditional)
+    with pytest.raises(ConfigError) as server_side:
+        ServerTLS((pair,))
+    message = str(server_side.value)
+    assert f"--key {pair.key} is encrypted with a passphrase" in message, message
+    assert f"openssl pkey -in {pair.key} -out {pair.key}.plain" in message, message
+    with pytest.raises(ConfigError) as backend_side:
+        backend_context(None, False, pair)
+    message = str(backend_side.value)
+    assert f"--backend-key {pair.key} is encrypted with a passphrase" in message, message
+    assert "openssl pkey" in message, message
+
+
+def test_reload_with_an_encrypted_key_keeps_the_old_context(tmp_path: pathlib.Path) -> None:
+    pair = _pair(tmp_path, trustme.CA().issue_cert("localhost"), "a")
+    tls = ServerTLS((pair,))
+    before = tls.context
+    _encrypt_key(pair, traditional=False)
+    with pytest.raises(ConfigError, match="encrypted with a passphrase"):
         tls.reload()
     assert tls.context is before
 

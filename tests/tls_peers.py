@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import trustme
+from cryptography.hazmat.primitives import serialization
 
 LOOPBACK = "127.0.0.1"
 # A peer may half-close with a bare TCP FIN and still be sent to (OpenSSL 3 would otherwise
@@ -335,6 +336,21 @@ class CertFiles:
 
     def configure(self, ctx: ssl.SSLContext) -> None:
         self.leaf.configure_cert(ctx)
+
+    def write_encrypted_key(self, path: Path, traditional: bool = False) -> Path:
+        """Write the key encrypted with the passphrase "secret": PKCS#8 ("ENCRYPTED PRIVATE
+        KEY"), or with `traditional` the older OpenSSL form (a Proc-Type: 4,ENCRYPTED
+        header)."""
+        key = serialization.load_pem_private_key(self.key.read_bytes(), password=None)
+        form = serialization.PrivateFormat
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                form.TraditionalOpenSSL if traditional else form.PKCS8,
+                serialization.BestAvailableEncryption(b"secret"),
+            )
+        )
+        return path
 
 
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
