@@ -2,7 +2,8 @@
 
 Client side: TLS 1.2 at least, the ssl module's modern cipher list, ALPN `http/1.1` only (a
 browser must not try HTTP/2 here), no renegotiation, no compression. Several certificate/key
-pairs are told apart by the DNS names in their certificates; the first pair is the default.
+pairs are told apart by the DNS names in their certificates (an exact name before a wildcard);
+the first pair is the default.
 
 Backend side: certificate verified against the system store or a given CA file, the name
 checked and sent as SNI is the backend host or an override; verification can be turned off.
@@ -132,6 +133,20 @@ def name_matches(pattern: str, server_name: str) -> bool:
     return False
 
 
+def choose_certificate(certificates: list[list[str]], server_name: str) -> int | None:
+    """Which certificate (by its names, in --cert order) serves `server_name`: one naming it
+    exactly, wherever it is in the list, before one whose wildcard covers it (as nginx and
+    HAProxy choose); the first of equals. None when none fits (the default is used)."""
+    wanted = server_name.lower().rstrip(".")
+    for index, names in enumerate(certificates):
+        if wanted in names:
+            return index
+    for index, names in enumerate(certificates):
+        if any(name_matches(name, wanted) for name in names):
+            return index
+    return None
+
+
 # A peer that ends its stream with a TCP FIN and no close_notify (many do) is at end of stream,
 # not in error. Without this, OpenSSL 3 marks the connection failed and the other direction of
 # a half-closed tunnel can no longer be sent.
@@ -198,15 +213,14 @@ class ServerTLS:
             contexts.append((names, context))
         default = contexts[0][1]
         if len(contexts) > 1:
+            by_names = [names for names, _ in contexts]
 
             def choose(sock: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
                 if server_name is None:
                     return
-                wanted = server_name.lower().rstrip(".")
-                for names, context in contexts:
-                    if any(name_matches(n, wanted) for n in names):
-                        sock.context = context
-                        return
+                chosen = choose_certificate(by_names, server_name)
+                if chosen is not None:
+                    sock.context = contexts[chosen][1]
 
             for _, context in contexts:
                 context.sni_callback = choose

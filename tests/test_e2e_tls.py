@@ -900,6 +900,22 @@ def test_sni_chooses_the_certificate(start_proxy, http_backend, sockets, pki):
     assert (resp.status, resp.body) == (200, b"GET /b")
 
 
+@pytest.mark.parametrize("exact_first", [False, True], ids=["wildcard-first", "exact-first"])
+def test_sni_prefers_an_exact_name_to_a_wildcard(
+    start_proxy, http_backend, sockets, pki, exact_first
+):
+    """--cert *.wild.test and --cert pay.wild.test: SNI pay.wild.test gets its own
+    certificate whatever the order (nginx and HAProxy do the same); the wildcard's used to
+    win when it came first, and the dedicated certificate was never served."""
+    named = [pki.pay_wild, pki.wild] if exact_first else [pki.wild, pki.pay_wild]
+    proxy = start_proxy(http_backend.port, *cert_flags(pki.a, *named))
+    ctx = pki.client_context()
+    for name, cert in {"pay.wild.test": pki.pay_wild, "www.wild.test": pki.wild}.items():
+        stream = TlsStream.connect(proxy.port, ctx, server_hostname=name, timeout=5)
+        sockets.append(stream)  # type: ignore[arg-type]
+        assert stream.peer_cert_der() == cert.der, f"SNI {name!r} did not get {cert.name}"
+
+
 def test_certificate_file_with_chain(start_proxy, http_backend, client, pki):
     """The clients trust only the root; the proxy's certificate comes from an intermediate CA
     that is in the --cert file after the leaf."""

@@ -13,7 +13,13 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 
 from rawproxy.config import CertPair, ConfigError
-from rawproxy.tls import ServerTLS, backend_context, certificate_names, name_matches
+from rawproxy.tls import (
+    ServerTLS,
+    backend_context,
+    certificate_names,
+    choose_certificate,
+    name_matches,
+)
 
 
 def _der(cert: trustme.LeafCert) -> bytes:
@@ -46,6 +52,17 @@ def test_certificate_names_fall_back_to_common_name() -> None:
 )
 def test_name_matches(pattern: str, name: str, expected: bool) -> None:
     assert name_matches(pattern, name) is expected
+
+
+def test_an_exact_name_wins_over_a_wildcard_whatever_the_order() -> None:
+    default, wild, exact = ["default.test"], ["*.shop.test", "shop.test"], ["pay.shop.test"]
+    assert choose_certificate([default, wild, exact], "pay.shop.test") == 2
+    assert choose_certificate([default, exact, wild], "pay.shop.test") == 1
+    assert choose_certificate([default, wild, exact], "PAY.shop.test.") == 2
+    assert choose_certificate([default, wild, exact], "www.shop.test") == 1
+    assert choose_certificate([default, wild, exact], "shop.test") == 1
+    assert choose_certificate([default, wild, exact], "other.test") is None
+    assert choose_certificate([wild, ["*.shop.test"]], "a.shop.test") == 0  # first of equals
 
 
 def _pair(tmp_path: pathlib.Path, cert: trustme.LeafCert, stem: str) -> CertPair:

@@ -365,7 +365,8 @@ class Pki:
     - `untrusted`: localhost/127.0.0.1/::1 from `other_ca`, which nobody trusts;
     - `other_name`: for other.test only; `expired`: localhost etc. but expired yesterday;
     - `app`: for app.test only (the --backend-sni test);
-    - `a`, `b`, `wild`: a.test, b.test and *.wild.test (SNI selection);
+    - `a`, `b`, `wild`: a.test, b.test and *.wild.test (SNI selection); `pay_wild`:
+      pay.wild.test, a name the wildcard covers too;
     - `client`: the proxy's client certificate for mutual TLS.
     """
 
@@ -396,6 +397,7 @@ class Pki:
         self.a = self.issue("a", self.ca, "a.test")
         self.b = self.issue("b", self.ca, "b.test")
         self.wild = self.issue("wild", self.ca, "*.wild.test")
+        self.pay_wild = self.issue("pay-wild", self.ca, "pay.wild.test")
         self.client = self.issue("client", self.ca, "proxy-client.test")
 
     def issue(
