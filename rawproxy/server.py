@@ -26,7 +26,7 @@ from rawproxy.loop import READ, Loop, Timer, settle_gc
 from rawproxy.metrics import CONTENT_TYPE, Metrics
 from rawproxy.session import DONE, Session
 from rawproxy.systemd import Notifier
-from rawproxy.tls import ServerTLS, backend_context
+from rawproxy.tls import ServerTLS, backend_context, backend_server_name
 from rawproxy.transport import set_keepalive, set_nodelay
 from rawproxy.tunnel import LaterKeepalive, PipePool, Tunnel
 
@@ -93,7 +93,9 @@ class Target:
             if use_tls
             else None
         )
-        self.sni = config.backend_sni or backend.host
+        # Connections go to backend.host as written; only SNI and verification drop a
+        # trailing dot.
+        self.sni = backend_server_name(config.backend_sni or backend.host)
         self.tls_session: ssl.SSLSession | None = None  # offered to new connections
         self.tls_session_proven = False  # it has resumed a connection
         self.tls_single_use = False  # the backend refused a proven session: always renew

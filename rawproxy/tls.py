@@ -6,7 +6,8 @@ pairs are told apart by the DNS names in their certificates (an exact name befor
 the first pair is the default.
 
 Backend side: certificate verified against the system store or a given CA file, the name
-checked and sent as SNI is the backend host or an override; verification can be turned off.
+checked and sent as SNI is the backend host or an override (without a trailing dot);
+verification can be turned off.
 """
 
 from __future__ import annotations
@@ -232,6 +233,14 @@ class ServerTLS:
 
 
 # -- backend side ------------------------------------------------------------------------
+
+
+def backend_server_name(name: str) -> str:
+    """The name sent as SNI and checked in the certificate for a backend called `name` (its
+    host or --backend-sni): without one trailing dot. A fully qualified `example.com.` is the
+    same host, but RFC 6066 forbids the dot in SNI and certificates never carry it, so sent
+    as is it is refused or fails verification on the name."""
+    return name[:-1] if len(name) > 1 and name.endswith(".") else name
 
 
 def backend_context(

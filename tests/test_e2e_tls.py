@@ -688,6 +688,20 @@ def test_backend_sni_names_the_certificate_for_an_ip_backend(
     assert client(without.port, timeout=5).request(simple_get("/no-sni")).status == 502
 
 
+def test_backend_sni_with_a_trailing_dot(start_proxy, make_backend, client, pki):
+    """--backend-sni localhost. (a fully qualified name) is sent and verified as localhost:
+    RFC 6066 forbids the dot in SNI, and no certificate names `localhost.`."""
+    backend = make_backend(HttpBackend, ssl_context=pki.server_context(pki.server))
+    url = f"https://127.0.0.1:{backend.port}"
+    ca = ("--backend-ca", str(pki.ca_file))
+    proxy = start_proxy(backend.port, *ca, "--backend-sni", "localhost.", backend=url)
+    [line] = [ln for ln in startup_lines(proxy) if "certificate verified" in ln]
+    assert "for the name 'localhost' (sent as SNI)" in line, line
+    resp = client(proxy.port, timeout=5).request(simple_get("/fqdn"))
+    assert (resp.status, resp.body) == (200, b"GET /fqdn")
+    assert backend.sni_names == ["localhost"]
+
+
 # --- 4. mutual TLS --------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from rawproxy.config import CertPair, ConfigError
 from rawproxy.tls import (
     ServerTLS,
     backend_context,
+    backend_server_name,
     certificate_names,
     choose_certificate,
     name_matches,
@@ -177,15 +178,46 @@ class FakeSession:
         self.ticket_lifetime_hint = lifetime
 
 
-def tls_target() -> Any:
+def tls_target(backend: str = "https://127.0.0.1:1", *flags: str) -> Any:
     from rawproxy.cli import build_parser, load_settings
     from rawproxy.server import Target
 
-    args = build_parser().parse_args(
-        ["--listen", "127.0.0.1:0", "--backend", "https://127.0.0.1:1"]
-    )
+    args = build_parser().parse_args(["--listen", "127.0.0.1:0", "--backend", backend, *flags])
     config, _ = load_settings(args)
     return Target(config.routes[0].backend, config)
+
+
+@pytest.mark.parametrize(
+    ("name", "sent"),
+    [
+        ("localhost.", "localhost"),
+        ("api.example.com.", "api.example.com"),
+        ("api.example.com", "api.example.com"),
+        ("a..", "a."),  # one dot only: what is left is refused as it stands
+        (".", "."),
+    ],
+)
+def test_backend_server_name_drops_one_trailing_dot(name: str, sent: str) -> None:
+    assert backend_server_name(name) == sent
+
+
+def test_a_backend_host_with_a_trailing_dot_is_connected_to_as_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """https://localhost.:PORT: SNI and verification use `localhost` (RFC 6066: no trailing
+    dot), the name resolved for connecting keeps its dot (a fully qualified name)."""
+    import rawproxy.server
+
+    resolved: list[str] = []
+
+    def resolve(backend: Any) -> list[tuple[int, tuple[str, int]]]:
+        resolved.append(backend.host)
+        return [(2, ("127.0.0.1", backend.port))]
+
+    monkeypatch.setattr(rawproxy.server, "resolve_backend", resolve)
+    assert tls_target("https://localhost.:8443").sni == "localhost"
+    assert resolved == ["localhost."]
+    assert tls_target("https://127.0.0.1:1", "--backend-sni", "app.test.").sni == "app.test"
 
 
 def test_a_session_that_resumes_connections_is_kept_while_young() -> None:
