@@ -215,6 +215,17 @@ def framing_error(headers: Iterable[Header]) -> str | None:
     return None
 
 
+# The start of a request line: a method (an upper-case token; M-SEARCH, VERSION-CONTROL) and
+# a space. A TLS record starts with its content type: 0x16 for a ClientHello.
+_REQUEST_LINE_START = re.compile(rb"[A-Z][A-Z0-9_-]{0,19} ")
+
+
+def looks_like_plain_http(start: bytes | bytearray) -> bool:
+    """Whether the first bytes a client sent to a TLS port are a plain HTTP request (any
+    method: nginx too looks at the first bytes, not at a list of methods as OpenSSL does)."""
+    return _REQUEST_LINE_START.match(start) is not None
+
+
 _OBS_FOLD = re.compile(rb"\n[ \t]")
 
 

@@ -55,6 +55,7 @@ from rawproxy.http import (
     framing_error,
     head_error,
     header_lines,
+    looks_like_plain_http,
     origin_of_host,
     parse_simple_request,
     parse_simple_response,
@@ -146,11 +147,14 @@ _TCP_CONNECTING = -1
 _READY = 0
 
 
+_PLAIN_HTTP = "the client spoke plain HTTP to a TLS port"
+
+
 def _tls_reason(error: ssl.SSLError) -> str:
     """OpenSSL's reason for a TLS failure, in words an admin can search for."""
     reason = error.reason or ""
     if reason == "HTTP_REQUEST":
-        return "the client spoke plain HTTP to a TLS port"
+        return _PLAIN_HTTP
     if reason:
         return reason.lower().replace("_", " ")
     return str(error)
@@ -592,13 +596,17 @@ class Session:
         try:
             wants = self.client.handshake()
         except ssl.SSLError as e:
-            log.info("%s TLS handshake failed: %s", self.peer, _tls_reason(e))
+            sock = self.client.sock
+            assert isinstance(sock, TlsSocket)
+            # OpenSSL recognises GET, POST, HEAD and PUT only; any method is plain HTTP.
+            plain = e.reason == "HTTP_REQUEST" or looks_like_plain_http(sock.first_bytes)
+            reason = _PLAIN_HTTP if plain else _tls_reason(e)
+            log.info("%s TLS handshake failed: %s", self.peer, reason)
             self.server.metrics.tls_handshake_failures["client"] += 1
-            if e.reason == "HTTP_REQUEST":
+            if plain:
                 # Say it in the client's language, past the SSL object (as nginx does).
                 with contextlib.suppress(OSError):
-                    assert isinstance(self.client.sock, TlsSocket)
-                    self.client.sock.raw.send(
+                    sock.raw.send(
                         error_response(400, "plain HTTP was sent to a TLS port; use https://"),
                     )
             self._close(reset=True)

@@ -30,6 +30,8 @@ WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLW
 _RAW_CHUNK = 64 * 1024
 _raw_buffer = bytearray(_RAW_CHUNK)
 _raw_view = memoryview(_raw_buffer)
+# How much of the start of a stream a TlsSocket keeps (`first_bytes`).
+FIRST_BYTES = 32
 
 
 class TlsSocket:
@@ -56,6 +58,7 @@ class TlsSocket:
         "_raw_short",
         "_tls_eof",
         "_unacked",
+        "first_bytes",
         "raw",
     )
 
@@ -84,6 +87,9 @@ class TlsSocket:
         self._raw_short = False
         # The peer's stream ended (close_notify, or a bare FIN): every later read says so.
         self._tls_eof = False
+        # The start of what the peer sent, as it came (a failed handshake may have been
+        # plain HTTP: OpenSSL names only some methods).
+        self.first_bytes = b""
 
     # -- the socket API the proxy uses -------------------------------------------------------
 
@@ -91,6 +97,11 @@ class TlsSocket:
         """Raw TLS bytes that were read from the socket before it became TLS (after a PROXY
         protocol header): they are the start of the stream."""
         self._incoming.write(data)
+        self._note_first_bytes(data)
+
+    def _note_first_bytes(self, data: Buffer) -> None:
+        if len(self.first_bytes) < FIRST_BYTES:
+            self.first_bytes += bytes(data[: FIRST_BYTES - len(self.first_bytes)])
 
     def fileno(self) -> int:
         return self.raw.fileno()
@@ -273,6 +284,8 @@ class TlsSocket:
         else:
             self._incoming.write(_raw_view[:n])
             self._raw_short = n < len(_raw_view)
+            if len(self.first_bytes) < FIRST_BYTES:
+                self._note_first_bytes(_raw_view[:n])
         return True
 
 

@@ -761,6 +761,39 @@ def test_plain_http_to_tls_port_is_closed_promptly(tls_proxy, client, sockets, p
     assert len(lines) == 1, "expected one line about the plain-HTTP client:\n" + "\n".join(lines)
 
 
+@pytest.mark.parametrize(
+    ("method", "target"),
+    [
+        ("GET", "/"),
+        ("DELETE", "/item/1"),
+        ("OPTIONS", "*"),
+        ("PATCH", "/item/1"),
+        ("PROPFIND", "/dav/"),
+        ("CONNECT", "localhost:443"),
+        ("M-SEARCH", "*"),
+    ],
+)
+def test_plain_http_to_tls_port_gets_400_whatever_the_method(
+    tls_proxy, client, sockets, pki, method, target
+):
+    """OpenSSL recognises plain HTTP only for GET, POST, HEAD and PUT; the others used to get
+    a bare reset. nginx answers every one with its 400, looking at the first bytes."""
+    proxy = tls_proxy("--header-timeout", "5")
+    mark = proxy.mark()
+    raw = connect(proxy.port, timeout=5)
+    sockets.append(raw)
+    raw.sendall(request_bytes(method, target, [("Host", "localhost"), ("Content-Length", "0")]))
+    got = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := raw.recv(4096):
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 400 "), got
+    assert b"plain HTTP was sent to a TLS port" in got, got
+    proxy.wait_for_log(r"TLS handshake failed: the client spoke plain HTTP", since=mark)
+    c = client(proxy.port, ssl_context=pki.client_context())
+    assert c.request(simple_get("/after")).status == 200
+
+
 @pytest.mark.parametrize("sends", ["nothing", "half-a-client-hello"])
 def test_stalled_handshake_closed_after_header_timeout(tls_proxy, client, sockets, pki, sends):
     proxy = tls_proxy("--header-timeout", "1")

@@ -13,6 +13,7 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 
 from rawproxy.config import CertPair, ConfigError
+from rawproxy.http import looks_like_plain_http
 from rawproxy.tls import (
     ServerTLS,
     backend_context,
@@ -64,6 +65,37 @@ def test_an_exact_name_wins_over_a_wildcard_whatever_the_order() -> None:
     assert choose_certificate([default, wild, exact], "shop.test") == 1
     assert choose_certificate([default, wild, exact], "other.test") is None
     assert choose_certificate([wild, ["*.shop.test"]], "a.shop.test") == 0  # first of equals
+
+
+@pytest.mark.parametrize(
+    ("start", "plain"),
+    [
+        (b"GET / HTTP/1.1\r\n", True),
+        (b"DELETE /x HTTP/1.1\r\n", True),
+        (b"PROPFIND /dav/ HTTP/1.1\r\n", True),
+        (b"M-SEARCH * HTTP/1.1\r\n", True),
+        (b"CONNECT a:443 HTTP/1.1\r\n", True),
+        (b"VERSION-CONTROL /x HTTP/1.1", True),
+        (b"DELETE", False),  # no space yet: not known
+        (b"get / HTTP/1.1\r\n", False),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", False),  # a ClientHello
+        (b"\x80\x2e\x01\x03\x01", False),  # an SSLv2-style ClientHello
+        (b"", False),
+    ],
+)
+def test_looks_like_plain_http(start: bytes, plain: bool) -> None:
+    assert looks_like_plain_http(start) is plain
+
+
+def test_a_real_client_hello_is_not_plain_http() -> None:
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    ctx = ssl.create_default_context()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    hello = outgoing.read()
+    assert hello[0] == 0x16
+    assert not looks_like_plain_http(hello[:32])
 
 
 def _pair(tmp_path: pathlib.Path, cert: trustme.LeafCert, stem: str) -> CertPair:
