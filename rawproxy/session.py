@@ -1966,11 +1966,21 @@ class Session:
             self._close()
         elif phase == CONNECTING:
             self.server.metrics.backend_connect_errors["timeout"] += 1
-            self._fail(
-                502,
-                f"backend {self.current_target.name} did not accept the connection "
-                f"within {config.connect_timeout:g}s (--connect-timeout)",
-            )
+            name = self.current_target.name
+            if self.backend is not None and self.backend_state not in (_TCP_CONNECTING, _READY):
+                # TCP is done, the TLS handshake is not: a port that is not TLS, most often.
+                self._fail(
+                    502,
+                    f"backend {name} accepted the TCP connection but did not complete the TLS "
+                    f"handshake within {config.connect_timeout:g}s (--connect-timeout); is "
+                    "that port really TLS?",
+                )
+            else:
+                self._fail(
+                    502,
+                    f"backend {name} did not accept the connection "
+                    f"within {config.connect_timeout:g}s (--connect-timeout)",
+                )
         elif phase == EXCHANGE:
             quiet = self.loop.now - self.progress
             if quiet < config.response_timeout:

@@ -656,6 +656,31 @@ def test_backend_ending_the_tls_handshake_gets_502_at_once(start_proxy, client, 
         thread.join(5)
 
 
+def test_backend_stalling_the_tls_handshake_is_not_blamed_on_tcp(start_proxy, client):
+    """A backend that accepts TCP and never answers the ClientHello (a plain HTTP server
+    waiting for a request, most often) used to be reported as not accepting the connection:
+    the 502 now says the TLS handshake did not complete, within --connect-timeout still."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    proxy = start_proxy(port, "--connect-timeout", "1", backend=f"https://127.0.0.1:{port}")
+    try:
+        mark = proxy.mark()
+        started = time.monotonic()
+        resp = client(proxy.port, timeout=5).request(simple_get("/stalled"))
+        elapsed = time.monotonic() - started
+        conn, _ = listener.accept()  # it was in the backlog all along: accepted by the kernel
+        conn.close()
+        assert resp.status == 502, resp
+        assert 0.8 <= elapsed <= 3, f"502 after {elapsed:.2f} s with --connect-timeout 1"
+        body = resp.body.decode()
+        assert "accepted the TCP connection" in body, body
+        assert "did not complete the TLS handshake within 1s (--connect-timeout)" in body, body
+        assert "did not accept the connection" not in body, body
+        assert len(proxy.logs_matching(r"TLS handshake within 1s", mark)) == 1
+    finally:
+        listener.close()
+
+
 @pytest.mark.parametrize("case", list(VERIFY_FAILURES))
 def test_backend_insecure_accepts_any_certificate(start_proxy, make_backend, client, pki, case):
     cert_name, host, _ = VERIFY_FAILURES[case]
