@@ -451,8 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         limits,
         "--max-connections",
-        "client connections (tunnels included) open at once; more "
-        "wait in the kernel's listen backlog (default: 10000)",
+        "client connections (tunnels included) open at once, per worker; more "
+        "wait in the kernel's listen backlog. Lowered, with a warning at start-up, to what the "
+        "file descriptor limit carries (2.5 a connection; rawproxy raises its soft limit to "
+        "the hard one) (default: 10000)",
         metavar="N",
     )
     add(
@@ -798,23 +800,33 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(describe_config(config))
         return 0
     setup_logging(config.log_level)
-    from rawproxy.server import Server, StartupError
+    from rawproxy.server import (
+        Server,
+        StartupError,
+        raise_nofile_limit,
+        warn_if_descriptors_short,
+    )
 
     def reread() -> Config:
         return load_settings(args, activated)[0]
 
+    inherited = systemd.listen_fds()
+    # Before any worker forks: each inherits the raised limit (and the supervisor says once,
+    # as the single process does once it listens, whether --max-connections fits it).
+    raise_nofile_limit()
     if config.workers > 1:
         from rawproxy.workers import run_workers
 
         try:
-            return run_workers(config, reread, systemd.listen_fds(), config.workers)
+            return run_workers(config, reread, inherited, config.workers)
         except StartupError as e:
             print(f"rawproxy: error: {e}", file=sys.stderr)
             return 1
     try:
-        server = Server(config, reread=reread, inherited=systemd.listen_fds())
+        server = Server(config, reread=reread, inherited=inherited)
         server.open()
         server.open_admin()
+        warn_if_descriptors_short(config, len(inherited))
     except StartupError as e:
         print(f"rawproxy: error: {e}", file=sys.stderr)
         return 1

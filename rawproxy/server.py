@@ -12,6 +12,7 @@ import errno
 import ipaddress
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -39,6 +40,96 @@ FD_EXHAUSTED_PAUSE = 0.5
 LISTEN_BACKLOG = 1024
 # While descriptors stay exhausted, say so once a minute, not at every pause.
 ACCEPT_FAILURE_LOG_EVERY = 60.0
+
+
+# -- file descriptors ------------------------------------------------------------------------
+
+# What the connection limit is budgeted in. A proxied connection holds its client socket and,
+# from its first request on, a backend socket: 2 descriptors each, always. A tunnel between
+# plain TCP sockets may also splice, each direction through a pipe (2 descriptors) it holds
+# only while bytes are in flight, and the pool keeps some spare ones; splicing is a speed-up
+# that falls back to copying when no pipe can be had. Budgeting 2 pipes for every connection
+# would cut the limit to a third for what is at most a few busy tunnels, so pipes get what
+# HAProxy gives them (maxpipes = maxconn / 4): one pipe per four connections, 2.5 descriptors
+# per connection in all, and the pool never opens more than its share (PipePool.limit), so
+# pipes cannot take the descriptors a backend socket needs.
+FDS_PER_FOUR_CONNECTIONS = 4 * 2 + 2
+# Descriptors that are not connections': stdin, stdout, stderr, epoll, the signal wake-up
+# pair, the access log, the systemd notify socket, the --workers supervisor's pipe, a few
+# admin requests, and what a reload opens for a moment (the config file, certificates, CA
+# files, a DNS socket). Listening sockets are counted on top (reserved_descriptors).
+FDS_RESERVED = 32
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, as HAProxy does and as systemd expects
+    of a daemon that can use many (its default soft limit stays 1024 for select() users; this
+    process uses epoll only). The (soft, hard) limits in force; RLIM_INFINITY is -1."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and soft != resource.RLIM_INFINITY:
+        with contextlib.suppress(OSError, ValueError):
+            # An unlimited hard limit is capped by the kernel (fs.nr_open): then keep soft.
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft, hard
+
+
+def nofile_limit() -> int:
+    """The soft RLIMIT_NOFILE in force (-1: unlimited)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def connections_that_fit(nofile: int, requested: int, reserved: int = FDS_RESERVED) -> int:
+    """The connection limit `nofile` descriptors carry: `requested` (--max-connections) when
+    it fits, else as many as fit at 2.5 descriptors each beside `reserved` (at least 1).
+    `nofile` < 0 means no limit."""
+    if nofile < 0:
+        return requested
+    fits = (nofile - reserved) * 4 // FDS_PER_FOUR_CONNECTIONS
+    return max(1, min(requested, fits))
+
+
+def pipes_that_fit(nofile: int, connections: int, reserved: int = FDS_RESERVED) -> int:
+    """How many splice pipes may be open beside `connections` connections' sockets: what is
+    left of `nofile` (at least a quarter per connection when `connections` was fitted by
+    connections_that_fit). -1: no limit."""
+    if nofile < 0:
+        return -1
+    return max(0, (nofile - reserved - 2 * connections) // 2)
+
+
+def reserved_descriptors(config: Config, inherited: int = 0) -> int:
+    """FDS_RESERVED plus the listening sockets (a `:PORT` listener may be two, IPv4 and IPv6;
+    `inherited` ones are systemd's)."""
+    listeners = 2 * len(config.listen) + inherited + (2 if config.admin_listen else 0)
+    return FDS_RESERVED + listeners
+
+
+def warn_if_descriptors_short(config: Config, inherited: int = 0) -> int:
+    """At start-up, after raise_nofile_limit: log one warning when --max-connections does not
+    fit the descriptor limit, naming the numbers and the fixes. The limit each process (each
+    worker, with --workers) accepts."""
+    nofile = nofile_limit()
+    reserved = reserved_descriptors(config, inherited)
+    requested = config.max_connections
+    effective = connections_that_fit(nofile, requested, reserved)
+    if effective < requested:
+        needed = reserved + -(-requested * FDS_PER_FOUR_CONNECTIONS // 4)
+        log.warning(
+            "--max-connections %d needs about %d file descriptors (2.5 per connection, %d "
+            "reserved), but the limit is %d (RLIMIT_NOFILE): %s at most %d connections at "
+            "once, more wait in the listen backlog; raise the limit (LimitNOFILE=%d in the "
+            "systemd unit, or ulimit -n) or lower --max-connections to %d",
+            requested,
+            needed,
+            reserved,
+            nofile,
+            f"each of the {config.workers} workers accepts" if config.workers > 1 else "accepting",
+            effective,
+            needed,
+            effective,
+        )
+    return effective
 
 
 class StartupError(Exception):
@@ -395,6 +486,13 @@ class Server:
         self.reread = reread
         self.loop = Loop()
         self.pipes = PipePool()
+        # systemd's listening sockets, counted in the descriptors reserved beside connections.
+        self.inherited_count = (
+            len(inherited or [])
+            if preopened is None
+            else sum(len(socks) for key, socks, _ in preopened if isinstance(key, str))
+        )
+        self.max_connections = self._fit_to_descriptors(config)
         self.later_keepalive = LaterKeepalive(self.loop)
         self.splice = config.splice and hasattr(os, "splice")
         self.connections: set[Connection] = set()
@@ -425,6 +523,15 @@ class Server:
     @property
     def config(self) -> Config:
         return self.runtime.config
+
+    def _fit_to_descriptors(self, config: Config) -> int:
+        """The connection limit that fits this process's descriptor limit (--max-connections,
+        or fewer: warn_if_descriptors_short said so at start-up), and the pipes' share."""
+        nofile = nofile_limit()
+        reserved = reserved_descriptors(config, self.inherited_count)
+        limit = connections_that_fit(nofile, config.max_connections, reserved)
+        self.pipes.limit = pipes_that_fit(nofile, limit, reserved)
+        return limit
 
     @property
     def listeners(self) -> list[socket.socket]:
@@ -487,7 +594,7 @@ class Server:
 
     def _accept(self, listener: socket.socket) -> None:
         runtime = self.runtime
-        limit = runtime.config.max_connections
+        limit = self.max_connections
         wanted = self.listener_tls[listener.fileno()]
         port = self.listener_port[listener.fileno()]
         tls = None
@@ -503,9 +610,12 @@ class Server:
                 # Once a minute at most: a busy proxy reaches the limit again and again.
                 if self.limit_reached.happened(self.loop.now):
                     log.warning(
-                        "%d connections open (--max-connections); new clients wait in the "
+                        "%d connections open (--max-connections%s); new clients wait in the "
                         "listen backlog (reached %d times so far)",
                         limit,
+                        ""
+                        if limit == runtime.config.max_connections
+                        else ", lowered to fit the file descriptor limit",
                         self.limit_reached.count,
                     )
                 self._accept_off()
@@ -539,7 +649,7 @@ class Server:
 
     def _resume(self) -> None:
         self.resume_timer = None
-        if self.loop.running and len(self.connections) < self.config.max_connections:
+        if self.loop.running and len(self.connections) < self.max_connections:
             self._accept_on()
 
     # -- connection registry ---------------------------------------------------------------
@@ -558,7 +668,7 @@ class Server:
             not self.accepting
             and self.resume_timer is None
             and self.loop.running
-            and len(self.connections) < self.config.max_connections
+            and len(self.connections) < self.max_connections
         ):
             self._accept_on()
 
@@ -685,6 +795,16 @@ class Server:
             for sock in self.listeners:
                 _tune_listener(sock, config.tcp_keepalive)
         self.runtime = runtime
+        limit = self._fit_to_descriptors(config)
+        if limit != self.max_connections and limit < config.max_connections and not self.worker:
+            log.warning(
+                "SIGHUP: --max-connections %d does not fit the file descriptor limit %d: "
+                "accepting at most %d connections at once (raise LimitNOFILE= or ulimit -n)",
+                config.max_connections,
+                nofile_limit(),
+                limit,
+            )
+        self.max_connections = limit
         self._log_listeners(added)
         runtime.describe()
         log.info(

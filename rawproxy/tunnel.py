@@ -82,17 +82,24 @@ class PipePool:
     tunnel does not pay pipe2()+fcntl() per chunk.
     """
 
-    def __init__(self, keep: int = 64, size: int = PIPE_SIZE) -> None:
+    def __init__(self, keep: int = 64, size: int = PIPE_SIZE, limit: int = -1) -> None:
         self.keep = keep
         self.size = size
+        # At most this many pipes open, lent or free (-1: no limit): the share of the file
+        # descriptors the server budgets for them (server.pipes_that_fit). Past it take()
+        # fails as pipe2() does when descriptors run out, and the tunnel copies instead.
+        self.limit = limit
         self.free: list[tuple[int, int]] = []
         self.lent = 0
 
     def take(self) -> tuple[int, int]:
-        self.lent += 1
         if self.free:
+            self.lent += 1
             return self.free.pop()
+        if 0 <= self.limit <= self.lent:
+            raise OSError(errno.EMFILE, "no pipe left in the descriptor budget")
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.lent += 1
         # Over the per-user pipe budget the default size still works.
         with contextlib.suppress(OSError):
             fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, self.size)

@@ -26,6 +26,7 @@ from rawproxy.server import (
     check_config,
     inherited_listener,
     open_listener,
+    warn_if_descriptors_short,
 )
 from rawproxy.systemd import Notifier
 
@@ -64,6 +65,7 @@ def run_workers(
         for sock in socks:
             kind = bool(config.certs) if tls is None else tls
             log.info("listening on %s (%s)", _shown(sock), "tls" if kind else "plain")
+    warn_if_descriptors_short(config, len(inherited))  # once here, not in every worker
     loop = Loop()
     notifier = Notifier()
     children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, start time)
