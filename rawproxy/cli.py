@@ -81,7 +81,8 @@ sizes are bytes or take a unit: 16k, 64KiB, 1M, 1MiB.
 errors rawproxy answers itself:
   400  malformed request, or framing a backend could read differently (request smuggling)
   408  request head not complete within --header-timeout
-  431  request head larger than --max-header-size
+  431  request head larger than --max-header-size, or with more header fields than
+       --max-header-count
   502  backend refused, unreachable, reset, or sent an invalid answer
   504  backend sent no response within --response-timeout
 Each is one line in the log; other clients are not affected.
@@ -199,6 +200,7 @@ SETTINGS: dict[str, tuple[Callable[[str], Any] | None, bool, Any]] = {
     "tunnel_idle_timeout": (parse_optional_duration, False, None),
     "tcp_keepalive": (parse_seconds, False, 60),
     "max_header_size": (parse_size, False, 64 * 1024),
+    "max_header_count": (parse_count, False, 100),
     "max_connections": (parse_count, False, 10000),
     "splice": (None, False, True),
     "forwarded": (None, False, "x-forwarded"),
@@ -450,6 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         limits,
+        "--max-header-count",
+        "most header fields in a request head; more get 431, as with HAProxy's "
+        "tune.http.maxhdr and Apache's LimitRequestFields (default: 100)",
+        metavar="N",
+    )
+    add(
+        limits,
         "--max-connections",
         "client connections (tunnels included) open at once, per worker; more "
         "wait in the kernel's listen backlog. Lowered, with a warning at start-up, to what the "
@@ -676,6 +685,7 @@ def build_config(settings: dict[str, Any], activated: bool = False) -> Config:
         tunnel_idle_timeout=merged["tunnel_idle_timeout"],
         tcp_keepalive=merged["tcp_keepalive"],
         max_header_size=merged["max_header_size"],
+        max_header_count=merged["max_header_count"],
         max_connections=merged["max_connections"],
         log_level=merged["log_level"],
         access_log=merged["access_log"],

@@ -91,6 +91,7 @@ class Config:
     tunnel_idle_timeout: float | None = None
     tcp_keepalive: int = 60
     max_header_size: int = 64 * 1024
+    max_header_count: int = 100
     max_connections: int = 10000
     log_level: str = "info"
     access_log: str | None = None

@@ -227,15 +227,22 @@ def looks_like_plain_http(start: bytes | bytearray) -> bool:
 
 
 _OBS_FOLD = re.compile(rb"\n[ \t]")
+# --max-header-count's default, as Apache's LimitRequestFields.
+MAX_HEADER_FIELDS = 100
 
 
-def head_error(data: bytes | bytearray, max_size: int) -> tuple[int, str] | None:
+def head_error(
+    data: bytes | bytearray, max_size: int, max_fields: int = MAX_HEADER_FIELDS
+) -> tuple[int, str] | None:
     """Why the raw bytes of a request head are refused, as (status, reason), or None.
 
-    `data` starts where the request starts and holds at least the whole head (what follows it
-    is ignored). Two checks h11 does not make:
+    `data` starts where the request starts and holds the whole head (what follows it is
+    ignored), or the start of one that has not ended yet: then what is there is judged. Three
+    checks h11 does not make:
     - size: h11 limits only heads that arrive in pieces; one that arrives whole in a single
       read is parsed whatever its size. Any head over `max_size` gets 431.
+    - field count: more than `max_fields` header lines get 431 (HAProxy refuses more than
+      101, Apache more than 100): each costs parsing and forwarding, in h11 and the backend.
     - obsolete line folding (a header line starting with a space or tab): h11 unfolds it
       silently, a backend may instead read the folded line as a header of its own, so a proxy
       must refuse it (RFC 9112 5.2).
@@ -248,7 +255,14 @@ def head_error(data: bytes | bytearray, max_size: int) -> tuple[int, str] | None
     else:
         end = len(data) if crlf < 0 else crlf + 3
     if end - start > max_size:
-        return 431, f"request head of {end - start} bytes is over the limit of {max_size}"
+        return 431, (
+            f"request head of {end - start} bytes is over the limit of {max_size} "
+            "(--max-header-size)"
+        )
+    # The request line's LF, and the empty line's once the head is complete, are no fields.
+    fields = data.count(b"\n", start, end) - (1 if bare < 0 and crlf < 0 else 2)
+    if fields > max_fields:
+        return 431, (f"request head with more than {max_fields} header fields (--max-header-count)")
     if _OBS_FOLD.search(data, start, end):
         return 400, "obsolete line folding in a header"
     return None
@@ -567,13 +581,19 @@ def _header_fields(
     return None if fields is None else (raw, fields)
 
 
-def parse_simple_request(data: bytes, max_size: int) -> SimpleRequest | None:
-    """`data` as one simple request head (all of `data`, nothing after it), or None."""
+def parse_simple_request(
+    data: bytes, max_size: int, max_fields: int = MAX_HEADER_FIELDS
+) -> SimpleRequest | None:
+    """`data` as one simple request head (all of `data`, nothing after it), or None. A head
+    with more than `max_fields` header lines is none (h11's path answers it 431), counted
+    before any line is parsed."""
     size = len(data)
     if size > max_size or not data.endswith(b"\r\n\r\n"):
         return None
     line = _SIMPLE_REQUEST_LINE.match(data)
     if line is None or line[1] == b"CONNECT":  # h11 treats CONNECT as a protocol switch
+        return None
+    if data.count(b"\n", line.end(), size - 2) > max_fields:
         return None
     target = line[2]
     if target[0] != 47 or _MAY_RESOLVE.search(target) is not None:

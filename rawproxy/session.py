@@ -223,6 +223,7 @@ class Session:
         "fast_remaining",
         "forwarded_cache",
         "head_bytes",
+        "head_lines",
         "local_address",
         "local_port",
         "loop",
@@ -306,6 +307,7 @@ class Session:
         self.exchange_start = self.loop.now
         self.progress = self.loop.now
         self.head_bytes: bytearray | None = bytearray()
+        self.head_lines = 0  # LFs in head_bytes: a cheap bound on its header fields
         # The exchange under way bypasses h11 (see _take_simple_request): its request head as
         # the client sent it (replayed into h11 if the exchange leaves the fast path), the
         # response body bytes still to relay (-1 before the response head) and whether the
@@ -660,6 +662,7 @@ class Session:
                 self.progress = self.loop.now
                 return
             self.head_bytes = bytearray()
+            self.head_lines = 0
             self._arm(self.config.header_timeout, self._on_timeout)
             self._take_client_bytes(data, fast=False)
             return
@@ -680,11 +683,30 @@ class Session:
                 if fast and self._take_simple_request(data):
                     self.progress = self.loop.now
                     return
+            before = len(head_bytes)
             head_bytes += data
+            self.head_lines += head_bytes.count(b"\n", before)
+            if self._too_many_fields(head_bytes):
+                return
         self.progress = self.loop.now
         # h11 copies what it is given (its annotation says bytes; any bytes-like works).
         self._client_machine().receive_data(data)  # type: ignore[arg-type]
         self._pump_client()
+
+    def _too_many_fields(self, head: bytearray) -> bool:
+        """A head (so far) with more than --max-header-count fields is answered 431 before
+        h11 parses a field of it: True when it was. Only the LFs were counted as the bytes
+        came; the head is looked at only once they are more than the fields allowed (they
+        may include a body's)."""
+        limit = self.config.max_header_count
+        if self.head_lines <= limit + 1:
+            return False
+        refused = head_error(head, self.config.max_header_size, limit)
+        if refused is None or refused[0] != 431:
+            return False
+        self.head_bytes = None
+        self._fail(*refused)
+        return True
 
     def _take_simple_request(self, data: memoryview, idle: bool = False) -> bool:
         """The fast path: a whole simple request head (rawproxy.http.parse_simple_request) in
@@ -705,7 +727,7 @@ class Session:
             return False
         config = self.config
         raw = bytes(data)
-        request = parse_simple_request(raw, config.max_header_size)
+        request = parse_simple_request(raw, config.max_header_size, config.max_header_count)
         if request is None:
             return False
         chosen = self.runtime.choose(request.target)
@@ -1049,12 +1071,14 @@ class Session:
         self._begin_exchange(request, request_done=False)
         head = self.head_bytes
         self.head_bytes = None
-        refused = head_error(head, self.config.max_header_size) if head is not None else None
+        config = self.config
+        refused = (
+            head_error(head, config.max_header_size, config.max_header_count)
+            if head is not None
+            else None
+        )
         if refused is not None:
-            status, detail = refused
-            if status == 431:
-                detail += " (--max-header-size)"
-            self._fail(status, detail)
+            self._fail(*refused)
             return
         problem = framing_error(request.headers)
         if problem is not None:
@@ -1087,7 +1111,6 @@ class Session:
         decision = self.decision = decide_upgrade(request.headers)
         if decision.considered and log.isEnabledFor(logging.DEBUG):
             log.debug("%s upgrade decision: %s", self._describe(), decision.reason)
-        config = self.config
         headers = backend_request_headers(
             request.headers.raw_items(),
             decision,
@@ -1746,9 +1769,11 @@ class Session:
         if pending:
             # A pipelined request is already here.
             self.phase = HEAD
-            self.head_bytes = bytearray(pending)
+            head = self.head_bytes = bytearray(pending)
+            self.head_lines = head.count(b"\n")
             self._arm(self.config.header_timeout, self._on_timeout)
-            self._pump_client()
+            if not self._too_many_fields(head):
+                self._pump_client()
         elif closed:
             self._close()
         else:

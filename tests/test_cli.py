@@ -33,6 +33,7 @@ FLAGS = [
     "--tunnel-idle-timeout",
     "--tcp-keepalive",
     "--max-header-size",
+    "--max-header-count",
     "--max-connections",
     "--log-level",
     "--version",
@@ -219,3 +220,13 @@ def test_low_port_without_privilege_is_one_line():
     assert_one_line_error(done)
     assert "permission denied" in done.stderr
     assert "CAP_NET_BIND_SERVICE" in done.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many"])
+def test_max_header_count_must_be_a_positive_number(value):
+    done = run_rawproxy(
+        "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9", "--max-header-count", value
+    )
+    assert done.returncode == 2
+    assert "--max-header-count" in done.stderr
+    assert "Traceback" not in done.stderr

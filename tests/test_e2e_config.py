@@ -458,6 +458,7 @@ EVERY_SETTING = [
     "idle-timeout",
     "tcp-keepalive",
     "max-header-size",
+    "max-header-count",
     "max-connections",
     "log-level",
     "splice",

@@ -186,3 +186,96 @@ def test_raise_nofile_limit_is_harmless_when_soft_equals_hard() -> None:
         pytest.skip("this test process has soft < hard; not changing it here")
     assert raise_nofile_limit() == before
     assert resource.getrlimit(resource.RLIMIT_NOFILE) == before
+
+
+# -- --max-header-count --------------------------------------------------------------------------
+
+
+def head_with_fields(count: int, method: str = "GET", how: str = "fast") -> list[bytes]:
+    """A request with `count` header fields (Host and, for a body, its framing header
+    included), as the pieces to send. `how`: fast (a bodiless CRLF head in one piece: the
+    fast path), lf (bare LF line ends), pieces (the head in two sends), body
+    (Content-Length), chunked; all but fast go by h11's path."""
+    headers = [("Host", "backend.test")]
+    body = b""
+    if how == "body":
+        headers.append(("Content-Length", "5"))
+        body = b"hello"
+    elif how == "chunked":
+        headers.append(("Transfer-Encoding", "chunked"))
+        body = b"5\r\nhello\r\n0\r\n\r\n"
+    headers += [(f"X{i}", "v") for i in range(count - len(headers))]
+    data = peers.request_bytes(method, "/echo" if body else "/count", headers, body)
+    if how == "lf":
+        data = data.replace(b"\r\n", b"\n")
+    if how == "pieces":
+        return [data[:40], data[40:]]
+    return [data]
+
+
+def send_pieces(c: peers.HttpClient, pieces: list[bytes]) -> peers.Response:
+    for piece in pieces:
+        c.send(piece)
+        time.sleep(0.05)
+    return c.read_response()
+
+
+@pytest.mark.parametrize("how", ["fast", "lf", "pieces", "body", "chunked"])
+def test_more_than_max_header_count_fields_get_431(start_proxy, http_backend, client, how):
+    """12,000 header fields (58 KiB, under --max-header-size) used to be parsed and forwarded,
+    13 ms of CPU each; HAProxy refuses more than 101, Apache more than 100 by default."""
+    proxy = start_proxy(http_backend.port)
+    c = client(proxy.port)
+    method = "POST" if how in ("body", "chunked") else "GET"
+    resp = send_pieces(c, head_with_fields(100, method, how))
+    assert resp.status == 200
+    assert len(http_backend.wait_for_requests(1)) == 1
+    assert resp.body == (b"hello" if method == "POST" else b"GET /count")
+    for count in (101, 5000):  # 5,000 fields: 50 KiB, under --max-header-size
+        c = client(proxy.port)
+        mark = proxy.mark()
+        resp = send_pieces(c, head_with_fields(count, method, how))
+        assert resp.status == 431
+        assert b"--max-header-count" in resp.body
+        assert c.wait_closed()[0] in ("eof", "reset")
+        assert proxy.logs_matching(r"431.*more than 100 header fields", since=mark)
+    assert len(http_backend.heads) == 1, "a head with too many fields reached the backend"
+
+
+def test_max_header_count_after_a_kept_alive_request(start_proxy, http_backend, client):
+    """The limit holds for the next request on a connection too (idle, then pipelined)."""
+    proxy = start_proxy(http_backend.port, "--max-header-count", "10")
+    c = client(proxy.port)
+    assert send_pieces(c, head_with_fields(10)).status == 200
+    assert send_pieces(c, head_with_fields(11)).status == 431
+    c = client(proxy.port)
+    c.send(head_with_fields(10)[0] + head_with_fields(11)[0])
+    assert c.read_response().status == 200
+    assert c.read_response().status == 431
+    assert len(http_backend.heads) == 2
+
+
+def test_max_header_count_in_the_config_file(start_proxy, http_backend, client, tmp_path):
+    path = tmp_path / "rawproxy.toml"
+    path.write_text("max-header-count = 5\n")
+    done = peers.run_rawproxy(
+        "--check-config", str(path), "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "max-header-count = 5\n" in done.stdout
+    proxy = start_proxy(http_backend.port, "--config", str(path))
+    for how in ("fast", "body"):
+        method = "POST" if how == "body" else "GET"
+        assert send_pieces(client(proxy.port), head_with_fields(5, method, how)).status == 200
+        assert send_pieces(client(proxy.port), head_with_fields(6, method, how)).status == 431
+    # The command line overrides the file.
+    proxy = start_proxy(http_backend.port, "--config", str(path), "--max-header-count", "6")
+    assert send_pieces(client(proxy.port), head_with_fields(6)).status == 200
+
+
+def test_default_max_header_count_in_check_config_and_help(tmp_path):
+    path = tmp_path / "rawproxy.toml"
+    path.write_text('listen = ["127.0.0.1:8080"]\nbackend = "127.0.0.1:9"\n')
+    done = peers.run_rawproxy("--check-config", str(path))
+    assert "max-header-count = 100\n" in done.stdout
+    assert "--max-header-count" in peers.run_rawproxy("--help").stdout

@@ -553,9 +553,38 @@ def test_head_size_limit_counts_the_whole_head_only() -> None:
     assert refused[0] == 431
 
 
+def fields_head(n: int, end: bytes = b"\r\n") -> bytes:
+    """A GET head with `n` header fields (Host first), lines ending in `end`."""
+    lines = [b"GET / HTTP/1.1", b"Host: a"] + [b"X-F%d: v" % i for i in range(n - 1)]
+    return end.join(lines) + end + end
+
+
+@pytest.mark.parametrize("end", [b"\r\n", b"\n"])
+def test_head_field_count_limit(end: bytes) -> None:
+    assert head_error(fields_head(100, end), 65536) is None  # the default: 100
+    assert head_error(fields_head(101, end), 65536) == (
+        431,
+        "request head with more than 100 header fields (--max-header-count)",
+    )
+    assert head_error(fields_head(5, end), 65536, 5) is None
+    assert head_error(fields_head(6, end), 65536, 5) is not None
+    # Empty lines before the request line, and a body's lines, are no fields.
+    assert head_error(end * 3 + fields_head(5, end) + b"\n" * 50, 65536, 5) is None
+
+
+def test_head_field_count_of_a_head_not_ended_yet() -> None:
+    """A head still arriving is judged by its complete lines so far."""
+    head = fields_head(7)[:-2]  # its last field ends, the empty line has not come
+    assert head_error(head, 65536, 7) is None
+    assert head_error(head, 65536, 6) is not None
+    assert head_error(head + b"X-More: part", 65536, 7) is None
+
+
 @given(st.binary(max_size=200))
 def test_head_check_never_crashes(data: bytes) -> None:
     result = head_error(data, 100)
+    assert result is None or result[0] in (400, 431)
+    result = head_error(data, 100, 2)
     assert result is None or result[0] in (400, 431)
 
 

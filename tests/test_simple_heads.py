@@ -241,6 +241,22 @@ def test_a_head_over_the_limit_goes_to_h11() -> None:
     assert parse_simple_request(data, len(data) - 1) is None
 
 
+def test_a_head_with_too_many_fields_goes_to_h11() -> None:
+    """Past --max-header-count (default 100) the fast path takes no head; h11's path answers
+    431. Up to it, the fast path reads it as h11 does."""
+    lines = [b"GET / HTTP/1.1", b"Host: a"] + [b"X-F%d: v" % i for i in range(100)]
+    hundred = b"\r\n".join(lines[:-1]) + b"\r\n\r\n"
+    simple = check_request(hundred)
+    assert simple is not None
+    assert len(simple.raw) == 100
+    assert parse_simple_request(b"\r\n".join(lines) + b"\r\n\r\n", LIMIT) is None
+    assert parse_simple_request(hundred, LIMIT, 100) is not None
+    assert parse_simple_request(hundred, LIMIT, 99) is None
+    spaced = hundred.replace(b": v", b":  v")  # the second, spaced reading: counted alike
+    assert parse_simple_request(spaced, LIMIT, 100) is not None
+    assert parse_simple_request(spaced, LIMIT, 99) is None
+
+
 def test_browser_handshakes_take_the_fast_path() -> None:
     """The captured Chromium and Firefox handshakes are simple requests, read as h11 reads
     them, and decide_upgrade (the one rule, on either path) finds them upgrades."""
