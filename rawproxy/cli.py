@@ -462,8 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections",
         "client connections (tunnels included) open at once, per worker; more "
         "wait in the kernel's listen backlog. Lowered, with a warning at start-up, to what the "
-        "file descriptor limit carries (2.5 a connection; rawproxy raises its soft limit to "
-        "the hard one) (default: 10000)",
+        "file descriptor limit carries (2 a connection, and some for splice pipes; rawproxy "
+        "raises its soft limit to the hard one, and root's hard limit to what is needed) "
+        "(default: 10000)",
         metavar="N",
     )
     add(
@@ -813,6 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     from rawproxy.server import (
         Server,
         StartupError,
+        descriptors_needed,
         raise_nofile_limit,
         warn_if_descriptors_short,
     )
@@ -823,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     inherited = systemd.listen_fds()
     # Before any worker forks: each inherits the raised limit (and the supervisor says once,
     # as the single process does once it listens, whether --max-connections fits it).
-    raise_nofile_limit()
+    raise_nofile_limit(descriptors_needed(config, len(inherited)))
     if config.workers > 1:
         from rawproxy.workers import run_workers
 

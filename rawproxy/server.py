@@ -47,13 +47,14 @@ ACCEPT_FAILURE_LOG_EVERY = 60.0
 # What the connection limit is budgeted in. A proxied connection holds its client socket and,
 # from its first request on, a backend socket: 2 descriptors each, always. A tunnel between
 # plain TCP sockets may also splice, each direction through a pipe (2 descriptors) it holds
-# only while bytes are in flight, and the pool keeps some spare ones; splicing is a speed-up
-# that falls back to copying when no pipe can be had. Budgeting 2 pipes for every connection
-# would cut the limit to a third for what is at most a few busy tunnels, so pipes get what
-# HAProxy gives them (maxpipes = maxconn / 4): one pipe per four connections, 2.5 descriptors
-# per connection in all, and the pool never opens more than its share (PipePool.limit), so
-# pipes cannot take the descriptors a backend socket needs.
-FDS_PER_FOUR_CONNECTIONS = 4 * 2 + 2
+# only while bytes are in flight (idle tunnels hold none), and the pool keeps some spare
+# ones; splicing is a speed-up that falls back to copying when no pipe can be had. Pipes get
+# one per four connections (HAProxy's maxpipes = maxconn / 4) up to PIPES_BUDGETED, which is
+# more tunnels moving bytes at the same instant than one event loop serves well; so a large
+# limit loses 128 descriptors to pipes, not a fifth. The pool never opens more than what the
+# connections leave (PipePool.limit), so pipes cannot take the descriptors a backend socket
+# needs.
+PIPES_BUDGETED = 64
 # Descriptors that are not connections': stdin, stdout, stderr, epoll, the signal wake-up
 # pair, the access log, the systemd notify socket, the --workers supervisor's pipe, a few
 # admin requests, and what a reload opens for a moment (the config file, certificates, CA
@@ -61,17 +62,34 @@ FDS_PER_FOUR_CONNECTIONS = 4 * 2 + 2
 FDS_RESERVED = 32
 
 
-def raise_nofile_limit() -> tuple[int, int]:
-    """Raise the soft RLIMIT_NOFILE to the hard limit, as HAProxy does and as systemd expects
-    of a daemon that can use many (its default soft limit stays 1024 for select() users; this
-    process uses epoll only). The (soft, hard) limits in force; RLIM_INFINITY is -1."""
+def raise_nofile_limit(needed: int = 0) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, as systemd expects of a daemon that can
+    use many (its default soft limit stays 1024 for select() users; this process uses epoll
+    only); and when `needed` descriptors (descriptors_needed) are more than the hard limit,
+    try to raise both to that, as HAProxy does with its computed ulimit-n: root (or
+    CAP_SYS_RESOURCE) may, up to fs.nr_open; others keep the hard limit, and
+    warn_if_descriptors_short says what fits. The (soft, hard) limits in force;
+    RLIM_INFINITY is -1."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and needed > hard:
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
+            return needed, needed
     if soft != hard and soft != resource.RLIM_INFINITY:
         with contextlib.suppress(OSError, ValueError):
             # An unlimited hard limit is capped by the kernel (fs.nr_open): then keep soft.
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
     return soft, hard
+
+
+def descriptors_needed(config: Config, inherited: int = 0) -> int:
+    """The descriptors --max-connections needs, with its pipes and the reserve."""
+    return reserved_descriptors(config, inherited) + _descriptors_for(config.max_connections)
+
+
+def _descriptors_for(connections: int) -> int:
+    return 2 * connections + 2 * min(PIPES_BUDGETED, -(-connections // 4))
 
 
 def nofile_limit() -> int:
@@ -81,18 +99,22 @@ def nofile_limit() -> int:
 
 def connections_that_fit(nofile: int, requested: int, reserved: int = FDS_RESERVED) -> int:
     """The connection limit `nofile` descriptors carry: `requested` (--max-connections) when
-    it fits, else as many as fit at 2.5 descriptors each beside `reserved` (at least 1).
-    `nofile` < 0 means no limit."""
+    it fits, else as many as fit beside `reserved` at 2 descriptors each plus their pipes (at
+    least 1). `nofile` < 0 means no limit."""
     if nofile < 0:
         return requested
-    fits = (nofile - reserved) * 4 // FDS_PER_FOUR_CONNECTIONS
+    room = nofile - reserved
+    # 2.5 a connection while the pipes' quarter is under the cap, then 2 and the cap's pipes.
+    fits = room * 4 // 10
+    if fits > 4 * PIPES_BUDGETED:
+        fits = (room - 2 * PIPES_BUDGETED) // 2
     return max(1, min(requested, fits))
 
 
 def pipes_that_fit(nofile: int, connections: int, reserved: int = FDS_RESERVED) -> int:
     """How many splice pipes may be open beside `connections` connections' sockets: what is
-    left of `nofile` (at least a quarter per connection when `connections` was fitted by
-    connections_that_fit). -1: no limit."""
+    left of `nofile` (when `connections` was fitted by connections_that_fit, at least one per
+    four connections or PIPES_BUDGETED). -1: no limit."""
     if nofile < 0:
         return -1
     return max(0, (nofile - reserved - 2 * connections) // 2)
@@ -114,12 +136,13 @@ def warn_if_descriptors_short(config: Config, inherited: int = 0) -> int:
     requested = config.max_connections
     effective = connections_that_fit(nofile, requested, reserved)
     if effective < requested:
-        needed = reserved + -(-requested * FDS_PER_FOUR_CONNECTIONS // 4)
+        needed = descriptors_needed(config, inherited)
         log.warning(
-            "--max-connections %d needs about %d file descriptors (2.5 per connection, %d "
-            "reserved), but the limit is %d (RLIMIT_NOFILE): %s at most %d connections at "
-            "once, more wait in the listen backlog; raise the limit (LimitNOFILE=%d in the "
-            "systemd unit, or ulimit -n) or lower --max-connections to %d",
+            "--max-connections %d needs about %d file descriptors (2 per connection, some "
+            "for splice pipes, %d reserved), but the limit is %d (RLIMIT_NOFILE): %s at "
+            "most %d connections at once, more wait in the listen backlog; raise the limit "
+            "(LimitNOFILE=%d in the systemd unit, or ulimit -n) or lower --max-connections "
+            "to %d",
             requested,
             needed,
             reserved,

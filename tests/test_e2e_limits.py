@@ -15,6 +15,7 @@ from peers import assert_serves, connect
 
 from rawproxy.server import (
     FDS_RESERVED,
+    PIPES_BUDGETED,
     connections_that_fit,
     pipes_that_fit,
     raise_nofile_limit,
@@ -56,12 +57,19 @@ def test_fd_exhaustion_pauses_accepting_without_spinning(start_proxy, http_backe
 # -- the connection limit fits the descriptor limit --------------------------------------------
 
 
-def nofile_launcher(soft: int, hard: int) -> list[str]:
-    """A command that execs the rest of its arguments with RLIMIT_NOFILE (soft, hard)."""
+def nofile_launcher(soft: int, hard: int, privileged: bool = False) -> list[str]:
+    """A command that execs the rest of its arguments with RLIMIT_NOFILE (soft, hard). Unless
+    `privileged`, without CAP_SYS_RESOURCE (dropped from the bounding set, so that root's
+    exec does not get it back): the proxy then cannot raise the hard limit, as any user."""
+    drop = (
+        ""
+        if privileged
+        else "import ctypes; ctypes.CDLL(None, use_errno=True).prctl(24, 24, 0, 0, 0); "
+    )  # prctl(PR_CAPBSET_DROP, CAP_SYS_RESOURCE); fails harmlessly when not root
     return [
         sys.executable,
         "-c",
-        "import os, resource, sys; "
+        f"import os, resource, sys; {drop}"
         f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard})); "
         "os.execv(sys.argv[1], sys.argv[1:])",
     ]
@@ -114,6 +122,32 @@ def test_soft_descriptor_limit_is_raised_to_the_hard_one(run_proxy, http_backend
     assert_serves(proxy, http_backend)
 
 
+def _may_raise_hard_limit() -> bool:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return False
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard + 1))
+    except (OSError, ValueError):
+        return False
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))  # lowering is always allowed
+    return True
+
+
+@pytest.mark.skipif(not _may_raise_hard_limit(), reason="needs CAP_SYS_RESOURCE (root)")
+def test_root_raises_the_hard_limit_to_what_max_connections_needs(run_proxy, http_backend):
+    """As HAProxy sets the ulimit-n its maxconn needs: a privileged proxy raises the hard
+    limit too (up to fs.nr_open), and then nothing is lowered or warned about."""
+    proxy = run_proxy(
+        *peers.proxy_args(http_backend.port, "--max-connections", "30000"),
+        launcher=nofile_launcher(64, 64, privileged=True),
+    )
+    soft, hard = resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE)
+    assert soft == hard >= 30000 * 2
+    assert not proxy.logs_matching(WARNING), proxy.log_text()
+    assert_serves(proxy, http_backend)
+
+
 def test_with_workers_the_descriptor_warning_is_said_once(run_proxy, http_backend):
     """Each worker is a process with its own descriptor limit (inherited, raised, from the
     supervisor): the warning speaks of each, once."""
@@ -142,7 +176,8 @@ def test_a_limit_that_fits_is_not_warned_about(run_proxy, http_backend):
         (1024 * 1024, 10000, 10000),  # fits: unchanged
         (-1, 10000, 10000),  # unlimited
         (64, 10000, (64 - FDS_RESERVED) * 4 // 10),  # 2.5 descriptors a connection
-        (1024, 10000, (1024 - FDS_RESERVED) * 4 // 10),
+        (1024, 10000, (1024 - FDS_RESERVED - 128) // 2),  # 2 each and 64 pipes
+        (20000, 10000, (20000 - FDS_RESERVED - 128) // 2),  # 9,000 tunnels fit in 20,000
         (1024, 100, 100),
         (FDS_RESERVED + 25, 10, 10),  # exactly fits
         (FDS_RESERVED + 24, 10, 9),
@@ -161,8 +196,9 @@ def test_connections_and_pipes_that_fit_stay_within_the_limit() -> None:
             pipes = pipes_that_fit(nofile, connections, reserved=40)
             if connections > 1:
                 assert 40 + 2 * connections + 2 * pipes <= nofile
-                # Where the limit was lowered, pipes still get one per four connections.
-                assert pipes >= connections // 4
+                # Where the limit was lowered, pipes still get one per four connections, or
+                # the cap.
+                assert pipes >= min(connections // 4, PIPES_BUDGETED)
     assert connections_that_fit(64, 10000, reserved=34) == 12
 
 
