@@ -289,8 +289,14 @@ def test_browser_through_proxy(
         site, browser, "the page's report (POST /result)", lambda s: bool(s.reports), RESULT_TIMEOUT
     )
     reported = time.monotonic() - started
+    # The site records /done's body while routing it, and the request itself just after:
+    # wait for both, or the snapshot below may lack the request.
     wait_or_fail(
-        site, browser, "the form POST's answer (POST /done)", lambda s: bool(s.done), DONE_TIMEOUT
+        site,
+        browser,
+        "the form POST's answer (POST /done)",
+        lambda s: bool(s.done) and any(r.path == "/done" for r in s.requests),
+        DONE_TIMEOUT,
     )
     finished = time.monotonic() - started
     snap = site.snapshot()
