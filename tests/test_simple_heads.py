@@ -755,3 +755,27 @@ def test_upgrade_requests_mean_the_same_to_h11(lines: list[bytes], host_first: b
 )
 def test_101s_mean_the_same_to_h11(lines: list[bytes], reason: bytes, after: bytes) -> None:
     check_switch(b"HTTP/1.1 101 " + reason + b"\r\n" + b"".join(lines) + b"\r\n" + after)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"X-Big: " + b"a" * 60_000 + b"\x00",  # a token run that is no header name
+        b"a" * 60_000,  # a line without a colon
+        b"X-Big:   " + b"a " * 30_000 + b"\x00",  # the spaced reader's fallback
+    ],
+    ids=["value-then-nul", "no-colon", "spaced"],
+)
+def test_a_long_line_that_is_no_header_is_refused_in_linear_time(line: bytes) -> None:
+    """findall() tries every position of a head: a header-line pattern that could start
+    anywhere read a 60 KB run of token characters from each of its bytes (20 s of CPU, the
+    whole proxy stalled, for one request). It may only start after a newline. The bound is
+    a thousand times what the parsers take, and a hundredth of what the flaw took."""
+    import time
+
+    request = b"GET / HTTP/1.1\r\nHost: a\r\n" + line + b"\r\n\r\n"
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + line + b"\r\n\r\n"
+    started = time.process_time()
+    assert parse_simple_request(request, 1 << 20) is None
+    assert parse_simple_response(response) is None
+    assert time.process_time() - started < 0.2
