@@ -1121,9 +1121,34 @@ REASONS = {
 }
 
 
+# What a 5xx answer the proxy writes itself says: the backend's name and address and what it
+# sent are for the log, not for whoever asked (nginx and HAProxy answer with a page of their
+# own, too).
+_SERVER_ERROR_TEXT = {
+    502: "the backend could not be reached or sent an invalid answer",
+    503: "the service is not available",
+    504: "the backend did not answer in time",
+}
+# A detail longer than this is cut (its end replaced by its length): an invalid header line
+# quoted whole made a 60 KB request write 350 KB of logs.
+DETAIL_LIMIT = 300
+
+
+def shortened(detail: str) -> str:
+    """`detail` as a log line and an error page carry it: at most about DETAIL_LIMIT long."""
+    if len(detail) <= DETAIL_LIMIT:
+        return detail
+    return f"{detail[:DETAIL_LIMIT]}... ({len(detail)} characters)"
+
+
 def error_body(status: int, detail: str) -> bytes:
-    """The text of an answer the proxy writes itself; `detail` is a short text for humans."""
-    return f"{status} {REASONS.get(status, 'Error')}: {detail}\n".encode("latin-1", "replace")
+    """The text of an answer the proxy writes itself; `detail` is a short text for humans,
+    shown for a client's error (4xx: what was wrong with its request) and kept out of a
+    server error's (5xx: it names the backend; the log has it)."""
+    reason = REASONS.get(status, "Error")
+    if status >= 500:
+        detail = _SERVER_ERROR_TEXT.get(status, "the proxy could not answer")
+    return f"{status} {reason}: {detail}\n".encode("latin-1", "replace")
 
 
 def error_headers(length: int) -> list[Header]:

@@ -64,6 +64,7 @@ from rawproxy.http import (
     plain_switch_head,
     resolve_request,
     rewrite_response_headers,
+    shortened,
     switch_error,
     without_cuts,
     write_head,
@@ -1924,6 +1925,7 @@ class Session:
 
     def _fail(self, status: int, detail: str) -> None:
         """Answer `status` ourselves (one log line), then close the client connection."""
+        detail = shortened(detail)
         self._report(status, detail)
         if self.response_started:
             self._close(reset=True)

@@ -307,10 +307,10 @@ def test_101_to_a_protocol_not_offered_gets_502(proxy, http_backend, client, con
         )
     )
     assert resp.status == 502
-    assert b"which the request did not offer" in resp.body
     assert b"raw-bytes-after-101" not in resp.body
     assert_serves(proxy, http_backend)
     assert_logged_once(proxy, mark, status_pattern(502))
+    assert "which the request did not offer" in proxy.wait_for_log(status_pattern(502), mark)
 
 
 @pytest.mark.parametrize(
@@ -369,3 +369,39 @@ def test_slowloris_head_closed_after_header_timeout(start_proxy, http_backend, c
     assert_serves(proxy, http_backend)  # after
     nothing_reached_backend(http_backend)
     assert_logged_once(proxy, mark, rf"{status_pattern(408)}|header.timeout|timed out")
+
+
+def test_a_502_page_names_neither_the_backend_nor_what_it_sent(
+    scripted_backend, start_proxy, client
+):
+    """The reason is for the log: a 5xx page the proxy writes says only what kind of failure
+    it was (it used to quote the backend's address and the invalid line, secrets and all)."""
+
+    def script(sc):
+        sc.sock.sendall(b"HTTP/1.1 200 OK\r\nX-Internal-Auth: Bearer SECRET\x00\r\n\r\n")
+
+    backend = scripted_backend(script)
+    proxy = start_proxy(backend.port)
+    mark = proxy.mark()
+    c = client(proxy.port, timeout=5)
+    resp = c.request(simple_get("/leak"))
+    assert resp.status == 502
+    assert resp.body.startswith(b"502 Bad Gateway: ")
+    assert b"SECRET" not in resp.body
+    assert str(backend.port).encode() not in resp.body
+    line = proxy.wait_for_log(status_pattern(502), mark)
+    assert str(backend.port) in line
+    assert "invalid" in line
+
+
+def test_a_huge_invalid_header_is_not_quoted_whole(proxy, client):
+    """h11 quotes the line it refuses: a 60 KB header line with a NUL wrote 350 KB of logs
+    per request. The detail is cut, in the log and on the 400 page."""
+    mark = proxy.mark()
+    c = client(proxy.port, timeout=5)
+    resp = c.request(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 60_000 + b"\x00\r\n\r\n")
+    assert resp.status == 400
+    assert len(resp.body) < 1000
+    assert b"characters)" in resp.body
+    line = proxy.wait_for_log(status_pattern(400), mark)
+    assert len(line) < 1000

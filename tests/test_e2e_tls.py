@@ -647,10 +647,10 @@ def test_backend_ending_the_tls_handshake_gets_502_at_once(start_proxy, client, 
         resp = client(proxy.port, timeout=15).request(simple_get("/hs"))
         assert resp.status == 502, resp
         assert time.monotonic() - started < 3
-        assert b"--connect-timeout" not in resp.body
-        assert re.search(rb"reset|closed|EOF", resp.body), resp.body
         assert len(accepted) == 1, f"{len(accepted)} connections to the backend"
-        assert len(proxy.logs_matching(r" 502 ", mark)) == 1
+        [line] = proxy.logs_matching(r" 502 ", mark)
+        assert "--connect-timeout" not in line
+        assert re.search(r"reset|closed|EOF", line), line
     finally:
         listener.close()
         thread.join(5)
@@ -672,11 +672,10 @@ def test_backend_stalling_the_tls_handshake_is_not_blamed_on_tcp(start_proxy, cl
         conn.close()
         assert resp.status == 502, resp
         assert 0.8 <= elapsed <= 3, f"502 after {elapsed:.2f} s with --connect-timeout 1"
-        body = resp.body.decode()
-        assert "accepted the TCP connection" in body, body
-        assert "did not complete the TLS handshake within 1s (--connect-timeout)" in body, body
-        assert "did not accept the connection" not in body, body
-        assert len(proxy.logs_matching(r"TLS handshake within 1s", mark)) == 1
+        [line] = proxy.logs_matching(r"TLS handshake within 1s", mark)
+        assert "accepted the TCP connection" in line, line
+        assert "did not complete the TLS handshake within 1s (--connect-timeout)" in line, line
+        assert "did not accept the connection" not in line, line
     finally:
         listener.close()
 

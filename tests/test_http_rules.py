@@ -28,6 +28,7 @@ from rawproxy.http import (
     rewrite_set_cookie,
     rewrite_url,
     select_route,
+    shortened,
     switch_error,
 )
 
@@ -604,7 +605,16 @@ def test_error_response_is_valid_http(status: int) -> None:
     assert (b"connection", b"close") in list(response.headers)
     body = conn.next_event()
     assert isinstance(body, h11.Data)
-    assert b"something precise" in body.data
+    # A client's error says what was wrong; a server error keeps it for the log (it names
+    # the backend).
+    assert (b"something precise" in body.data) == (status < 500)
+
+
+def test_a_long_detail_is_shortened() -> None:
+    assert shortened("x" * 300) == "x" * 300
+    cut = shortened("x" * 60_000)
+    assert cut.startswith("x" * 300)
+    assert cut.endswith("... (60000 characters)")
 
 
 def test_error_response_for_head_has_no_body() -> None:
