@@ -2014,11 +2014,11 @@ class Session:
                 self._arm(config.response_timeout - quiet, self._on_timeout)
                 return
             if self.response_started:
-                log.warning(
-                    "%s no progress for %gs while relaying the response "
+                # One line, in the access log too: the status, the bytes the client got, why.
+                self._report(
+                    self.response_status,
+                    f"no progress for {config.response_timeout:g}s while relaying the response "
                     "(--response-timeout); connection closed",
-                    self._describe(),
-                    config.response_timeout,
                 )
                 self._close(reset=True)
             elif not self.request_done:

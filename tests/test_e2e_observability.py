@@ -662,3 +662,33 @@ def test_metrics_move_with_the_traffic(
     finally:
         for c in idle:
             c.close()
+
+
+def test_an_answer_stalled_mid_body_has_its_access_line(start_proxy, scripted_backend, tmp_path):
+    """A backend that stops in the middle of a body: --response-timeout cuts the exchange,
+    and the access log says so (status, the bytes the client got, why), as it does for a
+    body the backend cut short. It used to say nothing: the request was missing there."""
+
+    def script(sc: ScriptedConn):
+        sc.sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nabc")
+        time.sleep(3)
+
+    backend = scripted_backend(script)
+    path = tmp_path / "access.log"
+    proxy = start_proxy(backend.port, "--access-log", str(path), "--response-timeout", "1")
+    c = connect(proxy.port)
+    c.sendall(request_bytes("GET", "/stalled", [("Host", "a")]))
+    recv_until(c, bytearray(), b"abc")
+    deadline = time.monotonic() + 5
+    lines: list[str] = []
+    while time.monotonic() < deadline and not lines:
+        lines = path.read_text().splitlines() if path.exists() else []
+        time.sleep(0.05)
+    c.close()
+    assert len(lines) == 1, lines
+    fields = CLF.fullmatch(lines[0])
+    assert fields, lines
+    assert fields["request"] == "GET /stalled HTTP/1.1"
+    assert (fields["status"], fields["size"]) == ("200", "3")
+    assert "--response-timeout" in fields["rest"]
+    assert len(proxy.logs_matching("no progress for 1s")) == 1
