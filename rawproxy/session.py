@@ -857,6 +857,8 @@ class Session:
                 response = parse_simple_response(
                     chunk, decision is not None and decision.upgrade is not None
                 )
+            if response is not None and response.head_size > self.config.max_header_size:
+                response = None  # h11's path refuses it (_head_over_limit)
             if response is None:
                 if self._leave_fast_path():
                     assert self.backend_h11 is not None
@@ -1490,6 +1492,11 @@ class Session:
 
     def _relay_response_event(self, event: object) -> bool:
         """Relay one event of the backend's answer; False when the exchange is over."""
+        if isinstance(event, (h11.Response, h11.InformationalResponse)):
+            problem = self._head_over_limit(event)
+            if problem is not None:
+                self._backend_invalid(problem)
+                return False
         if isinstance(event, h11.Data):
             self._body_to_client([event.data])
         elif isinstance(event, h11.Response):
@@ -1525,6 +1532,18 @@ class Session:
             self._backend_lost("closed the connection before answering")
             return False
         return True
+
+    def _head_over_limit(self, head: h11.Response | h11.InformationalResponse) -> str | None:
+        """Why a response head is refused for its size, or None. h11 bounds only a head that
+        arrives in pieces (max_incomplete_event_size); one that arrives whole in one read
+        was taken whatever its size, so the limit depended on how the bytes were cut."""
+        size = len(head.reason) + 15  # "HTTP/1.1 200 " and the line's CRLF
+        for name, value in head.headers.raw_items():
+            size += len(name) + len(value) + 4
+        limit = self.config.max_header_size
+        if size <= limit:
+            return None
+        return f"response head of {size} bytes is over the limit of {limit} (--max-header-size)"
 
     def _client_speaks_1_0(self) -> bool:
         version = self._client_machine().their_http_version
