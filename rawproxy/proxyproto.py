@@ -13,6 +13,10 @@ listener that accepts this protocol believes whatever address it carries. It is 
 bytes that can no longer become a valid header are refused as soon as they are seen, so that
 a stranger speaking HTTP to the port is told at once, while a valid header that arrives in
 pieces is waited for (NEED_MORE; the caller bounds the wait).
+
+Of the TLVs that may follow the addresses of a v2 header, the SSL one is read: it says whether
+the client spoke TLS to the balancer, which is all a proxy behind a TLS-terminating balancer
+has to tell its backends the client's scheme. The others are checked for their framing only.
 """
 
 from __future__ import annotations
@@ -40,6 +44,13 @@ _PROTO_UNSPEC, _PROTO_STREAM, _PROTO_DGRAM = 0x0, 0x1, 0x2
 # The address block each family needs: two addresses, then two 16-bit ports but for AF_UNIX.
 _V2_ADDRESS_BLOCK = {_AF_UNSPEC: 0, _AF_INET: 12, _AF_INET6: 36, _AF_UNIX: 216}
 
+# TLVs after the addresses of a v2 header (section 2.2): a type byte, a 16-bit length, a value.
+_TLV_HEAD = 3
+PP2_TYPE_SSL: Final = 0x20  # how the client reached the balancer: flags, verify, sub-TLVs
+PP2_CLIENT_SSL: Final = 0x01  # in the SSL TLV's client flags: the client spoke TLS
+PP2_SUBTYPE_SSL_VERSION: Final = 0x21  # a sub-TLV of the SSL TLV: "TLSv1.3", US-ASCII
+_SSL_FIXED = 5  # the SSL TLV's value starts with the client flags (1 byte) and verify (4)
+
 _PORT = re.compile(rb"0|[1-9][0-9]{0,4}")
 _IPV4_CHARS = frozenset(b"0123456789.")
 _IPV6_CHARS = frozenset(b"0123456789abcdefABCDEF:.")  # no "%": a scope means nothing remotely
@@ -59,6 +70,11 @@ class ProxyHeader:
     Addresses are in canonical text form, an IPv4-mapped IPv6 one as "::ffff:192.0.2.1" as
     getpeername() shows it. `length` is how many bytes the header took: the client's own
     bytes start there.
+
+    `client_tls` is true when a v2 PROXY header for TCP carries the SSL TLV (PP2_TYPE_SSL)
+    with the PP2_CLIENT_SSL flag: the client spoke TLS to the balancer, which terminated it;
+    `tls_version` is then the version the balancer named in that TLV ("TLSv1.3"), if it did.
+    Other TLVs are checked for their framing only (parse_tlvs), and a v1 header has none.
     """
 
     version: int
@@ -67,6 +83,8 @@ class ProxyHeader:
     source: tuple[str, int] | None
     destination: tuple[str, int] | None
     length: int
+    client_tls: bool = False
+    tls_version: str | None = None
 
 
 class ProxyProtocolError(ValueError):
@@ -250,13 +268,20 @@ def _parse_v2(data: bytes | bytearray | memoryview) -> ProxyHeader | _NeedMore:
             f"its addresses need {needed}"
         )
     length = V2_FIXED_LENGTH + block_length
-    if len(data) < length:
-        return NEED_MORE
-    # What follows the addresses (TLVs) is counted in `length` and otherwise ignored.
     if command == _V2_LOCAL or proto != _PROTO_STREAM or af not in (_AF_INET, _AF_INET6):
+        # Nothing of this header is used, so what follows the addresses is skipped unread, as
+        # HAProxy does: TLVs are read for TCP over IPv4 and IPv6 only.
+        if len(data) < length:
+            return NEED_MORE
         return ProxyHeader(
             2, "LOCAL" if command == _V2_LOCAL else "PROXY", None, None, None, length
         )
+    # The TLVs that are here already are checked now: a TLV that cannot fit in the announced
+    # length is refused as soon as its type and length are seen.
+    tlvs, _ = _walk_tlvs(data, V2_FIXED_LENGTH + needed, length, "header")
+    client_tls, tls_version = _tls_of(tlvs)
+    if len(data) < length:
+        return NEED_MORE
     size = 4 if af == _AF_INET else 16
     block = bytes(data[V2_FIXED_LENGTH : V2_FIXED_LENGTH + needed])
     make = ipaddress.IPv4Address if af == _AF_INET else ipaddress.IPv6Address
@@ -265,7 +290,91 @@ def _parse_v2(data: bytes | bytearray | memoryview) -> ProxyHeader | _NeedMore:
     sport = int.from_bytes(block[2 * size : 2 * size + 2], "big")
     dport = int.from_bytes(block[2 * size + 2 : 2 * size + 4], "big")
     family = "tcp4" if af == _AF_INET else "tcp6"
-    return ProxyHeader(2, "PROXY", family, (source, sport), (destination, dport), length)
+    return ProxyHeader(
+        2, "PROXY", family, (source, sport), (destination, dport), length, client_tls, tls_version
+    )
+
+
+def parse_tlvs(block: bytes | bytearray | memoryview) -> list[tuple[int, bytes]]:
+    """The TLVs of `block` (what follows the addresses of a v2 header, or the sub-TLVs of an
+    SSL TLV after its first 5 bytes) as (type, value), in order.
+
+    Raises ProxyProtocolError unless the TLVs fill `block` exactly: a TLV whose value runs
+    past the end, or a block that ends inside a TLV's 3 bytes of type and length. Such a
+    block is not padding to skip (padding is a NOOP TLV, 0x04) but a header written wrong,
+    and the receiver that skips it and the one that reads it would disagree on what it says.
+    """
+    tlvs, _ = _walk_tlvs(block, 0, len(block), "TLV block")
+    return tlvs
+
+
+def _walk_tlvs(
+    data: bytes | bytearray | memoryview, start: int, end: int, where: str
+) -> tuple[list[tuple[int, bytes]], bool]:
+    """The TLVs from `start` to `end` of `data` as far as `data` goes, and whether it went to
+    `end`. The refusals are certain whatever bytes come later: they depend on `end` and on
+    TLV heads that are there, never on where `data` stops."""
+    tlvs: list[tuple[int, bytes]] = []
+    available = min(len(data), end)
+    offset = start
+    while offset < end:
+        if end - offset < _TLV_HEAD:
+            raise ProxyProtocolError(
+                f"PROXY v2 {where} ends {end - offset} bytes into a TLV, "
+                f"whose type and length take {_TLV_HEAD}"
+            )
+        if available - offset < _TLV_HEAD:
+            return tlvs, False
+        kind = data[offset]
+        size = int.from_bytes(data[offset + 1 : offset + _TLV_HEAD], "big")
+        value_end = offset + _TLV_HEAD + size
+        if value_end > end:
+            raise ProxyProtocolError(
+                f"PROXY v2 {where} has a TLV of type {kind:#04x} announcing {size} bytes, "
+                f"{end - offset - _TLV_HEAD} are left"
+            )
+        if value_end > available:
+            return tlvs, False
+        tlvs.append((kind, bytes(data[offset + _TLV_HEAD : value_end])))
+        offset = value_end
+    return tlvs, True
+
+
+def _tls_of(tlvs: list[tuple[int, bytes]]) -> tuple[bool, str | None]:
+    """Whether the SSL TLV among `tlvs` says the client spoke TLS, and the version it names.
+
+    The SSL TLV is read as the specification has it (section 2.2.6): the client flags, the
+    4-byte verify field (not used: rawproxy does not act on client certificates), then
+    sub-TLVs filling the rest exactly. Two SSL TLVs, or two versions in one, are refused: two
+    answers to one question is how two readers come to different ones. The version must be
+    printable US-ASCII, as the specification says it is.
+    """
+    found = [value for kind, value in tlvs if kind == PP2_TYPE_SSL]
+    if not found:
+        return False, None
+    if len(found) > 1:
+        raise ProxyProtocolError(f"PROXY v2 header has {len(found)} SSL TLVs, at most 1 is valid")
+    value = found[0]
+    if len(value) < _SSL_FIXED:
+        raise ProxyProtocolError(
+            f"PROXY v2 SSL TLV has {len(value)} bytes, its client flags and verify field "
+            f"need {_SSL_FIXED}"
+        )
+    subs, _ = _walk_tlvs(value, _SSL_FIXED, len(value), "SSL TLV")
+    versions = [text for kind, text in subs if kind == PP2_SUBTYPE_SSL_VERSION]
+    if len(versions) > 1:
+        raise ProxyProtocolError(f"PROXY v2 SSL TLV names {len(versions)} TLS versions")
+    version = None
+    if versions:
+        text = versions[0]
+        if not text or not all(0x20 <= c < 0x7F for c in text):
+            raise ProxyProtocolError(
+                f"PROXY v2 SSL TLV names TLS version {text!r}, not printable US-ASCII"
+            )
+        version = text.decode("ascii")
+    if not value[0] & PP2_CLIENT_SSL:
+        return False, None  # the balancer says the client did not use TLS: nothing to name
+    return True, version
 
 
 def _address_text(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:

@@ -1,7 +1,8 @@
 """Unit tests of the sans-IO PROXY protocol in rawproxy.proxyproto: no sockets, no clock.
 
 The facts checked here are those of HAProxy's doc/proxy-protocol.txt: the v1 line and its 107
-bytes, the v2 signature, version, command, family and length fields.
+bytes, the v2 signature, version, command, family and length fields, the v2 TLVs and the SSL
+TLV (section 2.2.6) that says whether the client spoke TLS to the balancer.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from rawproxy.proxyproto import (
     encode_v1,
     encode_v2,
     parse_proxy_header,
+    parse_tlvs,
 )
 
 Address = tuple[str, int]
@@ -356,10 +358,186 @@ def test_v2_address_block_is_read_from_the_block_start() -> None:
 
 
 def test_v2_length_limit_is_inclusive() -> None:
-    data = v2(0x21, 0x11, ipv4_block("192.0.2.1", "192.0.2.2", 1, 2) + bytes(V2_MAX_BLOCK - 12))
+    # The addresses, then one NOOP TLV (padding) to the limit.
+    padding = tlv(0x04, bytes(V2_MAX_BLOCK - 12 - 3))
+    data = v2(0x21, 0x11, ipv4_block("192.0.2.1", "192.0.2.2", 1, 2) + padding)
     header = parse_proxy_header(data + HTTP)
     assert isinstance(header, ProxyHeader)
     assert header.length == 16 + V2_MAX_BLOCK
+
+
+# -- TLVs and the SSL TLV ----------------------------------------------------------------------
+
+
+def ssl_tlv(client: int, *subs: bytes, verify: int = 0) -> bytes:
+    """PP2_TYPE_SSL: the client flags, the verify field, then sub-TLVs."""
+    return tlv(0x20, bytes([client]) + verify.to_bytes(4, "big") + b"".join(subs))
+
+
+V4 = ipv4_block("192.0.2.1", "198.51.100.7", 56324, 443)
+V6 = ipv6_block("2001:db8::1", "2001:db8::2", 1, 443)
+VERSION13 = tlv(0x21, b"TLSv1.3")
+# What HAProxy's send-proxy-v2-ssl-cn sends, more or less: version, CN, cipher, algorithms.
+HAPROXY_SSL = ssl_tlv(
+    0x07,
+    VERSION13,
+    tlv(0x22, b"client.example"),
+    tlv(0x23, b"TLS_AES_256_GCM_SHA384"),
+    tlv(0x24, b"RSA-SHA256"),
+    tlv(0x25, b"RSA2048"),
+)
+
+# (header, (client_tls, tls_version)): TCP over IPv4 or IPv6 with TLVs
+SSL_VALID: list[tuple[bytes, tuple[bool, str | None]]] = [
+    (v2(0x21, 0x11, V4 + ssl_tlv(0x01, VERSION13)), (True, "TLSv1.3")),
+    (v2(0x21, 0x21, V6 + ssl_tlv(0x01, VERSION13)), (True, "TLSv1.3")),
+    (v2(0x21, 0x11, V4 + ssl_tlv(0x01)), (True, None)),  # no version: TLS all the same
+    (v2(0x21, 0x11, V4 + TLVS + HAPROXY_SSL + tlv(0x04, b"pad")), (True, "TLSv1.3")),
+    (v2(0x21, 0x11, V4 + ssl_tlv(0x01, tlv(0x21, b"TLSv1.2"), verify=1)), (True, "TLSv1.2")),
+    # the flags say the client did not use TLS (a certificate flag alone is not TLS)
+    (v2(0x21, 0x11, V4 + ssl_tlv(0x00)), (False, None)),
+    (v2(0x21, 0x11, V4 + ssl_tlv(0x06, VERSION13)), (False, None)),
+    (v2(0x21, 0x11, V4 + tlv(0xE1, bytes([0x01]) + bytes(4))), (False, None)),  # not type 0x20
+    (v2(0x21, 0x11, V4 + TLVS), (False, None)),
+    (v2(0x21, 0x11, V4), (False, None)),
+]
+SSL_IDS = [repr(data[28:60]) for data, _ in SSL_VALID]
+
+
+@pytest.mark.parametrize(("data", "expected"), SSL_VALID, ids=SSL_IDS)
+def test_ssl_tlv(data: bytes, expected: tuple[bool, str | None]) -> None:
+    header = parse_proxy_header(data + HTTP)
+    assert isinstance(header, ProxyHeader)
+    assert (header.client_tls, header.tls_version) == expected
+    assert header.length == len(data)
+    assert header.command == "PROXY"
+    assert header.family in ("tcp4", "tcp6")
+    for end in range(len(data)):
+        assert parse_proxy_header(data[:end]) is NEED_MORE, data[:end]
+
+
+def test_ssl_tlv_is_not_read_where_no_tlvs_are() -> None:
+    """v1 has no TLVs; LOCAL, UNSPEC, UDP and UNIX headers are not used, what follows their
+    addresses is skipped unread (as HAProxy does)."""
+    for data in (
+        v2(0x20, 0x11, V4 + ssl_tlv(0x01, VERSION13)),
+        v2(0x21, 0x00, ssl_tlv(0x01, VERSION13)),
+        v2(0x21, 0x12, V4 + ssl_tlv(0x01, VERSION13)),
+        v2(0x21, 0x31, bytes(216) + ssl_tlv(0x01)),
+        b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\n",
+    ):
+        header = parse_proxy_header(data)
+        assert isinstance(header, ProxyHeader)
+        assert (header.client_tls, header.tls_version) == (False, None)
+
+
+def test_parse_tlvs() -> None:
+    assert parse_tlvs(b"") == []
+    assert parse_tlvs(TLVS) == [
+        (0x01, b"h2"),
+        (0x02, b"example.com"),
+        (0x04, b""),
+        (0xE0, bytes(40)),
+    ]
+    assert parse_tlvs(bytearray(tlv(0x20, b"x"))) == [(0x20, b"x")]
+    assert parse_tlvs(memoryview(tlv(0xFF, bytes(300)))) == [(0xFF, bytes(300))]
+    for bad in (b"\x01", b"\x01\x00", tlv(0x01, b"h2")[:-1], tlv(0x01, b"h2") + b"\x04\x00"):
+        with pytest.raises(ProxyProtocolError, match="TLV"):
+            parse_tlvs(bad)
+
+
+TLV_MALFORMED = [
+    # the TLVs do not fill the announced length exactly
+    v2(0x21, 0x11, V4 + b"\x04"),
+    v2(0x21, 0x11, V4 + b"\x04\x00"),
+    v2(0x21, 0x11, V4 + TLVS + b"\x00"),
+    v2(0x21, 0x11, V4 + tlv(0x01, b"h2")[:-1]),
+    v2(0x21, 0x21, V6 + b"\x20\x00\x06" + bytes(5)),
+    v2(0x21, 0x11, V4 + bytes(V2_MAX_BLOCK - 12)),  # zeros: 1361 empty TLVs and one byte
+    # the SSL TLV: too short for its fixed part, sub-TLVs that do not fit, twice
+    v2(0x21, 0x11, V4 + tlv(0x20, b"")),
+    v2(0x21, 0x11, V4 + tlv(0x20, b"\x01\x00\x00\x00")),
+    v2(0x21, 0x11, V4 + tlv(0x20, bytes([1]) + bytes(4) + b"\x21\x00\x08TLSv1.3")),
+    v2(0x21, 0x11, V4 + tlv(0x20, bytes([1]) + bytes(4) + b"\x21")),
+    v2(0x21, 0x11, V4 + ssl_tlv(0x01) + ssl_tlv(0x01)),
+    v2(0x21, 0x11, V4 + ssl_tlv(0x00) + ssl_tlv(0x01)),
+    v2(0x21, 0x11, V4 + ssl_tlv(0x01, VERSION13, tlv(0x21, b"TLSv1.2"))),
+    # the version: printable US-ASCII
+    v2(0x21, 0x11, V4 + ssl_tlv(0x01, tlv(0x21, b""))),
+    v2(0x21, 0x11, V4 + ssl_tlv(0x01, tlv(0x21, b"TLSv1.3\r\nX-Evil: 1"))),
+    v2(0x21, 0x11, V4 + ssl_tlv(0x01, tlv(0x21, "TLSv1.3\u00e9".encode()))),
+]
+
+
+@pytest.mark.parametrize("data", TLV_MALFORMED, ids=[repr(d[28:60]) for d in TLV_MALFORMED])
+def test_malformed_tlvs(data: bytes) -> None:
+    message = parse_error(data)
+    assert "TLV" in message, message
+    parse_error(data + HTTP)
+
+
+def test_tlv_overrun_is_refused_from_its_head() -> None:
+    """A TLV announcing more than the header has left is refused when its 3 bytes of type
+    and length are in, not when the whole announced header is."""
+    data = v2(0x21, 0x11, V4 + tlv(0x01, b"h2") + b"\xe0\x01\x00" + bytes(20))
+    cut = 16 + 12 + 5 + 3
+    assert "256 bytes" in parse_error(data[:cut])
+    assert parse_proxy_header(data[: cut - 1]) is NEED_MORE
+
+
+TLV_LISTS = st.lists(
+    st.tuples(st.integers(0, 255).filter(lambda t: t != 0x20), st.binary(max_size=40)),
+    max_size=8,
+)
+
+
+def tlv_bytes(tlvs: list[tuple[int, bytes]]) -> bytes:
+    return b"".join(tlv(kind, value) for kind, value in tlvs)
+
+
+@given(TLV_LISTS)
+def test_tlvs_round_trip(tlvs: list[tuple[int, bytes]]) -> None:
+    block = tlv_bytes(tlvs)
+    assert parse_tlvs(block) == tlvs
+    header = parse_proxy_header(v2(0x21, 0x11, V4 + block) + HTTP)
+    assert isinstance(header, ProxyHeader)
+    assert (header.client_tls, header.tls_version, header.length) == (False, None, 28 + len(block))
+
+
+@given(TLV_LISTS, st.data())
+def test_a_cut_tlv_block_is_refused(tlvs: list[tuple[int, bytes]], draw: st.DataObject) -> None:
+    """Announced a byte short, or with the last TLV cut anywhere: never read as fewer TLVs."""
+    block = tlv_bytes(tlvs)
+    if not block:
+        return
+    end = draw.draw(st.integers(1, len(block) - 1)) if len(block) > 1 else 0
+    last_start = len(block) - 3 - len(tlvs[-1][1])
+    if end > last_start:
+        with pytest.raises(ProxyProtocolError):
+            parse_tlvs(block[:end])
+        parse_error(v2(0x21, 0x11, V4 + block[:end]))
+
+
+@given(
+    st.integers(0, 255),
+    st.integers(0, 2**32 - 1),
+    st.one_of(
+        st.none(),
+        st.text(
+            alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=20
+        ),
+    ),
+    TLV_LISTS,
+)
+def test_ssl_tlv_flags_and_version(
+    client: int, verify: int, version: str | None, others: list[tuple[int, bytes]]
+) -> None:
+    subs = [tlv(0x21, version.encode())] if version is not None else []
+    block = tlv_bytes(others) + ssl_tlv(client, *subs, verify=verify)
+    header = parse_proxy_header(v2(0x21, 0x21, V6 + block))
+    assert isinstance(header, ProxyHeader)
+    tls = bool(client & 0x01)
+    assert (header.client_tls, header.tls_version) == (tls, version if tls else None)
 
 
 # -- writing headers -----------------------------------------------------------------------------
@@ -544,6 +722,8 @@ STARTS = st.sampled_from(
         SIG + b"\x20",
         SIG + b"\x21\x11\x00\x0c",
         SIG + b"\x21\x21\x00\x24",
+        SIG + b"\x21\x11\x00\x20" + V4,
+        SIG + b"\x21\x11\x00\x30" + V4 + b"\x20\x00",
     ]
 )
 # Tails drawn from the bytes that matter to a header, and from all bytes.
@@ -563,7 +743,7 @@ def test_arbitrary_tails(start: bytes, tail: bytes) -> None:
     check_contract(start + tail)
 
 
-@given(st.sampled_from([data for data, _ in VALID]), st.data())
+@given(st.sampled_from([data for data, _ in VALID + SSL_VALID]), st.data())
 def test_one_byte_changed(data: bytes, draw: st.DataObject) -> None:
     index = draw.draw(st.integers(0, len(data) - 1))
     value = draw.draw(st.integers(0, 255))
