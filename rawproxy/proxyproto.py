@@ -408,16 +408,44 @@ def encode_v1(source: tuple[str, int], destination: tuple[str, int]) -> bytes:
     return f"{line} {source[1]} {destination[1]}\r\n".encode("ascii")
 
 
-def encode_v2(source: tuple[str, int], destination: tuple[str, int]) -> bytes:
-    """The v2 header of a PROXY command for TCP from `source` to `destination`, without TLVs.
+def encode_v2(
+    source: tuple[str, int],
+    destination: tuple[str, int],
+    *,
+    client_tls: bool = False,
+    tls_version: str | None = None,
+) -> bytes:
+    """The v2 header of a PROXY command for TCP from `source` to `destination`.
 
-    The family is chosen as for encode_v1. Raises ValueError for an address that is not IP or
-    a port outside 0-65535.
+    The family is chosen as for encode_v1. With `client_tls` (the client spoke TLS to us) an
+    SSL TLV follows the addresses, as HAProxy's send-proxy-v2-ssl writes it: the
+    PP2_CLIENT_SSL flag, a verify field of 0 (no client certificate was asked for) and the
+    `tls_version` ("TLSv1.3") in a PP2_SUBTYPE_SSL_VERSION sub-TLV when it is known. Without
+    it, no TLVs. Raises ValueError for an address that is not IP, a port outside 0-65535, or
+    a version that is not printable US-ASCII or comes without `client_tls`.
     """
     src, dst, v6 = _endpoints(source, destination)
     family = (_AF_INET6 if v6 else _AF_INET) << 4 | _PROTO_STREAM
     block = src + dst + source[1].to_bytes(2, "big") + destination[1].to_bytes(2, "big")
+    if client_tls:
+        block += _tlv(PP2_TYPE_SSL, _ssl_value(tls_version))
+    elif tls_version is not None:
+        raise ValueError(f"TLS version {tls_version!r} for a client that did not use TLS")
     return V2_SIGNATURE + bytes([0x20 | _V2_PROXY, family]) + len(block).to_bytes(2, "big") + block
+
+
+def _ssl_value(tls_version: str | None) -> bytes:
+    """The value of an SSL TLV: client flags, verify, and the version sub-TLV if known."""
+    value = bytes([PP2_CLIENT_SSL]) + (0).to_bytes(4, "big")
+    if tls_version is not None:
+        if not tls_version or not all(" " <= c <= "~" for c in tls_version):
+            raise ValueError(f"TLS version {tls_version!r} is not printable US-ASCII")
+        value += _tlv(PP2_SUBTYPE_SSL_VERSION, tls_version.encode("ascii"))
+    return value
+
+
+def _tlv(kind: int, value: bytes) -> bytes:
+    return bytes([kind]) + len(value).to_bytes(2, "big") + value
 
 
 def _endpoints(source: tuple[str, int], destination: tuple[str, int]) -> tuple[bytes, bytes, bool]:

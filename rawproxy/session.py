@@ -1276,9 +1276,20 @@ class Session:
         if version is None:
             return
         source = (self.client_ip, self.client_port)
-        encode = encode_v2 if version == "v2" else encode_v1
+        if version == "v2":
+            # v2 says whether the client spoke TLS to us (the SSL TLV), for a backend that
+            # needs the client's scheme and cannot have it from headers (another proxy that
+            # accepts this header, or anything else that does not speak HTTP).
+            sock = self.client.sock
+            tls = isinstance(sock, TlsSocket)
+            tls_version = sock.version() if isinstance(sock, TlsSocket) else None
+            header = encode_v2(
+                source, self._local_address(), client_tls=tls, tls_version=tls_version
+            )
+        else:
+            header = encode_v1(source, self._local_address())
         # The first bytes on a fresh connection: its send buffer takes them whole.
-        backend.sock.send(encode(source, self._local_address()))
+        backend.sock.send(header)
 
     def _backend_ready(self) -> None:
         self.backend_state = _READY

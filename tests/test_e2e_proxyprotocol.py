@@ -73,13 +73,22 @@ def spec_v1(src: tuple[str, int], dst: tuple[str, int]) -> bytes:
     return f"PROXY {family} {src[0]} {dst[0]} {src[1]} {dst[1]}\r\n".encode()
 
 
-def spec_v2(src: tuple[str, int], dst: tuple[str, int], command: int = 0x1) -> bytes:
-    """Version 2, `command` 1 (PROXY) or 0 (LOCAL), TCP over IPv4 or IPv6."""
+def spec_v2(
+    src: tuple[str, int], dst: tuple[str, int], command: int = 0x1, tls: str | None = None
+) -> bytes:
+    """Version 2, `command` 1 (PROXY) or 0 (LOCAL), TCP over IPv4 or IPv6. With `tls` (a
+    version, "TLSv1.3", or "" for none) the SSL TLV follows the addresses: PP2_TYPE_SSL with
+    the PP2_CLIENT_SSL flag, verify 0, and the version in PP2_SUBTYPE_SSL_VERSION."""
     if command == 0x0:
         return V2_SIGNATURE + bytes([0x20, 0x00]) + struct.pack("!H", 0)
     a, b = ipaddress.ip_address(src[0]), ipaddress.ip_address(dst[0])
     family = 0x21 if a.version == 6 else 0x11  # AF_INET6 or AF_INET, STREAM
     block = a.packed + b.packed + struct.pack("!HH", src[1], dst[1])
+    if tls is not None:
+        value = b"\x01" + struct.pack("!I", 0)
+        if tls:
+            value += b"\x21" + struct.pack("!H", len(tls)) + tls.encode("ascii")
+        block += b"\x20" + struct.pack("!H", len(value)) + value
     return V2_SIGNATURE + bytes([0x20 | command, family]) + struct.pack("!H", len(block)) + block
 
 
@@ -95,6 +104,8 @@ def test_spec_headers_agree_with_the_proxys_encoder():
         assert spec_v2(src, dst) == encode_v2(src, dst)
     six = (("2001:db8::7", 4242), ("2001:db8::1", 443))
     assert spec_v2(*six) == encode_v2(*six)
+    assert spec_v2(*six, tls="TLSv1.3") == encode_v2(*six, client_tls=True, tls_version="TLSv1.3")
+    assert spec_v2(*six, tls="") == encode_v2(*six, client_tls=True)
 
 
 # --- a backend that reads the header first ------------------------------------------------------
@@ -459,6 +470,40 @@ def test_sends_the_header_before_tls(run_proxy, make_backend, client, pki):
     resp = c.request(get("/tls"))
     assert (resp.status, resp.body) == (200, b"GET /tls")
     assert backend.proxy_headers[0][0] == spec_v2(c.sock.getsockname(), ("127.0.0.1", proxy.port))
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_tls_client_is_said_in_v2(run_proxy, make_backend, client, pki, version):
+    """A client that spoke TLS to a TLS listener: v2 carries the SSL TLV with the version
+    the client negotiated, as HAProxy's send-proxy-v2-ssl does, so that a proxy behind can
+    tell the backend https; v1 has no TLVs and is the same as for a plain client."""
+    backend = make_backend(ProxyHttpBackend)
+    proxy = run_proxy(
+        *proxy_args(
+            "--cert",
+            str(pki.server.cert),
+            "--key",
+            str(pki.server.key),
+            "--send-proxy-protocol",
+            version,
+            backend=f"127.0.0.1:{backend.port}",
+            listen="tls://127.0.0.1:0",
+        )
+    )
+    c = client(proxy.port, ssl_context=pki.client_context())
+    resp = c.request(get("/tls-client"))
+    assert (resp.status, resp.body) == (200, b"GET /tls-client")
+    negotiated = c.sock.version()
+    assert negotiated is not None
+    assert negotiated.startswith("TLSv"), negotiated
+    raw, parsed = backend.proxy_headers[0]
+    address = c.sock.raw.getsockname()
+    if version == "v1":
+        assert raw == spec_v1(address, ("127.0.0.1", proxy.port))
+        assert not parsed.client_tls
+    else:
+        assert raw == spec_v2(address, ("127.0.0.1", proxy.port), tls=negotiated)
+        assert (parsed.client_tls, parsed.tls_version) == (True, negotiated)
 
 
 def test_accepted_address_is_sent_on(run_proxy, make_backend, sockets):

@@ -589,6 +589,42 @@ def test_encode_v2() -> None:
     )
 
 
+def test_encode_v2_ssl_tlv() -> None:
+    """The SSL TLV as HAProxy's send-proxy-v2-ssl writes it: PP2_CLIENT_SSL, verify 0, the
+    version in a PP2_SUBTYPE_SSL_VERSION sub-TLV; built here byte by byte."""
+    block = ipv4_block("192.0.2.1", "198.51.100.7", 56324, 443)
+    ssl_value = b"\x01" + b"\x00\x00\x00\x00" + b"\x21\x00\x07" + b"TLSv1.3"
+    expected = v2(0x21, 0x11, block + b"\x20\x00\x0f" + ssl_value)
+    assert (
+        encode_v2(
+            ("192.0.2.1", 56324), ("198.51.100.7", 443), client_tls=True, tls_version="TLSv1.3"
+        )
+        == expected
+    )
+    # the version unknown: the flags and verify only
+    assert encode_v2(("192.0.2.1", 56324), ("198.51.100.7", 443), client_tls=True) == v2(
+        0x21, 0x11, block + b"\x20\x00\x05\x01\x00\x00\x00\x00"
+    )
+    # not TLS: no TLV, the header as before
+    assert encode_v2(("192.0.2.1", 56324), ("198.51.100.7", 443), client_tls=False) == v2(
+        0x21, 0x11, block
+    )
+    header = parse_proxy_header(expected)
+    assert isinstance(header, ProxyHeader)
+    assert (header.client_tls, header.tls_version) == (True, "TLSv1.3")
+
+
+@pytest.mark.parametrize(
+    ("client_tls", "tls_version"),
+    [(False, "TLSv1.3"), (True, ""), (True, "TLSv1.3\r\n"), (True, "é")],
+)
+def test_encode_v2_refuses_versions(client_tls: bool, tls_version: str) -> None:
+    with pytest.raises(ValueError, match="TLS version"):
+        encode_v2(
+            ("192.0.2.1", 1), ("192.0.2.2", 2), client_tls=client_tls, tls_version=tls_version
+        )
+
+
 @pytest.mark.parametrize("encode", [encode_v1, encode_v2])
 @pytest.mark.parametrize(
     ("source", "destination"),
@@ -667,6 +703,32 @@ def test_round_trip(
             for text, address in zip(data.split(b" ")[2:4], (src, dst), strict=True):
                 if as_v4(address) is None:
                     assert text.decode() == str(address)  # RFC 5952, as ipaddress writes it
+
+
+@given(
+    ADDRESSES,
+    ADDRESSES,
+    st.booleans(),
+    st.one_of(
+        st.none(),
+        st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1),
+    ),
+)
+def test_round_trip_tls(
+    src: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    dst: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    client_tls: bool,
+    tls_version: str | None,
+) -> None:
+    version = tls_version if client_tls else None
+    data = encode_v2((str(src), 1), (str(dst), 2), client_tls=client_tls, tls_version=version)
+    header = parse_proxy_header(data + HTTP)
+    assert isinstance(header, ProxyHeader)
+    assert (header.client_tls, header.tls_version, header.length) == (
+        client_tls,
+        version,
+        len(data),
+    )
 
 
 @given(IPV6, IPV6, PORTS, PORTS, ENCODERS)
