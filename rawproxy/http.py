@@ -278,6 +278,20 @@ class ClientSide:
     trusted: bool  # the client is a proxy we trust to tell us about its own client
 
 
+def client_scheme(tls_listener: bool, balancer_says_tls: bool = False) -> str:
+    """How the client reached us, "https" or "http": the scheme of ClientSide (the
+    forwarded headers, X-Forwarded-Proto and Forwarded proto=) and of Location rewriting.
+
+    https when the client spoke TLS to our listener, or when the trusted balancer in front
+    (--accept-proxy-protocol) says in its PROXY v2 header that the client spoke TLS to it
+    (the SSL TLV with PP2_CLIENT_SSL: ProxyHeader.client_tls). Behind a balancer that ends
+    TLS and passes the connection on over plain TCP, that header is the only witness: the
+    client it names is not a trusted proxy, so forwarded headers in the requests count as
+    that client's claims and are not believed, whoever wrote them.
+    """
+    return "https" if tls_listener or balancer_says_tls else "http"
+
+
 def _forwarded_node(ip: str) -> bytes:
     return f'"[{ip}]"'.encode() if ":" in ip else ip.encode("ascii")
 

@@ -46,6 +46,7 @@ from rawproxy.http import (
     UpgradeDecision,
     backend_request_headers,
     client_response_headers,
+    client_scheme,
     decide_upgrade,
     error_body,
     error_headers,
@@ -236,6 +237,7 @@ class Session:
         "proxy_buffer",
         "pump_later",
         "rejected_bytes",
+        "relayed_tls_version",
         "request",
         "request_at",
         "request_done",
@@ -269,7 +271,9 @@ class Session:
         self.client_ip, self.peer = format_peer(address)
         self.client_port = address[1] if isinstance(address, tuple) else 0
         self.client = Leg(self.loop, sock, self._on_client)
-        self.scheme = "https" if tls is not None else "http"
+        self.scheme = client_scheme(tls_listener=tls is not None)
+        # The TLS version a PROXY v2 header named for a client that spoke TLS to the balancer.
+        self.relayed_tls_version: str | None = None
         # Our end of the connection, asked of the socket only when a PROXY header needs it.
         self.local_address: tuple[str, int] | None = None
         if not local_port:
@@ -401,12 +405,15 @@ class Session:
             balancer = self.peer
             self.client_ip, self.peer = format_peer(header.source)
             self.client_port = header.source[1]
-            self.forwarded_cache = None
-            self.client_side_cache = None
             log.debug("%s PROXY v%d: client %s", balancer, header.version, self.peer)
         if header.destination is not None:
             self.local_address = header.destination
             self.local_port = header.destination[1]
+        # What the balancer says of TLS (v2's SSL TLV) counts as much as our own listener.
+        self.scheme = client_scheme(self.pending_tls is not None, header.client_tls)
+        self.relayed_tls_version = header.tls_version
+        self.forwarded_cache = None
+        self.client_side_cache = None
         early = bytes(buffer[header.length :])
         self.proxy_buffer = None
         self._start(self.pending_tls, early)
@@ -1277,14 +1284,20 @@ class Session:
             return
         source = (self.client_ip, self.client_port)
         if version == "v2":
-            # v2 says whether the client spoke TLS to us (the SSL TLV), for a backend that
-            # needs the client's scheme and cannot have it from headers (another proxy that
-            # accepts this header, or anything else that does not speak HTTP).
+            # v2 says whether the client spoke TLS (the SSL TLV), for a backend that needs the
+            # client's scheme and cannot have it from headers (another proxy that accepts
+            # this header, or anything else that does not speak HTTP): TLS to us, or to the
+            # balancer in front whose header said so (a relayed header says what the
+            # accepted one did, as the specification has it).
             sock = self.client.sock
-            tls = isinstance(sock, TlsSocket)
-            tls_version = sock.version() if isinstance(sock, TlsSocket) else None
+            tls_version = (
+                sock.version() if isinstance(sock, TlsSocket) else self.relayed_tls_version
+            )
             header = encode_v2(
-                source, self._local_address(), client_tls=tls, tls_version=tls_version
+                source,
+                self._local_address(),
+                client_tls=self.scheme == "https",
+                tls_version=tls_version,
             )
         else:
             header = encode_v1(source, self._local_address())

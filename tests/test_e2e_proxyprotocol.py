@@ -323,6 +323,93 @@ def test_v2_local_header_keeps_the_connection_address(run_proxy, http_backend, s
     assert http_backend.requests[-1].values("x-forwarded-for") == [b"127.0.0.1"]
 
 
+SSL_TLV_CASES = {
+    # (the SSL TLV the balancer sends: a version, "" for none, None for no TLV; the scheme)
+    "TLS, version named": ("TLSv1.3", "https"),
+    "TLS, version not named": ("", "https"),
+    "no SSL TLV": (None, "http"),
+}
+
+
+@pytest.mark.parametrize("case", list(SSL_TLV_CASES))
+def test_ssl_tlv_gives_the_scheme(run_proxy, http_backend, sockets, case):
+    """Behind a balancer that ends TLS and sends PROXY v2 over plain TCP, the SSL TLV with
+    PP2_CLIENT_SSL is what says the client used https: X-Forwarded-Proto, Forwarded proto=
+    and rewritten Locations say https exactly as behind our own TLS listener. The headers
+    of the client the header names are not believed (it is no trusted proxy)."""
+    tls, scheme = SSL_TLV_CASES[case]
+    proxy = run_proxy(
+        *proxy_args(
+            "--accept-proxy-protocol",
+            "--trusted-proxy",
+            "127.0.0.1/32",
+            "--forwarded",
+            "both",
+            backend=f"127.0.0.1:{http_backend.port}",
+        )
+    )
+    sock = connect(proxy.port)
+    sockets.append(sock)
+    header = spec_v2(("203.0.113.7", 51000), ("198.51.100.1", 443), tls=tls)
+    # The client's own claim is not believed, whichever way it goes.
+    claim = ("X-Forwarded-Proto", "http" if scheme == "https" else "https")
+    send_in_pieces(sock, header + get("/scheme", claim), 20)
+    assert read_answer(sock) == (200, b"GET /scheme")
+    seen = http_backend.requests[-1]
+    assert seen.values("x-forwarded-proto") == [scheme.encode()], seen.headers
+    assert seen.values("x-forwarded-for") == [b"203.0.113.7"], seen.headers
+    forwarded = (seen.header("forwarded") or b"").decode()
+    assert f"proto={scheme}" in forwarded, forwarded
+    # A redirect to the backend's own address is rewritten to what the client used.
+    sock.sendall(get(f"/redirect?to=http://127.0.0.1:{http_backend.port}/next"))
+    c = HttpClient.__new__(HttpClient)
+    c.sock, c.buf = sock, bytearray()
+    resp = c.read_response()
+    assert resp.status == 302
+    assert resp.values("location") == [f"{scheme}://app.test/next".encode()], resp.headers
+
+
+def test_ssl_tlv_without_the_tls_flag_gives_http(run_proxy, http_backend, sockets):
+    """An SSL TLV whose client flags lack PP2_CLIENT_SSL (0x01) says the client did not use
+    TLS, whatever else it carries."""
+    proxy = run_proxy(
+        *proxy_args(
+            "--accept-proxy-protocol",
+            "--trusted-proxy",
+            "127.0.0.1/32",
+            backend=f"127.0.0.1:{http_backend.port}",
+        )
+    )
+    plain = spec_v2(("203.0.113.7", 51000), ("198.51.100.1", 443))
+    value = b"\x06" + struct.pack("!I", 0) + b"\x21\x00\x07TLSv1.3"
+    tlv = b"\x20" + struct.pack("!H", len(value)) + value
+    header = plain[:14] + struct.pack("!H", 12 + len(tlv)) + plain[16:] + tlv
+    sock = connect(proxy.port)
+    sockets.append(sock)
+    sock.sendall(header + get("/flags"))
+    assert read_answer(sock) == (200, b"GET /flags")
+    assert http_backend.requests[-1].values("x-forwarded-proto") == [b"http"]
+
+
+def test_malformed_ssl_tlv_is_refused(run_proxy, http_backend):
+    proxy = run_proxy(
+        *proxy_args(
+            "--accept-proxy-protocol",
+            "--trusted-proxy",
+            "127.0.0.1/32",
+            backend=f"127.0.0.1:{http_backend.port}",
+        )
+    )
+    good = spec_v2(("203.0.113.7", 51000), ("198.51.100.1", 443), tls="TLSv1.3")
+    bad = good[:-8] + b"\x08" + good[-7:]  # the version announces 8 bytes, 7 follow
+    mark = proxy.mark()
+    kind, got = refused_exchange(proxy.port, bad + get("/bad"))
+    assert (kind in ("eof", "reset"), got) == (True, b"")
+    line = proxy.wait_for_log(r"bad PROXY protocol header", since=mark)
+    assert "TLV" in line, line
+    assert http_backend.heads == []
+
+
 REFUSED = {
     "malformed v1": (b"PROXY TCP4 203.0.113.7\r\nGET / HTTP/1.1\r\n\r\n", None),
     "v1 with a bad address": (b"PROXY TCP4 203.0.113.777 127.0.0.1 1 2\r\n", None),
@@ -526,6 +613,29 @@ def test_accepted_address_is_sent_on(run_proxy, make_backend, sockets):
     sock.sendall(spec_v2(src, dst) + get("/on"))
     assert read_answer(sock) == (200, b"GET /on")
     assert backend.proxy_headers[0][0] == spec_v1(src, dst)
+
+
+@pytest.mark.parametrize("tls", ["TLSv1.2", ""])
+def test_accepted_ssl_tlv_is_sent_on(run_proxy, make_backend, sockets, tls):
+    """Accept v2 with the SSL TLV, send v2: the client spoke TLS to the balancer, and the
+    header sent on says so with the version the accepted one named."""
+    backend = make_backend(ProxyHttpBackend)
+    proxy = run_proxy(
+        *proxy_args(
+            "--accept-proxy-protocol",
+            "--trusted-proxy",
+            "127.0.0.1/32",
+            "--send-proxy-protocol",
+            "v2",
+            backend=f"127.0.0.1:{backend.port}",
+        )
+    )
+    src, dst = ("203.0.113.7", 4444), ("198.51.100.9", 443)
+    sock = connect(proxy.port)
+    sockets.append(sock)
+    sock.sendall(spec_v2(src, dst, tls=tls) + get("/on"))
+    assert read_answer(sock) == (200, b"GET /on")
+    assert backend.proxy_headers[0][0] == spec_v2(src, dst, tls=tls)
 
 
 # --- behind (and in front of) a real HAProxy ---------------------------------------------------

@@ -17,6 +17,7 @@ from rawproxy.http import (
     ResponseRewrite,
     backend_request_headers,
     client_response_headers,
+    client_scheme,
     comma_tokens,
     decide_upgrade,
     error_response,
@@ -312,6 +313,25 @@ def test_forwarded_element_quotes_ipv6_and_ports() -> None:
         H(("Host", "h.test:8443")), decide_upgrade([]), six, forwarded="rfc7239", default_host=b"b"
     )
     assert value(out, "forwarded") == b'for="[2001:db8::1]";proto=https;host="h.test:8443"'
+
+
+def test_client_scheme() -> None:
+    """https when the client spoke TLS to us, or to the balancer whose PROXY v2 header says
+    so (its SSL TLV); the scheme then reaches the forwarded headers like any other."""
+    assert client_scheme(tls_listener=False) == "http"
+    assert client_scheme(tls_listener=True) == "https"
+    assert client_scheme(False, balancer_says_tls=True) == "https"
+    assert client_scheme(True, balancer_says_tls=True) == "https"
+    relayed = ClientSide("203.0.113.7", client_scheme(False, True), 80, trusted=False)
+    out = backend_request_headers(
+        H(("Host", "h.test"), ("X-Forwarded-Proto", "http")),
+        decide_upgrade([]),
+        relayed,
+        forwarded="both",
+        default_host=b"b",
+    )
+    assert value(out, "x-forwarded-proto") == b"https"
+    assert value(out, "forwarded") == b"for=203.0.113.7;proto=https;host=h.test"
 
 
 def test_backend_host_header_override() -> None:
