@@ -11,6 +11,9 @@
   TLS, where the header goes before the TLS handshake) starts with a header naming the client
   and the address it connected to, checked byte for byte against headers built here from the
   specification; with an accepted header, the address it carried is sent on;
+- a chain of two rawproxy, the front one ending TLS and sending v2 to the other over plain
+  TCP: the SSL TLV carries the client's https to the backend (X-Forwarded-Proto, Forwarded
+  proto=, Locations), as it does from a real HAProxy with `send-proxy-v2-ssl`;
 - behind a real HAProxy in TCP mode (`send-proxy` / `send-proxy-v2`), and toward a real
   HAProxy that accepts the header (`accept-proxy`) and reports the client in its own
   X-Forwarded-For, with clients on 127.0.0.2 so that the client is told from the balancer.
@@ -638,6 +641,70 @@ def test_accepted_ssl_tlv_is_sent_on(run_proxy, make_backend, sockets, tls):
     assert backend.proxy_headers[0][0] == spec_v2(src, dst, tls=tls)
 
 
+# --- a chain: the front proxy ends TLS, the one behind accepts its PROXY header ---------------
+
+
+def tls_client_from(port: int, pki: Pki, source: str, sockets: list[Any]) -> HttpClient:
+    """An HttpClient over TLS whose connection comes from `source`."""
+    raw = socket.socket()
+    sockets.append(raw)
+    raw.settimeout(5)
+    raw.bind((source, 0))
+    raw.connect(("127.0.0.1", port))
+    stream = TlsStream(raw, pki.client_context(), server_hostname="localhost")
+    stream.handshake()
+    c = HttpClient.__new__(HttpClient)
+    c.sock, c.buf = stream, bytearray()
+    return c
+
+
+@pytest.mark.parametrize(("front", "scheme"), [("tls", "https"), ("tcp", "http")])
+def test_chain_of_two_proxies(run_proxy, http_backend, pki, sockets, front, scheme):
+    """client (127.0.0.2) --TLS or not--> rawproxy A, --send-proxy-protocol v2 --> rawproxy
+    B, --accept-proxy-protocol from 127.0.0.1 --> backend. B takes the client from A's
+    header and does not believe the forwarded headers A wrote (they come, to B, from the
+    client the header names): the scheme the backend is told is the one A's SSL TLV gives,
+    https behind A's TLS listener, http behind its plain one (no TLV)."""
+    b = run_proxy(
+        *proxy_args(
+            "--accept-proxy-protocol",
+            "--trusted-proxy",
+            "127.0.0.1/32",
+            "--forwarded",
+            "both",
+            backend=f"127.0.0.1:{http_backend.port}",
+        )
+    )
+    tls_flags = ["--cert", str(pki.server.cert), "--key", str(pki.server.key)]
+    a = run_proxy(
+        *proxy_args(
+            *(tls_flags if front == "tls" else []),
+            "--send-proxy-protocol",
+            "v2",
+            backend=f"127.0.0.1:{b.port}",
+            listen=f"{front}://127.0.0.1:0",
+        )
+    )
+    if front == "tls":
+        c = tls_client_from(a.port, pki, OTHER_LOOPBACK, sockets)
+    else:
+        c = HttpClient(a.port, timeout=5, source=OTHER_LOOPBACK)
+        sockets.append(c.sock)
+    resp = c.request(get("/chain"))
+    assert (resp.status, resp.body) == (200, b"GET /chain")
+    seen = http_backend.requests[-1]
+    assert seen.values("x-forwarded-proto") == [scheme.encode()], seen.headers
+    assert seen.values("x-forwarded-for") == [OTHER_LOOPBACK.encode()], seen.headers
+    forwarded = (seen.header("forwarded") or b"").decode()
+    assert f"for={OTHER_LOOPBACK};proto={scheme}" in forwarded, forwarded
+    # The backend's redirect to itself reaches the client with the scheme the client used.
+    resp = c.request(get(f"/redirect?to=http://127.0.0.1:{http_backend.port}/next"))
+    assert resp.status == 302
+    assert resp.values("location") == [f"{scheme}://app.test/next".encode()], resp.headers
+    line = b.wait_for_log(r'"GET /redirect')
+    assert f"INFO {OTHER_LOOPBACK} - - [" in line, line
+
+
 # --- behind (and in front of) a real HAProxy ---------------------------------------------------
 
 
@@ -801,3 +868,57 @@ def test_between_two_haproxies(
 
     # Straight to rawproxy from 127.0.0.2 (not a trusted proxy): refused.
     assert refused_exchange(proxy.port, get("/direct"), OTHER_LOOPBACK)[1] == b""
+
+
+HAPROXY_TLS_CONFIG = """\
+global
+    maxconn 200
+defaults
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend clients
+    mode tcp
+    bind 127.0.0.1:{front} ssl crt {pem}
+    default_backend to_rawproxy
+backend to_rawproxy
+    mode tcp
+    server rawproxy 127.0.0.1:{rawproxy} {send}
+"""
+
+
+@needs_haproxy
+@pytest.mark.parametrize(
+    ("send", "scheme"), [("send-proxy-v2-ssl", "https"), ("send-proxy-v2", "http")]
+)
+def test_behind_haproxy_ending_tls(
+    run_proxy, haproxy, http_backend, pki, sockets, tmp_path, send, scheme
+):
+    """client (127.0.0.2) --TLS--> HAProxy, TCP mode, ending TLS --> rawproxy: with
+    send-proxy-v2-ssl HAProxy's header has the SSL TLV, and the backend is told https; with
+    send-proxy-v2 it has none, and nothing says the client used TLS."""
+    proxy = run_proxy(
+        *proxy_args(
+            "--accept-proxy-protocol",
+            "--trusted-proxy",
+            "127.0.0.1/32",
+            backend=f"127.0.0.1:{http_backend.port}",
+        )
+    )
+    pem = tmp_path / "haproxy.pem"
+    pem.write_bytes(Path(pki.server.cert).read_bytes() + Path(pki.server.key).read_bytes())
+    for attempt in range(2):
+        front = free_port()
+        config = HAPROXY_TLS_CONFIG.format(front=front, pem=pem, rawproxy=proxy.port, send=send)
+        try:
+            haproxy(config, [front])
+            break
+        except RuntimeError:
+            if attempt:
+                raise
+    c = tls_client_from(front, pki, OTHER_LOOPBACK, sockets)
+    resp = c.request(get("/via-haproxy-tls"))
+    assert (resp.status, resp.body) == (200, b"GET /via-haproxy-tls")
+    seen = http_backend.requests[-1]
+    assert seen.values("x-forwarded-proto") == [scheme.encode()], seen.headers
+    assert seen.values("x-forwarded-for") == [OTHER_LOOPBACK.encode()], seen.headers
