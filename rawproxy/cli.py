@@ -314,13 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--accept-proxy-protocol",
         "every listener expects a PROXY protocol v1 or v2 header first (behind an L4 balancer "
         "such as HAProxy in TCP mode), only from --trusted-proxy addresses; the client address "
-        "it carries is then the client",
+        "it carries is then the client, and a v2 header's SSL TLV makes its scheme https",
         action="store_true",
     )
     add(
         http,
         "--send-proxy-protocol",
-        "send a PROXY protocol header with the client's address to the backend first",
+        "send a PROXY protocol header with the client's address to the backend first (v2 "
+        "also says whether the client spoke TLS: the SSL TLV)",
         choices=("v1", "v2"),
     )
     add(
