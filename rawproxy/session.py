@@ -1616,6 +1616,8 @@ class Session:
                 named = origin_of_host(target.origin[0], sent_host)
                 if named is not None:
                     origins.append(named)
+        # Without a Host (HTTP/1.0) the backend's URLs become paths on the proxy: left as
+        # they were, they handed the client the backend's internal address.
         return ResponseRewrite(
             backend_origins=tuple(origins),
             client_origin=f"{self.scheme}://{client_host.decode('ascii', 'replace')}"
@@ -1625,7 +1627,7 @@ class Session:
             route_prefix=route.prefix,
             cookie_domains=config.cookie_domains,
             cookie_paths=config.cookie_paths,
-            locations=config.rewrite_location and client_host is not None,
+            locations=config.rewrite_location,
         )
 
     def _backend_invalid(self, detail: str) -> None:

@@ -459,3 +459,18 @@ def test_rewriting_keeps_the_connection_and_body(launch, make_backend, client):
         assert resp.body == b"GET " + target.encode()
         assert resp.values("location") == [f"http://app.test/{i}".encode()]
         assert resp.values("set-cookie") == [b"k=v; Domain=example.com"]
+
+
+def test_a_request_without_host_gets_a_path_only_location(launch, make_backend, client):
+    """HTTP/1.0 has no Host: the backend's own URL was left in Location then, handing the
+    client the backend's internal address. It becomes a path on the proxy (as nginx's
+    proxy_redirect default makes it)."""
+    api = make_backend()
+    a = f"127.0.0.1:{api.port}"
+    proxy = launch("--route", f"/api/=http://{a}/")
+    c = client(proxy.port)
+    target = redirect_target(f"http://{a}/next?x=1", "/api/redirect")
+    c.send(f"GET {target} HTTP/1.0\r\n\r\n".encode())
+    resp = c.read_response()
+    assert resp.status == 302, resp
+    assert resp.values("location") == [b"/api/next?x=1"]
