@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import trustme
-from cryptography.hazmat.primitives import serialization
+from tls_peers import encrypt_key
 
 from rawproxy.config import CertPair, ConfigError
 from rawproxy.http import looks_like_plain_http
@@ -138,15 +138,7 @@ def test_reload_failure_keeps_the_old_context(tmp_path: pathlib.Path) -> None:
 def _encrypt_key(pair: CertPair, traditional: bool) -> None:
     """Encrypt `pair`'s key in place with the passphrase "secret"."""
     path = pathlib.Path(pair.key)
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    form = serialization.PrivateFormat
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            form.TraditionalOpenSSL if traditional else form.PKCS8,
-            serialization.BestAvailableEncryption(b"secret"),
-        )
-    )
+    encrypt_key(path, path, traditional)
 
 
 ENCRYPTED_FORMS = [pytest.param(False, id="pkcs8"), pytest.param(True, id="traditional")]

@@ -338,19 +338,8 @@ class CertFiles:
         self.leaf.configure_cert(ctx)
 
     def write_encrypted_key(self, path: Path, traditional: bool = False) -> Path:
-        """Write the key encrypted with the passphrase "secret": PKCS#8 ("ENCRYPTED PRIVATE
-        KEY"), or with `traditional` the older OpenSSL form (a Proc-Type: 4,ENCRYPTED
-        header)."""
-        key = serialization.load_pem_private_key(self.key.read_bytes(), password=None)
-        form = serialization.PrivateFormat
-        path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                form.TraditionalOpenSSL if traditional else form.PKCS8,
-                serialization.BestAvailableEncryption(b"secret"),
-            )
-        )
-        return path
+        """Write the key to `path` encrypted (see encrypt_key)."""
+        return encrypt_key(self.key, path, traditional)
 
 
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -454,3 +443,19 @@ class Pki:
             ctx.verify_mode = ssl.CERT_REQUIRED
             self.ca.configure_trust(ctx)
         return ctx
+
+
+def encrypt_key(source: Path, path: Path, traditional: bool = False) -> Path:
+    """Write the PEM key at `source` to `path` (it may be the same file) encrypted with the
+    passphrase "secret": PKCS#8 ("ENCRYPTED PRIVATE KEY"), or with `traditional` the older
+    OpenSSL form (a Proc-Type: 4,ENCRYPTED header)."""
+    key = serialization.load_pem_private_key(source.read_bytes(), password=None)
+    form = serialization.PrivateFormat
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            form.TraditionalOpenSSL if traditional else form.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    return path
