@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import heapq
 import ipaddress
 import logging
 import os
@@ -26,7 +25,7 @@ from rawproxy.config import Backend, Config, ConfigError, ListenAddress, Route
 from rawproxy.http import origin, select_route
 from rawproxy.loop import READ, Loop, Timer, settle_gc
 from rawproxy.metrics import CONTENT_TYPE, Metrics
-from rawproxy.session import DONE, IDLE, Session
+from rawproxy.session import DONE, Session
 from rawproxy.systemd import Notifier
 from rawproxy.tls import ServerTLS, backend_context, backend_server_name
 from rawproxy.transport import set_keepalive, set_nodelay
@@ -35,10 +34,6 @@ from rawproxy.tunnel import LaterKeepalive, PipePool, Tunnel
 log = logging.getLogger("rawproxy")
 
 ACCEPTS_PER_EVENT = 64
-# At --max-connections, idle kept-alive connections closed at a time to make room (nginx
-# closes up to 32), and how long after a look that found none the next may be.
-RECLAIM_AT_ONCE = 32
-RECLAIM_RETRY = 1.0
 # When the process runs out of file descriptors, accepting stops for this long: the pending
 # connections wait in the kernel's backlog instead of the loop spinning on EMFILE.
 FD_EXHAUSTED_PAUSE = 0.5
@@ -536,9 +531,6 @@ class Server:
         self.resume_timer: Timer | None = None
         self.accept_failures = _Recurring()  # accept() out of descriptors or memory
         self.limit_reached = _Recurring()  # --max-connections stopped accepting
-        self.reclaims = _Recurring()  # idle connections closed at --max-connections
-        self.reclaimed = 0
-        self.reclaim_after = 0.0  # no look for idle connections before (loop time)
         self.draining = False
         self.drain_timer: Timer | None = None
         self.notifier = Notifier()
@@ -638,8 +630,6 @@ class Server:
         family = listener.family
         for _ in range(ACCEPTS_PER_EVENT):
             if len(self.connections) >= limit:
-                if self._reclaim_idle():
-                    continue  # kept-alive connections waiting for nothing made room
                 # Once a minute at most: a busy proxy reaches the limit again and again.
                 if self.limit_reached.happened(self.loop.now):
                     log.warning(
@@ -679,33 +669,6 @@ class Server:
             session = Session(self, sock, address, tls, port)
             if session.phase != DONE:
                 self.connections.add(session)
-
-    def _reclaim_idle(self) -> int:
-        """At --max-connections: close up to RECLAIM_AT_ONCE kept-alive client connections
-        that wait between requests, those idle longest first, so that new clients are not
-        kept in the backlog until --idle-timeout (as nginx reuses its idle keep-alive
-        connections when it runs out). A client may close such a connection at any time and
-        retries on a new one. How many were closed. A look that finds none is not repeated
-        for RECLAIM_RETRY seconds: it walks every connection."""
-        now = self.loop.now
-        if now < self.reclaim_after:
-            return 0
-        idle = [c for c in self.connections if isinstance(c, Session) and c.phase == IDLE]
-        if not idle:
-            self.reclaim_after = now + RECLAIM_RETRY
-            return 0
-        chosen = heapq.nsmallest(RECLAIM_AT_ONCE, idle, key=lambda session: session.deadline)
-        for session in chosen:
-            session.reclaim()
-        self.reclaimed += len(chosen)
-        if self.reclaims.happened(now):
-            log.info(
-                "--max-connections reached: closed %d idle kept-alive connection(s) to make "
-                "room (%d so far)",
-                len(chosen),
-                self.reclaimed,
-            )
-        return len(chosen)
 
     def _resume(self) -> None:
         self.resume_timer = None

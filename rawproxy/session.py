@@ -2083,13 +2083,6 @@ class Session:
     def abort(self) -> None:
         self._close(reset=True)
 
-    def reclaim(self) -> None:
-        """The proxy needs this connection's slot (--max-connections) and it waits between
-        requests: closed as at --idle-timeout."""
-        if self.phase == IDLE:
-            log.debug("%s kept-alive connection closed to make room (--max-connections)", self.peer)
-            self._close()
-
     def drain(self) -> None:
         """The proxy is stopping: a request under way is finished, then the connection
         closes; an idle one closes now."""

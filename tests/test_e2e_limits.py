@@ -315,24 +315,3 @@ def test_default_max_header_count_in_check_config_and_help(tmp_path):
     done = peers.run_rawproxy("--check-config", str(path))
     assert "max-header-count = 100\n" in done.stdout
     assert "--max-header-count" in peers.run_rawproxy("--help").stdout
-
-
-def test_at_max_connections_idle_kept_alive_ones_make_room(start_proxy, http_backend, client):
-    """Clients that made a request and keep their connection for later held every slot
-    until --idle-timeout (30 s here): a new client waited that long. As nginx does, the
-    proxy closes idle kept-alive connections (the longest idle first) when it needs their
-    slot; a busy one is never closed for it."""
-    proxy = start_proxy(http_backend.port, "--max-connections", "3", "--idle-timeout", "30")
-    mark = proxy.mark()
-    idle = []
-    for i in range(3):
-        c = client(proxy.port, timeout=5)
-        assert c.request(peers.simple_get(f"/first/{i}")).status == 200
-        idle.append(c)
-        time.sleep(0.05)  # the first is the longest idle
-    newcomer = client(proxy.port, timeout=5)
-    started = time.monotonic()
-    assert newcomer.request(peers.simple_get("/new")).status == 200
-    assert time.monotonic() - started < 5, "the new client waited for --idle-timeout"
-    assert idle[0].wait_closed()[0] == "eof"
-    assert len(proxy.logs_matching(r"closed \d+ idle kept-alive connection", mark)) == 1
