@@ -1174,6 +1174,8 @@ class Session:
     def _client_drained(self) -> None:
         if self.phase == CLOSING:
             self._shutdown_client()
+        elif self.phase == IDLE and self.draining:
+            self._close()  # the last answer is out (see is_idle)
         elif self.phase == EXCHANGE:
             if self.fast_head is None:
                 self._pump_backend()
@@ -2087,8 +2089,20 @@ class Session:
         """The proxy is stopping: a request under way is finished, then the connection
         closes; an idle one closes now."""
         self.draining = True
-        if self.phase in (IDLE, HANDSHAKE) or (self.phase == HEAD and not self.head_bytes):
+        if (
+            self.is_idle()
+            or self.phase == HANDSHAKE
+            or (self.phase == HEAD and not self.head_bytes)
+        ):
             self._close()
+
+    def is_idle(self) -> bool:
+        """Between requests with nothing left to send: a connection that may be closed now.
+        The phase is IDLE as soon as the last answer is queued; the end of a large answer to a
+        slow reader may still wait in the client's backlog (closed then, it was cut short).
+        Such a connection is closed once it is flushed when the proxy drains
+        (_client_drained)."""
+        return self.phase == IDLE and self.client.backlog is None
 
     def shutdown(self) -> None:
         """The proxy is stopping now (the drain time is over, or a second signal): an exchange

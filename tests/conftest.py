@@ -221,3 +221,23 @@ def launch() -> Iterator[Callable[..., peers.ProxyProcess]]:
         proc.stop()
     for proc in procs:
         assert "Traceback" not in proc.log_text(), proc.log_text()
+
+
+@pytest.fixture
+def inprocess_server() -> Iterator[tuple[Any, socket.socket]]:
+    """A real rawproxy Server in the test's own process, not running: the test drives its
+    loop turn by turn (`server.loop.run_once`), with the backend's listening socket
+    (non-blocking) to accept its connections from. Stopped at teardown."""
+    from rawproxy.cli import build_parser, load_settings
+    from rawproxy.server import Server
+
+    backend = socket.create_server(("127.0.0.1", 0))
+    backend.setblocking(False)
+    argv = ["--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{backend.getsockname()[1]}"]
+    config, _ = load_settings(build_parser().parse_args([*argv, "--log-level", "error"]))
+    server = Server(config)
+    server.open()
+    server._accept_on()
+    yield server, backend
+    server.stop()
+    backend.close()

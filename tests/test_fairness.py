@@ -10,12 +10,9 @@ relayed. The others check through a running proxy that the chunks arrive joined 
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterator
-
-import pytest
+from collections.abc import Callable
 
 from rawproxy import session
-from rawproxy.cli import build_parser, load_settings
 from rawproxy.server import Server
 from tests import peers
 
@@ -41,20 +38,6 @@ def decode_chunked(data: bytes) -> tuple[bytes, int]:
         assert data[pos + size : pos + size + 2] == b"\r\n"
         pos += size + 2
         chunks += 1
-
-
-@pytest.fixture
-def inprocess() -> Iterator[tuple[Server, socket.socket]]:
-    backend = socket.create_server(("127.0.0.1", 0))
-    backend.setblocking(False)
-    argv = ["--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{backend.getsockname()[1]}"]
-    config, _ = load_settings(build_parser().parse_args([*argv, "--log-level", "error"]))
-    server = Server(config)
-    server.open()
-    server._accept_on()
-    yield server, backend
-    server.stop()
-    backend.close()
 
 
 def _turns(server: Server, until: Callable[[], bool], limit: int = 500) -> int:
@@ -83,9 +66,9 @@ def _drain(conn: socket.socket, into: bytearray) -> None:
 
 
 def test_a_flood_of_tiny_chunks_does_not_hold_up_other_clients(
-    inprocess: tuple[Server, socket.socket],
+    inprocess_server: tuple[Server, socket.socket],
 ) -> None:
-    server, backend = inprocess
+    server, backend = inprocess_server
     address = server.listeners[0].getsockname()
     flood = socket.create_connection(address, timeout=5)
     other = socket.create_connection(address, timeout=5)
