@@ -608,6 +608,13 @@ class Session:
         except ssl.SSLError as e:
             sock = self.client.sock
             assert isinstance(sock, TlsSocket)
+            if not sock.first_bytes and isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+                # Connected and closed without a byte: a TCP health check (a balancer's, a
+                # monitor's), not a failed handshake; logged only at debug (HAProxy's
+                # dontlognull), or every check would be a line.
+                log.debug("%s closed before sending anything", self.peer)
+                self._close()
+                return
             # OpenSSL recognises GET, POST, HEAD and PUT only; any method is plain HTTP.
             plain = e.reason == "HTTP_REQUEST" or looks_like_plain_http(sock.first_bytes)
             reason = _PLAIN_HTTP if plain else _tls_reason(e)

@@ -1259,3 +1259,21 @@ def test_backend_tls_sessions_are_resumed(route, make_backend, client, pki, kind
                 assert c.request(simple_get("/", "app.test")).body == b"ok"
         backend.result()
     assert reused == [False, True, True]
+
+
+def test_a_tcp_health_check_on_a_tls_port_is_no_failed_handshake(tls_proxy, client, pki):
+    """A balancer's TCP check connects and closes without a byte: it was logged (INFO) and
+    counted as a failed TLS handshake, a line for every check. Now it is a debug line; a
+    client that sends something and fails is still reported."""
+    proxy = tls_proxy()
+    mark = proxy.mark()
+    for _ in range(3):
+        connect(proxy.port, timeout=5).close()
+    garbage = connect(proxy.port, timeout=5)
+    garbage.sendall(b"\x16\x03\x01\x00\x05hello")
+    wait_closed(garbage, timeout=5)
+    garbage.close()
+    c = client(proxy.port, ssl_context=pki.client_context())
+    assert c.request(simple_get("/after")).status == 200
+    failures = proxy.logs_matching(r"TLS handshake failed", since=mark)
+    assert len(failures) == 1, failures
