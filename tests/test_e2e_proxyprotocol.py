@@ -596,9 +596,16 @@ def test_a_tls_client_is_said_in_v2(run_proxy, make_backend, client, pki, versio
         assert (parsed.client_tls, parsed.tls_version) == (True, negotiated)
 
 
-def test_accepted_address_is_sent_on(run_proxy, make_backend, sockets):
-    """Accept v2 from the balancer, send v1 to the backend: the client and the address it
-    connected to (the balancer's, as HAProxy does with accept-proxy and send-proxy) go on."""
+@pytest.mark.parametrize(
+    ("send", "tls"),
+    [("v1", None), ("v2", None), ("v2", "TLSv1.2"), ("v2", "")],
+    ids=["v1", "v2", "v2-tls-version", "v2-tls"],
+)
+def test_accepted_header_is_sent_on(run_proxy, make_backend, sockets, send, tls):
+    """Accept v2 from the balancer, send v1 or v2 to the backend: the client and the address
+    it connected to (the balancer's, as HAProxy does with accept-proxy and send-proxy) go
+    on; with the SSL TLV (the client spoke TLS to the balancer), a v2 header sent on says so
+    with the version the accepted one named."""
     backend = make_backend(ProxyHttpBackend)
     proxy = run_proxy(
         *proxy_args(
@@ -606,30 +613,7 @@ def test_accepted_address_is_sent_on(run_proxy, make_backend, sockets):
             "--trusted-proxy",
             "127.0.0.1/32",
             "--send-proxy-protocol",
-            "v1",
-            backend=f"127.0.0.1:{backend.port}",
-        )
-    )
-    src, dst = ("203.0.113.7", 4444), ("198.51.100.9", 443)
-    sock = connect(proxy.port)
-    sockets.append(sock)
-    sock.sendall(spec_v2(src, dst) + get("/on"))
-    assert read_answer(sock) == (200, b"GET /on")
-    assert backend.proxy_headers[0][0] == spec_v1(src, dst)
-
-
-@pytest.mark.parametrize("tls", ["TLSv1.2", ""])
-def test_accepted_ssl_tlv_is_sent_on(run_proxy, make_backend, sockets, tls):
-    """Accept v2 with the SSL TLV, send v2: the client spoke TLS to the balancer, and the
-    header sent on says so with the version the accepted one named."""
-    backend = make_backend(ProxyHttpBackend)
-    proxy = run_proxy(
-        *proxy_args(
-            "--accept-proxy-protocol",
-            "--trusted-proxy",
-            "127.0.0.1/32",
-            "--send-proxy-protocol",
-            "v2",
+            send,
             backend=f"127.0.0.1:{backend.port}",
         )
     )
@@ -638,7 +622,8 @@ def test_accepted_ssl_tlv_is_sent_on(run_proxy, make_backend, sockets, tls):
     sockets.append(sock)
     sock.sendall(spec_v2(src, dst, tls=tls) + get("/on"))
     assert read_answer(sock) == (200, b"GET /on")
-    assert backend.proxy_headers[0][0] == spec_v2(src, dst, tls=tls)
+    expected = spec_v1(src, dst) if send == "v1" else spec_v2(src, dst, tls=tls)
+    assert backend.proxy_headers[0][0] == expected
 
 
 # --- a chain: the front proxy ends TLS, the one behind accepts its PROXY header ---------------
