@@ -6,6 +6,7 @@
  *   benchtool tunnel    --port P --mode up|down|both --bytes N [--tls]    W2 client
  *   benchtool pingpong  --port P --conns C --seconds S [--size 64] [--warmup W]   W3 client
  *   benchtool handshake --port P --inflight K --seconds S [--tls] [--warmup W]  W5 client
+ *   benchtool relay     --port P --backend-port B [--mode copy|splice]   the reference row
  *
  * The backend is one epoll loop on one thread. A request without an Upgrade header gets a
  * fixed 200 response (keep-alive, pipelining fine). A request carrying Upgrade gets
@@ -937,6 +938,219 @@ static int cmd_handshake(int port, int inflight, double seconds, double warmup, 
     return 0;
 }
 
+/* --- relay: the reference row ----------------------------------------------------------- */
+/*
+ * A TCP relay with nothing of a proxy: no HTTP, no timeouts, no limits, no logging. It
+ * copies bytes between each client and a connection it opens to the backend, in one epoll
+ * loop (edge-triggered), and is there only to show what the fastest relay this machine runs
+ * reaches in each workload: the ceiling of any proxy under the same placement.
+ *   copy:   recv() and send() through 1 MiB buffers lent from a free list while bytes are
+ *           in flight (the fastest relay measured here for W2);
+ *   splice: splice() through 1 MiB pipes lent the same way (rawproxy's technique).
+ */
+#define RELAY_CHUNK (1u << 20)
+#define RELAY_KEEP 64
+
+struct rdir {
+    int from, to;
+    char *buf;
+    size_t off, end;
+    int pipe[2];
+    size_t in_pipe;
+    int eof, done;
+};
+
+struct relay {
+    int fd[2];
+    struct rdir d[2];
+    struct relay *next_closed; /* freed after the batch of events that may still name it */
+    int closed;
+};
+
+static int relay_splice;
+static char *relay_free_bufs[RELAY_KEEP];
+static int relay_free_buf_count;
+static int relay_free_pipes[RELAY_KEEP][2];
+static int relay_free_pipe_count;
+
+static int relay_take(struct rdir *d)
+{
+    if (relay_splice) {
+        if (relay_free_pipe_count) {
+            relay_free_pipe_count--;
+            d->pipe[0] = relay_free_pipes[relay_free_pipe_count][0];
+            d->pipe[1] = relay_free_pipes[relay_free_pipe_count][1];
+            return 0;
+        }
+        if (pipe2(d->pipe, O_NONBLOCK | O_CLOEXEC) < 0)
+            return -1;
+        fcntl(d->pipe[1], F_SETPIPE_SZ, RELAY_CHUNK);
+        return 0;
+    }
+    d->buf = relay_free_buf_count ? relay_free_bufs[--relay_free_buf_count] : malloc(RELAY_CHUNK);
+    return d->buf ? 0 : -1;
+}
+
+static void relay_give_back(struct rdir *d)
+{
+    if (relay_splice) {
+        if (d->pipe[0] < 0)
+            return;
+        if (d->in_pipe == 0 && relay_free_pipe_count < RELAY_KEEP) {
+            relay_free_pipes[relay_free_pipe_count][0] = d->pipe[0];
+            relay_free_pipes[relay_free_pipe_count][1] = d->pipe[1];
+            relay_free_pipe_count++;
+        } else {
+            close(d->pipe[0]);
+            close(d->pipe[1]);
+        }
+        d->pipe[0] = d->pipe[1] = -1;
+        return;
+    }
+    if (!d->buf)
+        return;
+    if (relay_free_buf_count < RELAY_KEEP)
+        relay_free_bufs[relay_free_buf_count++] = d->buf;
+    else
+        free(d->buf);
+    d->buf = NULL;
+}
+
+/* Move what can be moved now; -1 on an error of either socket. */
+static int relay_pump(struct rdir *d)
+{
+    for (;;) {
+        if (relay_splice) {
+            while (d->in_pipe) {
+                ssize_t n = splice(d->pipe[0], NULL, d->to, NULL, d->in_pipe,
+                                   SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+                if (n < 0)
+                    return errno == EAGAIN ? 0 : -1;
+                d->in_pipe -= (size_t)n;
+            }
+        } else {
+            while (d->off < d->end) {
+                ssize_t n = send(d->to, d->buf + d->off, d->end - d->off,
+                                 MSG_DONTWAIT | MSG_NOSIGNAL);
+                if (n < 0)
+                    return errno == EAGAIN ? 0 : -1;
+                d->off += (size_t)n;
+            }
+            d->off = d->end = 0;
+        }
+        if (d->eof) {
+            relay_give_back(d);
+            if (!d->done) {
+                shutdown(d->to, SHUT_WR);
+                d->done = 1;
+            }
+            return 0;
+        }
+        if ((relay_splice ? d->pipe[0] < 0 : !d->buf) && relay_take(d) < 0)
+            return -1;
+        ssize_t n = relay_splice ? splice(d->from, NULL, d->pipe[1], NULL, RELAY_CHUNK,
+                                          SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+                                 : recv(d->from, d->buf, RELAY_CHUNK, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno != EAGAIN)
+                return -1;
+            relay_give_back(d); /* empty: an idle direction holds nothing */
+            return 0;
+        }
+        if (n == 0)
+            d->eof = 1;
+        else if (relay_splice)
+            d->in_pipe = (size_t)n;
+        else
+            d->end = (size_t)n;
+    }
+}
+
+static struct relay *relay_closed;
+
+static void relay_close(struct relay *r)
+{
+    for (int i = 0; i < 2; i++) {
+        r->d[i].in_pipe = 1; /* whatever is left in a pipe is dropped with it */
+        relay_give_back(&r->d[i]);
+        close(r->fd[i]);
+    }
+    r->closed = 1;
+    r->next_closed = relay_closed;
+    relay_closed = r;
+}
+
+static void relay_event(struct relay *r, uint32_t events)
+{
+    if (r->closed)
+        return;
+    if (events & EPOLLERR) {
+        relay_close(r);
+        return;
+    }
+    if (relay_pump(&r->d[0]) < 0 || relay_pump(&r->d[1]) < 0 || (r->d[0].done && r->d[1].done))
+        relay_close(r);
+}
+
+static _Noreturn void cmd_relay(int port, int backend_port, const char *mode)
+{
+    if (!backend_port)
+        die("--backend-port is required");
+    if (strcmp(mode, "splice") == 0)
+        relay_splice = 1;
+    else if (strcmp(mode, "copy") != 0)
+        die("--mode is copy or splice");
+    struct sockaddr_in backend = {.sin_family = AF_INET, .sin_port = htons((uint16_t)backend_port)};
+    backend.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    int lfd = listen_on(port);
+    int ep = epoll_create1(0);
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+    epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &ev);
+    static struct epoll_event evs[512];
+    for (;;) {
+        int n = epoll_wait(ep, evs, 512, -1);
+        if (n < 0 && errno != EINTR)
+            die("epoll_wait: %s", strerror(errno));
+        for (int i = 0; i < n; i++) {
+            if (evs[i].data.ptr) {
+                relay_event(evs[i].data.ptr, evs[i].events);
+                continue;
+            }
+            for (int k = 0; k < 256; k++) {
+                int c = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+                if (c < 0)
+                    break;
+                int b = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+                if (b < 0 || (connect(b, (struct sockaddr *)&backend, sizeof backend) < 0 &&
+                              errno != EINPROGRESS)) {
+                    close(c);
+                    if (b >= 0)
+                        close(b);
+                    continue;
+                }
+                set_nodelay(c);
+                set_nodelay(b);
+                struct relay *r = calloc(1, sizeof *r);
+                if (!r)
+                    die("out of memory");
+                r->fd[0] = c;
+                r->fd[1] = b;
+                r->d[0] = (struct rdir){.from = c, .to = b, .pipe = {-1, -1}};
+                r->d[1] = (struct rdir){.from = b, .to = c, .pipe = {-1, -1}};
+                struct epoll_event rev = {
+                    .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = r};
+                epoll_ctl(ep, EPOLL_CTL_ADD, c, &rev);
+                epoll_ctl(ep, EPOLL_CTL_ADD, b, &rev);
+            }
+        }
+        while (relay_closed) {
+            struct relay *r = relay_closed;
+            relay_closed = r->next_closed;
+            free(r);
+        }
+    }
+}
+
 /* --- command line ----------------------------------------------------------------------- */
 
 static const char *opt(int argc, char **argv, const char *name, const char *fallback)
@@ -954,7 +1168,7 @@ static const char *opt(int argc, char **argv, const char *name, const char *fall
 int main(int argc, char **argv)
 {
     if (argc < 2)
-        die("usage: benchtool serve|tunnel|pingpong|handshake [options] (see the source)");
+        die("usage: benchtool serve|tunnel|pingpong|handshake|relay [options] (see the source)");
     signal(SIGPIPE, SIG_IGN);
     setvbuf(stdout, NULL, _IOLBF, 0);
     make_random();
@@ -974,6 +1188,9 @@ int main(int argc, char **argv)
     }
     if (strcmp(cmd, "serve") == 0)
         cmd_serve(port, opt(argc, argv, "--cert", NULL), opt(argc, argv, "--key", NULL));
+    if (strcmp(cmd, "relay") == 0)
+        cmd_relay(port, atoi(opt(argc, argv, "--backend-port", "0")),
+                  opt(argc, argv, "--mode", "copy"));
     if (!port)
         die("--port is required");
     if (strcmp(cmd, "tunnel") == 0)

@@ -3,7 +3,8 @@
 Every figure is the median of the run's interleaved runs, with min-max beside it in the full
 table. Ratios are plain quotients of medians: `rawproxy / DIRECT` and `rawproxy / best
 peer`, where the best peer is the best of HAProxy, nginx, Apache and Caddy for that metric
-(the highest rate, the lowest latency, CPU or memory). The arrow after a metric says which
+(the highest rate, the lowest latency, CPU or memory), and `rawproxy / relay` against the
+reference relay (plain legs). The arrow after a metric says which
 way is better: a rate ratio of 0.5 is half the rate; a CPU or latency ratio of 2 is twice the
 cost.
 """
@@ -19,6 +20,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 PEERS = ("haproxy", "nginx", "apache2", "caddy")
+RELAY = "relay"  # the reference row (targets.Relay): no peer
 DASH = "\u2013"  # en dash: an empty cell, and between min and max
 BUSY_CORES = 0.25  # other processes using more than this during a group are reported
 
@@ -70,9 +72,13 @@ def _cell_error(row: dict[str, Any], target: str) -> str:
 
 
 def summary_markdown(results: dict[str, Any]) -> str:
-    """The primary metrics: medians, rawproxy / DIRECT, rawproxy / best peer."""
+    """The primary metrics: medians, rawproxy / DIRECT, rawproxy / best peer, and rawproxy /
+    relay when the run had the reference relay."""
     targets = _targets(results)
+    with_relay = RELAY in targets
     head = ["workload", "metric", *targets, "rawproxy / DIRECT", "rawproxy / best peer"]
+    if with_relay:
+        head.append("rawproxy / relay")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in results["rows"]:
         if not row["primary"]:
@@ -86,8 +92,10 @@ def summary_markdown(results: dict[str, Any]) -> str:
         best = best_peer(row)
         to_best = f"{ratio(raw, best[1])} ({best[0]})" if best else DASH
         to_direct = DASH if row["proxy_only"] else ratio(raw, direct)
+        extra = [ratio(raw, median(row["values"].get(RELAY)))] if with_relay else []
         label = f"{row['label']} {arrow(row)}".strip()
-        lines.append("| " + " | ".join([row["variant"], label, *cells, to_direct, to_best]) + " |")
+        cells = [row["variant"], label, *cells, to_direct, to_best, *extra]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -223,6 +231,7 @@ def charts(results: dict[str, Any], out: Path) -> list[Path]:
     colours = {
         "DIRECT": "#999999",
         "rawproxy": "#d62728",
+        "relay": "#333333",
         "haproxy": "#1f77b4",
         "nginx": "#2ca02c",
         "apache2": "#9467bd",
@@ -315,7 +324,14 @@ def results_markdown(results: dict[str, Any], chart_paths: list[Path], rel_to: P
         "Medians; `↑` higher is better, `↓` lower is better; ratios are plain quotients of "
         "medians (best peer = the best of HAProxy, nginx, Apache, Caddy for that row). "
         "DIRECT is the client talking straight to the backend: the physical limit of this "
-        "machine with this load generator.",
+        "machine with this load generator."
+        + (
+            " relay (plain legs) is a TCP relay in C with nothing of a proxy (no HTTP, no "
+            "timeouts, no logs): the ceiling of any proxy under the same placement; "
+            "`rawproxy / relay` is how close rawproxy gets to it."
+            if RELAY in _targets(results)
+            else ""
+        ),
         "",
         summary_markdown(results),
         "",

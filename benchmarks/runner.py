@@ -35,7 +35,16 @@ from benchmarks.procs import (
     raise_nofile,
     wait_port,
 )
-from benchmarks.targets import ALL_TARGETS, LEGS, PEER_PACKAGES, REPO, RawProxy, Setup, Target
+from benchmarks.targets import (
+    ALL_TARGETS,
+    LEGS,
+    PEER_PACKAGES,
+    REPO,
+    RawProxy,
+    Relay,
+    Setup,
+    Target,
+)
 from benchmarks.tools import Tools
 from benchmarks.workloads import OTHER, WORKLOADS, Context, Settings, Variant, Workload
 
@@ -141,6 +150,12 @@ class Harness:
         for target in ALL_TARGETS:
             if wanted is not None and target.name not in wanted and target.name != "DIRECT":
                 continue
+            if isinstance(target, Relay):
+                target.tool = self.tools.native
+                target.mode = self.args.relay_mode
+                if not target.available():
+                    self.notes.append("no relay row: it needs the compiled benchtool (gcc)")
+                    continue
             if target.available():
                 self.targets.append(target)
             else:
@@ -259,16 +274,17 @@ class Harness:
                 max_conns=max_conns,
             )
 
-        ctx = Context(self.tools, s, setup_for(self.targets[0]), gdir)
+        targets = [t for t in self.targets if t.supports(leg)]
+        ctx = Context(self.tools, s, setup_for(targets[0]), gdir)
         try:
             if not workload.fresh_per_run:
-                for target in self.targets:
+                for target in targets:
                     try:
                         running[target.name] = target.start(setup_for(target))
                     except Exception as e:  # reported in the results, the run goes on
                         failed[target.name] = f"did not start: {e}"
                         log(f"   {target.name}: {failed[target.name]}")
-                for target in self.targets:
+                for target in targets:
                     if target.name in running:
                         try:
                             workload.warmup(variants[0], running[target.name], ctx)
@@ -276,7 +292,7 @@ class Harness:
                             log(f"   {target.name}: warm-up failed: {e}")
             for run in range(s.runs):
                 for variant in variants:
-                    for target in self.targets:
+                    for target in targets:
                         self.measure_one(
                             workload, variant, target, run, running, failed, setup_for, ctx
                         )
@@ -447,6 +463,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--legs", help="plain,tls-client,tls-both (default: all)")
     p.add_argument("--targets", help="e.g. rawproxy,nginx (DIRECT is always measured)")
     p.add_argument("--install-peers", action="store_true", help="apt-get install the peers")
+    p.add_argument(
+        "--relay-mode",
+        choices=("copy", "splice"),
+        default="copy",
+        help="how the reference relay moves bytes (default copy, the faster here)",
+    )
     p.add_argument("--write-results", action="store_true", help="write benchmarks/RESULTS.md")
     p.add_argument("--out", type=Path, default=HERE / "results", help="results directory")
     p.add_argument("--rawproxy-rev", help="measure rawproxy at this git revision")

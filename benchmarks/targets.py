@@ -113,6 +113,9 @@ class Target:
     def available(self) -> bool:
         return self.path() is not None
 
+    def supports(self, leg: str) -> bool:
+        return True
+
     def version(self) -> str:
         return "?"
 
@@ -220,6 +223,35 @@ class RawProxy(Target):
             argv += ["--workers", "1"]  # one event loop, no supervisor (the default today)
         env = dict(os.environ, PYTHONPATH=str(self.source))
         return argv, env
+
+
+class Relay(Target):
+    """The reference row: `benchtool relay`, a TCP relay in C with nothing of a proxy (no
+    HTTP, no timeouts, no limits, no logs), in one epoll loop like every target here. What it
+    reaches is the ceiling of any proxy on this machine and placement; it is no peer (not in
+    the best-peer ratio). Plain legs only: a relay cannot terminate TLS."""
+
+    name = "relay"
+    is_peer = False
+
+    def __init__(self) -> None:
+        self.tool: Path | None = None  # the compiled benchtool (set by the runner)
+        self.mode = "copy"
+
+    def available(self) -> bool:
+        return self.tool is not None
+
+    def supports(self, leg: str) -> bool:
+        return leg == "plain"
+
+    def version(self) -> str:
+        how = "recv/send, 1 MiB buffers" if self.mode == "copy" else "splice, 1 MiB pipes"
+        return f"benchtool relay --mode {self.mode} (C, one epoll loop, {how}; no HTTP)"
+
+    def argv(self, setup: Setup) -> tuple[list[str], dict[str, str] | None]:
+        assert self.tool is not None
+        argv = [str(self.tool), "relay", "--port", str(setup.port)]
+        return [*argv, "--backend-port", str(setup.upstream_port), "--mode", self.mode], None
 
 
 class HAProxy(Target):
@@ -489,5 +521,13 @@ class Caddy(Target):
         return [self.path() or "caddy", "run", "--config", str(path), "--adapter", "caddyfile"], env
 
 
-ALL_TARGETS: list[Target] = [Direct(), RawProxy(), HAProxy(), Nginx(), Apache(), Caddy()]
+ALL_TARGETS: list[Target] = [
+    Direct(),
+    RawProxy(),
+    Relay(),
+    HAProxy(),
+    Nginx(),
+    Apache(),
+    Caddy(),
+]
 PEER_PACKAGES = {"haproxy": "haproxy", "nginx": "nginx", "apache2": "apache2", "caddy": "caddy"}
