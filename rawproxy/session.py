@@ -21,7 +21,6 @@ Phases:
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import ipaddress
 import logging
@@ -620,13 +619,22 @@ class Session:
             reason = _PLAIN_HTTP if plain else _tls_reason(e)
             log.info("%s TLS handshake failed: %s", self.peer, reason)
             self.server.metrics.tls_handshake_failures["client"] += 1
-            if plain:
-                # Say it in the client's language, past the SSL object (as nginx does).
-                with contextlib.suppress(OSError):
-                    sock.raw.send(
-                        error_response(400, "plain HTTP was sent to a TLS port; use https://"),
-                    )
-            self._close(reset=True)
+            if not plain:
+                self._close(reset=True)
+                return
+            # Say it in the client's language, past the SSL object (as nginx does), and close
+            # as after any answer of ours: a FIN, then what the client still sends is read and
+            # dropped for a while. A reset at once (unread bytes at close) could destroy the
+            # answer on its way, and the client would see only "connection reset".
+            self.client.drop_tls()
+            try:
+                self.client.send(
+                    error_response(400, "plain HTTP was sent to a TLS port; use https://")
+                )
+            except OSError:
+                self._close(reset=True)
+                return
+            self._close_gracefully()
             return
         if wants:
             self.client_handshake = wants

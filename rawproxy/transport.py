@@ -354,6 +354,13 @@ class Leg:
         self.sock = TlsSocket(self.sock, context, server_hostname, session)
         self.tls = True
 
+    def drop_tls(self) -> None:
+        """Speak plain TCP again on the same socket: after a handshake that failed because
+        the peer never spoke TLS, to answer it in its own language."""
+        if isinstance(self.sock, TlsSocket):
+            self.sock = self.sock.raw
+            self.tls = False
+
     def handshake(self) -> int:
         """One step of the TLS handshake: 0 when it is done, else the event it waits for.
         Raises ssl.SSLError (or OSError) when it fails."""

@@ -818,6 +818,26 @@ def test_plain_http_to_tls_port_gets_400_whatever_the_method(
     assert c.request(simple_get("/after")).status == 200
 
 
+def test_plain_http_to_tls_port_answer_is_not_cut_by_a_reset(tls_proxy, sockets):
+    """An upload sent in plain HTTP to the TLS port: closing with its bytes unread sent a
+    reset right behind the 400 (on a real network it can destroy the answer before the
+    client reads it; here the client's next read failed). Now the connection ends as after
+    any answer of ours: a FIN, and the rest of the upload read and dropped."""
+    proxy = tls_proxy("--header-timeout", "5")
+    raw = connect(proxy.port, timeout=5)
+    sockets.append(raw)
+    body = b"x" * (4 << 20)
+    head = request_bytes(
+        "POST", "/upload", [("Host", "localhost"), ("Content-Length", str(len(body)))]
+    )
+    raw.sendall(head + body)  # a reset fails this, or the reads below
+    got = b""
+    while chunk := raw.recv(65536):
+        got += chunk
+    assert got.startswith(b"HTTP/1.1 400 "), got
+    assert b"plain HTTP was sent to a TLS port" in got, got
+
+
 @pytest.mark.parametrize("sends", ["nothing", "half-a-client-hello"])
 def test_stalled_handshake_closed_after_header_timeout(tls_proxy, client, sockets, pki, sends):
     proxy = tls_proxy("--header-timeout", "1")
