@@ -1391,9 +1391,14 @@ class Session:
             return
         except ssl.SSLError as e:
             self._count_backend_tls_failure()
+            sock = backend.sock
+            if isinstance(sock, TlsSocket) and sock.first_bytes.startswith(b"HTTP/"):
+                # OpenSSL says "wrong version number"; what happened is simpler.
+                reason = "it answered in plain HTTP (should it be http://, not https://?)"
+            else:
+                reason = _tls_reason(e)
             self._fail(
-                502,
-                f"TLS handshake with backend {self.current_target.name} failed: {_tls_reason(e)}",
+                502, f"TLS handshake with backend {self.current_target.name} failed: {reason}"
             )
             return
         except OSError as e:

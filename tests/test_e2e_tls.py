@@ -680,6 +680,36 @@ def test_backend_stalling_the_tls_handshake_is_not_blamed_on_tcp(start_proxy, cl
         listener.close()
 
 
+def test_plain_http_backend_behind_https_is_named(start_proxy, client):
+    """--backend https:// to a plain HTTP server: it answers the ClientHello with its own
+    400, and OpenSSL calls that a "wrong version number". The 502's log line says what
+    happened instead."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        proxy = start_proxy(port, backend=f"https://127.0.0.1:{port}")
+        mark = proxy.mark()
+        resp = client(proxy.port, timeout=5).request(simple_get("/plain-backend"))
+        assert resp.status == 502, resp
+        proxy.wait_for_log(r" 502 ", since=mark)
+        [line] = proxy.logs_matching(r" 502 ", mark)
+        assert "answered in plain HTTP (should it be http://, not https://?)" in line, line
+        assert "wrong version" not in line, line
+    finally:
+        listener.close()
+        thread.join(5)
+
+
 @pytest.mark.parametrize("case", list(VERIFY_FAILURES))
 def test_backend_insecure_accepts_any_certificate(start_proxy, make_backend, client, pki, case):
     cert_name, host, _ = VERIFY_FAILURES[case]
