@@ -126,16 +126,26 @@ class AccessLog:
             line += f' error="{_quoted(error)}"'
         self._write(line, level)
 
-    def unparsed(self, *, client: str, status: int, duration: float, error: str) -> None:
+    def unparsed(
+        self,
+        *,
+        client: str,
+        status: int,
+        duration: float,
+        error: str,
+        line: tuple[str, str, str] | None = None,
+    ) -> None:
         """An answer to a request whose head never parsed (400, 408, 431): for the access log
-        file, which has a line for every answer (request "-"); on stderr the error's own line
-        says it already."""
+        file, which has a line for every answer (request "-", or `line`, the method, target
+        and version of a complete request line); on stderr the error's own line says it
+        already."""
         if self.file is not None:
+            method, target, version = line if line is not None else (None, None, None)
             self.request(
                 client=client,
-                method=None,
-                target=None,
-                version=None,
+                method=method,
+                target=target,
+                version=version,
                 status=status,
                 size=0,
                 referer=None,

@@ -492,6 +492,20 @@ _SIMPLE_HEADER_LINE = re.compile(rb"(?<=\n)(" + _TOKEN + rb"): (" + _VALUE + rb"
 # only when a head is not all `Name: value` lines; such a head is never `plain`.
 _SPACED_HEADER_LINE = re.compile(rb"(?<=\n)((" + _TOKEN + rb"):[ \t]*(" + _VALUE + rb")[ \t]*\r\n)")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
+_ANY_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])\r?\n")
+
+
+def request_line_of(head: bytes | bytearray) -> tuple[bytes, bytes, bytes] | None:
+    """Method, target and version of the request line that starts an unfinished head, when
+    that line is complete and well formed (visible ASCII, safe to log): what the log line of
+    an answer to a head that never completed (408, 431) names, as nginx does."""
+    match = _ANY_REQUEST_LINE.match(head)
+    if match is None:
+        return None
+    method, target, version = match.groups()
+    return method, target, version
+
+
 # Request headers that send a request to h11: chunked framing and 100-continue are its job.
 _NOT_SIMPLE_REQUEST = frozenset({b"transfer-encoding", b"expect"})
 _KEEP_ALIVE = frozenset({b"keep-alive"})

@@ -62,6 +62,7 @@ from rawproxy.http import (
     plain_request_head,
     plain_request_headers,
     plain_switch_head,
+    request_line_of,
     resolve_request,
     rewrite_response_headers,
     shortened,
@@ -1744,12 +1745,21 @@ class Session:
         to stderr."""
         if self.request is None:
             self.server.metrics.count_request(status)
-            log.log(level, "%s -> %d: %s", self._describe(), status, detail)
+            # A head that never completed may still have a complete request line: name it.
+            line = None
+            if self.head_bytes and (parts := request_line_of(self.head_bytes)) is not None:
+                method, target, version = (part.decode("ascii") for part in parts)
+                line = (method, target, version)
+            described = (
+                self.peer if line is None else f'{self.peer} "{line[0]} {line[1]} HTTP/{line[2]}"'
+            )
+            log.log(level, "%s -> %d: %s", described, status, detail)
             self.server.access.unparsed(
                 client=self.client_ip,
                 status=status,
                 duration=self.loop.now - self.exchange_start,
                 error=detail,
+                line=line,
             )
             return
         if self.server.access.to_file:

@@ -332,6 +332,37 @@ def test_access_log_file_has_a_line_for_every_answer(start_proxy, scripted_backe
     assert "client went away" in left["rest"]
 
 
+def test_a_408_names_the_request_line_it_had(start_proxy, http_backend, tmp_path, sockets):
+    """A head that never completed gets 408; when its request line was complete, both log
+    lines name that request (as nginx's does), where they said "-" (which request timed out
+    was not to be found). A request line itself cut short still logs "-"."""
+    path = tmp_path / "access.log"
+    proxy = start_proxy(http_backend.port, "--header-timeout", "1", "--access-log", str(path))
+    mark = proxy.mark()
+    named = connect(proxy.port)
+    named.sendall(b"POST /upload?id=7 HTTP/1.1\r\nHost: a\r\nX-Half: ")
+    unnamed = connect(proxy.port)
+    unnamed.sendall(b"POST /upl")
+    sockets.extend([named, unnamed])
+    for sock in (named, unnamed):
+        sock.settimeout(5)
+        assert sock.recv(100).startswith(b"HTTP/1.1 408 ")
+    proxy.wait_for_log(r'"POST /upload\?id=7 HTTP/1\.1" -> 408: request head not complete', mark)
+    deadline = time.monotonic() + 5
+    lines: list[str] = []
+    while time.monotonic() < deadline:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= 2:
+            break
+        time.sleep(0.05)
+    fields = [CLF.fullmatch(line) for line in lines]
+    assert all(fields), lines
+    assert sorted((f["request"], f["status"]) for f in fields if f) == [
+        ("-", "408"),
+        ("POST /upload?id=7 HTTP/1.1", "408"),
+    ], lines
+
+
 @pytest.mark.parametrize("path", ["fast", "h11"])
 def test_a_client_that_resets_while_waiting_is_logged_499(
     start_proxy, scripted_backend, tmp_path, path

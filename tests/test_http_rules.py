@@ -24,6 +24,7 @@ from rawproxy.http import (
     framing_error,
     head_error,
     origin,
+    request_line_of,
     resolve_request,
     rewrite_response_headers,
     rewrite_set_cookie,
@@ -742,3 +743,20 @@ def test_a_101_may_only_switch_to_an_offered_protocol(
 ) -> None:
     problem = switch_error(offered, answered)
     assert (problem is not None) == refused, problem
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b"GET /a?b=c HTTP/1.1\r\nHost: x\r\n", (b"GET", b"/a?b=c", b"1.1")),
+        (b"POST /up HTTP/1.0\n", (b"POST", b"/up", b"1.0")),
+        (b"GET /a HTTP/1.1", None),  # the line itself is not complete
+        (b"GET /a", None),
+        (b"GET /a\x1b[31m HTTP/1.1\r\n", None),  # a control character: not for a log line
+        (b"GET /a b HTTP/1.1\r\n", None),
+        (b"G(T /a HTTP/1.1\r\n", None),
+        (b"", None),
+    ],
+)
+def test_request_line_of_an_unfinished_head(head, expected):
+    assert request_line_of(head) == expected
