@@ -16,7 +16,9 @@ pieces is waited for (NEED_MORE; the caller bounds the wait).
 
 Of the TLVs that may follow the addresses of a v2 header, the SSL one is read: it says whether
 the client spoke TLS to the balancer, which is all a proxy behind a TLS-terminating balancer
-has to tell its backends the client's scheme. The others are checked for their framing only.
+has to tell its backends the client's scheme. A CRC32C TLV is verified (section 2.2.2: a
+header whose checksum does not match is invalid). The others are checked for their framing
+only.
 """
 
 from __future__ import annotations
@@ -50,6 +52,31 @@ PP2_TYPE_SSL: Final = 0x20  # how the client reached the balancer: flags, verify
 PP2_CLIENT_SSL: Final = 0x01  # in the SSL TLV's client flags: the client spoke TLS
 PP2_SUBTYPE_SSL_VERSION: Final = 0x21  # a sub-TLV of the SSL TLV: "TLSv1.3", US-ASCII
 _SSL_FIXED = 5  # the SSL TLV's value starts with the client flags (1 byte) and verify (4)
+PP2_TYPE_CRC32C: Final = 0x03  # the CRC32C of the whole header, this field counted as zeros
+
+
+def _crc32c_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1  # Castagnoli, reflected
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes | bytearray | memoryview) -> int:
+    """CRC32C (RFC 3720 B.4, the checksum of SCTP and iSCSI), byte by byte: a PROXY header
+    is a few hundred bytes at most, and only a header that carries the TLV is summed."""
+    crc = 0xFFFFFFFF
+    table = _CRC32C_TABLE
+    for byte in bytes(data):
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
 
 _PORT = re.compile(rb"0|[1-9][0-9]{0,4}")
 _IPV4_CHARS = frozenset(b"0123456789.")
@@ -282,6 +309,8 @@ def _parse_v2(data: bytes | bytearray | memoryview) -> ProxyHeader | _NeedMore:
     client_tls, tls_version = _tls_of(tlvs)
     if len(data) < length:
         return NEED_MORE
+    if any(kind == PP2_TYPE_CRC32C for kind, _ in tlvs):
+        _check_crc32c(bytes(data[:length]), V2_FIXED_LENGTH + needed)
     size = 4 if af == _AF_INET else 16
     block = bytes(data[V2_FIXED_LENGTH : V2_FIXED_LENGTH + needed])
     make = ipaddress.IPv4Address if af == _AF_INET else ipaddress.IPv6Address
@@ -293,6 +322,28 @@ def _parse_v2(data: bytes | bytearray | memoryview) -> ProxyHeader | _NeedMore:
     return ProxyHeader(
         2, "PROXY", family, (source, sport), (destination, dport), length, client_tls, tls_version
     )
+
+
+def _check_crc32c(header: bytes, tlv_start: int) -> None:
+    """Verify the CRC32C TLV of a complete v2 `header` whose TLVs start at `tlv_start` (their
+    framing checked already): the checksum of the header with that TLV's value as zeros."""
+    offset = tlv_start
+    while offset < len(header):
+        kind = header[offset]
+        size = int.from_bytes(header[offset + 1 : offset + _TLV_HEAD], "big")
+        value = offset + _TLV_HEAD
+        if kind == PP2_TYPE_CRC32C:
+            if size != 4:
+                raise ProxyProtocolError(f"PROXY v2 header has a CRC32C TLV of {size} bytes, not 4")
+            sent = int.from_bytes(header[value : value + 4], "big")
+            computed = crc32c(header[:value] + bytes(4) + header[value + 4 :])
+            if sent != computed:
+                raise ProxyProtocolError(
+                    f"PROXY v2 header's CRC32C is {sent:#010x}, its bytes sum to "
+                    f"{computed:#010x}: damaged or forged"
+                )
+            return
+        offset = value + size
 
 
 def parse_tlvs(block: bytes | bytearray | memoryview) -> list[tuple[int, bytes]]:

@@ -874,7 +874,13 @@ backend to_rawproxy
 
 @needs_haproxy
 @pytest.mark.parametrize(
-    ("send", "scheme"), [("send-proxy-v2-ssl", "https"), ("send-proxy-v2", "http")]
+    ("send", "scheme"),
+    [
+        ("send-proxy-v2-ssl", "https"),
+        ("send-proxy-v2", "http"),
+        # HAProxy's header with its CRC32C TLV (and the SSL TLV): rawproxy verifies it.
+        ("send-proxy-v2-ssl proxy-v2-options crc32c", "https"),
+    ],
 )
 def test_behind_haproxy_ending_tls(
     run_proxy, haproxy, http_backend, pki, sockets, tmp_path, send, scheme

@@ -21,6 +21,7 @@ from rawproxy.proxyproto import (
     V2_SIGNATURE,
     ProxyHeader,
     ProxyProtocolError,
+    crc32c,
     encode_v1,
     encode_v2,
     parse_proxy_header,
@@ -485,8 +486,9 @@ def test_tlv_overrun_is_refused_from_its_head() -> None:
     assert parse_proxy_header(data[: cut - 1]) is NEED_MORE
 
 
+# Any TLV type but SSL (0x20, read) and CRC32C (0x03, verified: see its own tests).
 TLV_LISTS = st.lists(
-    st.tuples(st.integers(0, 255).filter(lambda t: t != 0x20), st.binary(max_size=40)),
+    st.tuples(st.integers(0, 255).filter(lambda t: t not in (0x03, 0x20)), st.binary(max_size=40)),
     max_size=8,
 )
 
@@ -842,3 +844,48 @@ def test_encoded_truncations_need_more(
     data = encode((str(src), sport), (str(dst), dport))
     end = draw.draw(st.integers(0, len(data) - 1))
     assert parse_proxy_header(data[:end]) is NEED_MORE
+
+
+# -- the CRC32C TLV ----------------------------------------------------------------------------
+
+
+def test_crc32c_check_values() -> None:
+    # The check value of the CRC catalogues, and RFC 3720 B.4's 32 zero bytes (sent as
+    # aa 36 91 8a, least significant byte first).
+    assert crc32c(b"123456789") == 0xE3069283
+    assert crc32c(bytes(32)) == 0x8A9136AA
+    assert crc32c(b"") == 0
+
+
+def with_crc(tlvs_before: bytes = b"", tlvs_after: bytes = TLVS) -> bytes:
+    """A TCP/IPv4 v2 header with a CRC32C TLV, its checksum filled in as a sender does."""
+    header = bytearray(v2(0x21, 0x11, V4 + tlvs_before + tlv(0x03, bytes(4)) + tlvs_after))
+    at = 16 + len(V4) + len(tlvs_before) + 3
+    header[at : at + 4] = crc32c(header).to_bytes(4, "big")
+    return bytes(header)
+
+
+@pytest.mark.parametrize(
+    "data", [with_crc(), with_crc(HAPROXY_SSL, b""), with_crc(tlv(0x04, b"pad"), TLVS)]
+)
+def test_crc32c_tlv_that_matches_is_accepted(data: bytes) -> None:
+    header = parse_proxy_header(data + HTTP)
+    assert isinstance(header, ProxyHeader)
+    assert (header.source, header.length) == (("192.0.2.1", 56324), len(data))
+
+
+def test_crc32c_tlv_that_does_not_match_is_refused() -> None:
+    good = with_crc(HAPROXY_SSL)
+    checksum = 16 + len(V4) + len(HAPROXY_SSL) + 3
+    version = 16 + len(V4) + HAPROXY_SSL.index(b"TLSv1.3") + 4
+    # A byte of the source address, of the TLS version named, of the checksum, of the last TLV.
+    for at in (17, version, checksum + 2, len(good) - 1):
+        bad = bytearray(good)
+        bad[at] ^= 0x01
+        with pytest.raises(ProxyProtocolError, match="CRC32C"):
+            parse_proxy_header(bytes(bad) + HTTP)
+
+
+def test_crc32c_tlv_of_the_wrong_size_is_refused() -> None:
+    with pytest.raises(ProxyProtocolError, match="CRC32C TLV of 3 bytes"):
+        parse_proxy_header(v2(0x21, 0x11, V4 + tlv(0x03, bytes(3))) + HTTP)
