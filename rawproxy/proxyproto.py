@@ -309,8 +309,7 @@ def _parse_v2(data: bytes | bytearray | memoryview) -> ProxyHeader | _NeedMore:
     client_tls, tls_version = _tls_of(tlvs)
     if len(data) < length:
         return NEED_MORE
-    if any(kind == PP2_TYPE_CRC32C for kind, _ in tlvs):
-        _check_crc32c(bytes(data[:length]), V2_FIXED_LENGTH + needed)
+    _check_crc32c(data, length, V2_FIXED_LENGTH + needed, tlvs)
     size = 4 if af == _AF_INET else 16
     block = bytes(data[V2_FIXED_LENGTH : V2_FIXED_LENGTH + needed])
     make = ipaddress.IPv4Address if af == _AF_INET else ipaddress.IPv6Address
@@ -324,26 +323,33 @@ def _parse_v2(data: bytes | bytearray | memoryview) -> ProxyHeader | _NeedMore:
     )
 
 
-def _check_crc32c(header: bytes, tlv_start: int) -> None:
-    """Verify the CRC32C TLV of a complete v2 `header` whose TLVs start at `tlv_start` (their
-    framing checked already): the checksum of the header with that TLV's value as zeros."""
-    offset = tlv_start
-    while offset < len(header):
-        kind = header[offset]
-        size = int.from_bytes(header[offset + 1 : offset + _TLV_HEAD], "big")
-        value = offset + _TLV_HEAD
-        if kind == PP2_TYPE_CRC32C:
-            if size != 4:
-                raise ProxyProtocolError(f"PROXY v2 header has a CRC32C TLV of {size} bytes, not 4")
-            sent = int.from_bytes(header[value : value + 4], "big")
-            computed = crc32c(header[:value] + bytes(4) + header[value + 4 :])
-            if sent != computed:
-                raise ProxyProtocolError(
-                    f"PROXY v2 header's CRC32C is {sent:#010x}, its bytes sum to "
-                    f"{computed:#010x}: damaged or forged"
-                )
-            return
-        offset = value + size
+def _check_crc32c(
+    data: bytes | bytearray | memoryview,
+    length: int,
+    offset: int,
+    tlvs: list[tuple[int, bytes]],
+) -> None:
+    """Verify the CRC32C TLV among `tlvs`, if any, of the complete v2 header that is the first
+    `length` bytes of `data`, its TLVs starting at `offset`: the checksum of the header with
+    that TLV's value as zeros."""
+    for kind, value in tlvs:
+        if kind != PP2_TYPE_CRC32C:
+            offset += _TLV_HEAD + len(value)
+            continue
+        if len(value) != 4:
+            raise ProxyProtocolError(
+                f"PROXY v2 header has a CRC32C TLV of {len(value)} bytes, not 4"
+            )
+        at = offset + _TLV_HEAD
+        header = bytes(data[:length])
+        computed = crc32c(header[:at] + bytes(4) + header[at + 4 :])
+        sent = int.from_bytes(value, "big")
+        if sent != computed:
+            raise ProxyProtocolError(
+                f"PROXY v2 header's CRC32C is {sent:#010x}, its bytes sum to "
+                f"{computed:#010x}: damaged or forged"
+            )
+        return
 
 
 def parse_tlvs(block: bytes | bytearray | memoryview) -> list[tuple[int, bytes]]:

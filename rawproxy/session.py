@@ -152,6 +152,11 @@ _READY = 0
 _PLAIN_HTTP = "the client spoke plain HTTP to a TLS port"
 
 
+def _described(peer: str, method: str, target: str, version: str) -> str:
+    """A client and its request, as the log lines about it name them."""
+    return f'{peer} "{method} {target} HTTP/{version}"'
+
+
 def _tls_reason(error: ssl.SSLError) -> str:
     """OpenSSL's reason for a TLS failure, in words an admin can search for."""
     reason = error.reason or ""
@@ -462,9 +467,11 @@ class Session:
         request = self.request
         if request is None:
             return self.peer
-        return (
-            f'{self.peer} "{request.method.decode("latin-1")} '
-            f'{request.target.decode("latin-1")} HTTP/{request.http_version.decode()}"'
+        return _described(
+            self.peer,
+            request.method.decode("latin-1"),
+            request.target.decode("latin-1"),
+            request.http_version.decode(),
         )
 
     def _update_interest(self) -> None:
@@ -1750,9 +1757,7 @@ class Session:
             if self.head_bytes and (parts := request_line_of(self.head_bytes)) is not None:
                 method, target, version = (part.decode("ascii") for part in parts)
                 line = (method, target, version)
-            described = (
-                self.peer if line is None else f'{self.peer} "{line[0]} {line[1]} HTTP/{line[2]}"'
-            )
+            described = self.peer if line is None else _described(self.peer, *line)
             log.log(level, "%s -> %d: %s", described, status, detail)
             self.server.access.unparsed(
                 client=self.client_ip,
