@@ -38,6 +38,10 @@ BOTH = READ | WRITE
 READ_BUFFER_SIZE = 256 * 1024
 # The timer heap is first checked for cancelled entries at this size.
 PRUNE_MIN = 1024
+# The longest single wait in epoll. A timer further away (--idle-timeout 720h: durations are
+# not bounded) is reached in several waits: epoll_wait takes at most INT_MAX milliseconds
+# (24.8 days), and a longer timeout is an OverflowError that stopped the whole proxy.
+MAX_WAIT = 3600.0
 
 Callback = Callable[[int], None]
 
@@ -147,7 +151,7 @@ class Loop:
             heapq.heappop(timers)
         if not timers:
             return None
-        return max(0.0, timers[0][0] - time.monotonic())
+        return min(MAX_WAIT, max(0.0, timers[0][0] - time.monotonic()))
 
     # -- signals ---------------------------------------------------------------------------
 

@@ -371,6 +371,20 @@ def test_slowloris_head_closed_after_header_timeout(start_proxy, http_backend, c
     assert_logged_once(proxy, mark, rf"{status_pattern(408)}|header.timeout|timed out")
 
 
+@pytest.mark.parametrize("duration", ["720h", "99999999999999999"])
+def test_a_timeout_of_weeks_is_a_long_wait_not_a_crash(start_proxy, http_backend, client, duration):
+    """A duration longer than epoll can wait (about 24.8 days; or than time_t holds) is
+    accepted at start-up: the first connection that armed such a timer used to stop the whole
+    proxy with an OverflowError traceback. It is a long wait."""
+    proxy = start_proxy(http_backend.port, "--header-timeout", duration, "--idle-timeout", duration)
+    c = client(proxy.port, timeout=5)
+    c.send(b"GET / HTTP/1.1\r\nHost: b.test\r\n")  # an unfinished head: the header timer
+    assert_serves(proxy, http_backend)  # its kept-alive connection arms the idle timer
+    time.sleep(0.3)
+    assert proxy.proc.poll() is None, proxy.log_text()
+    assert_serves(proxy, http_backend)
+
+
 def test_a_502_page_names_neither_the_backend_nor_what_it_sent(
     scripted_backend, start_proxy, client
 ):
