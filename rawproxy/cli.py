@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import re
 import sys
@@ -152,10 +153,21 @@ def parse_workers(text: str) -> int:
     return int(text)
 
 
-def parse_seconds(text: str) -> int:
-    if not text.strip().isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds")
-    return int(text)
+# Linux refuses TCP_KEEPIDLE above this (MAX_TCP_KEEPIDLE, about 9 hours).
+MAX_KEEPALIVE = 32767
+
+
+def parse_keepalive(text: str) -> int:
+    """--tcp-keepalive: a duration like the others, in whole seconds (the socket option's
+    unit, rounded up), 0 for off, at most what the kernel takes: a larger value used to be
+    refused by setsockopt without a word, leaving the kernel's 2 hours in place."""
+    value = math.ceil(parse_duration(text))
+    if value > MAX_KEEPALIVE:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: at most {MAX_KEEPALIVE} seconds (about 9h, the most Linux takes for "
+            "TCP keepalive), or 0 for off"
+        )
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -198,7 +210,7 @@ SETTINGS: dict[str, tuple[Callable[[str], Any] | None, bool, Any]] = {
     "idle_timeout": (parse_positive_duration, False, 60.0),
     "drain_timeout": (parse_duration, False, 30.0),
     "tunnel_idle_timeout": (parse_optional_duration, False, None),
-    "tcp_keepalive": (parse_seconds, False, 60),
+    "tcp_keepalive": (parse_keepalive, False, 60),
     "max_header_size": (parse_size, False, 64 * 1024),
     "max_header_count": (parse_count, False, 100),
     "max_connections": (parse_count, False, 10000),
@@ -441,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tcp-keepalive",
         "TCP keepalive probes on both legs of a tunnel after this "
         "much silence, so dead peers are found without cutting quiet WebSockets; 0 turns them "
-        "off (default: 60)",
+        "off; at most 32767 (default: 60)",
         metavar="SECONDS",
     )
     limits = parser.add_argument_group("limits")

@@ -230,3 +230,21 @@ def test_max_header_count_must_be_a_positive_number(value):
     assert done.returncode == 2
     assert "--max-header-count" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_tcp_keepalive_beyond_what_linux_takes_is_refused_at_start_up():
+    """Linux refuses TCP_KEEPIDLE above 32767 s; the proxy used to accept such a value and
+    the setsockopt failed without a word, leaving the kernel's 2 hours in place."""
+    done = run_rawproxy("--check-config", "/dev/null", *GOOD, "--tcp-keepalive", "40000")
+    assert_one_line_error(done)
+    assert "--tcp-keepalive" in done.stderr
+    assert "32767" in done.stderr
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("2m", 120), ("1.5", 2), ("32767", 32767)])
+def test_tcp_keepalive_is_a_duration_like_the_others(value, seconds):
+    """--help says durations take a unit; --tcp-keepalive refused "2m" as "not a whole number
+    of seconds". It is rounded up to whole seconds, the socket option's unit."""
+    done = run_rawproxy("--check-config", "/dev/null", *GOOD, "--tcp-keepalive", value)
+    assert done.returncode == 0, done.stderr
+    assert f"tcp-keepalive = {seconds}\n" in done.stdout
