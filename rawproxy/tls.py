@@ -13,6 +13,7 @@ verification can be turned off.
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from typing import NoReturn
 
@@ -47,6 +48,64 @@ def _unreadable(pair: CertPair, error: OSError) -> str:
         if not os.access(path, os.R_OK):
             return f"{flag} {path}"
     return f"--cert {pair.cert} / --key {pair.key}"
+
+
+_PRIVATE_KEY = re.compile(rb"-----BEGIN (?:RSA |EC |DSA |ENCRYPTED )?PRIVATE KEY-----")
+_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+
+
+def _not_pem(flag: str, path: str, data: bytes, what: str, block: str) -> str:
+    if data[:1] == b"\x30":  # an ASN.1 SEQUENCE: DER, the binary form
+        convert = "x509" if "certificate" in what else "pkey"
+        return (
+            f"{flag} {path} is in DER (binary) form, and rawproxy reads PEM: convert it with "
+            f"`openssl {convert} -inform der -in {path} -out {path}.pem`"
+        )
+    return f"{flag} {path} holds no {what} (a '-----BEGIN {block}-----' block)"
+
+
+def pem_pair_problem(
+    cert_flag: str, cert_path: str, cert: bytes, key_flag: str, key_path: str, key: bytes
+) -> str | None:
+    """What is wrong with a certificate file and a key file OpenSSL would not load together,
+    naming the file at fault (OpenSSL's "PEM lib" names neither); None when both look right."""
+    cert_ok = _CERTIFICATE in cert
+    key_ok = _PRIVATE_KEY.search(key) is not None
+    if not cert_ok and not key_ok and _PRIVATE_KEY.search(cert) and _CERTIFICATE in key:
+        return (
+            f"{cert_flag} {cert_path} holds a private key and {key_flag} {key_path} a "
+            f"certificate: the two are swapped"
+        )
+    if not cert_ok:
+        return _not_pem(cert_flag, cert_path, cert, "PEM certificate", "CERTIFICATE")
+    if not key_ok:
+        return _not_pem(key_flag, key_path, key, "PEM private key", "PRIVATE KEY")
+    return None
+
+
+def _pair_error(cert_flag: str, key_flag: str, pair: CertPair, error: ssl.SSLError) -> str:
+    """The one line for a certificate and key that failed to load (files readable)."""
+    try:
+        with open(pair.cert, "rb") as f:
+            cert = f.read()
+        with open(pair.key, "rb") as f:
+            key = f.read()
+    except OSError:
+        problem = None
+    else:
+        problem = pem_pair_problem(cert_flag, pair.cert, cert, key_flag, pair.key, key)
+    if problem:
+        return problem
+    if error.reason == "KEY_VALUES_MISMATCH":
+        return (
+            f"{key_flag} {pair.key} is not the private key of {cert_flag} {pair.cert}: give the "
+            f"key the certificate was made for (`openssl x509 -noout -pubkey -in CERT` and "
+            f"`openssl pkey -pubout -in KEY` print the same for a matching pair)"
+        )
+    return (
+        f"{cert_flag} {pair.cert} / {key_flag} {pair.key}: {error.reason or error}; both must "
+        "be PEM and the key must belong to the certificate"
+    )
 
 
 def _read_pem_certificates(path: str) -> list[bytes]:
@@ -186,10 +245,7 @@ def _server_context(pair: CertPair) -> ssl.SSLContext:
             "able to read --cert and --key)"
         ) from e
     except ssl.SSLError as e:
-        raise ConfigError(
-            f"--cert {pair.cert} / --key {pair.key}: {e.reason or e}; both must be PEM and the "
-            "key must belong to the certificate"
-        ) from e
+        raise ConfigError(_pair_error("--cert", "--key", pair, e)) from e
     except OSError as e:
         raise ConfigError(f"--cert {pair.cert} / --key {pair.key}: {e.strerror or e}") from e
     return context
@@ -258,8 +314,19 @@ def backend_context(
     elif ca_file:
         try:
             context.load_verify_locations(cafile=ca_file)
-        except (OSError, ssl.SSLError) as e:
-            raise ConfigError(f"--backend-ca {ca_file}: {getattr(e, 'strerror', None) or e}") from e
+        except ssl.SSLError as e:
+            try:
+                with open(ca_file, "rb") as f:
+                    data = f.read()
+            except OSError:
+                data = b""
+            if _CERTIFICATE not in data:
+                raise ConfigError(
+                    _not_pem("--backend-ca", ca_file, data, "PEM CA certificate", "CERTIFICATE")
+                ) from e
+            raise ConfigError(f"--backend-ca {ca_file}: {e.reason or e}") from e
+        except OSError as e:
+            raise ConfigError(f"--backend-ca {ca_file}: {e.strerror or e}") from e
     else:
         context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if client_pair is not None:
@@ -267,9 +334,11 @@ def backend_context(
             context.load_cert_chain(client_pair.cert, client_pair.key, password=_refuse_passphrase)
         except _EncryptedKey:
             raise ConfigError(_encrypted("--backend-key", client_pair.key)) from None
-        except (OSError, ssl.SSLError) as e:
+        except ssl.SSLError as e:
+            raise ConfigError(_pair_error("--backend-cert", "--backend-key", client_pair, e)) from e
+        except OSError as e:
             raise ConfigError(
                 f"--backend-cert {client_pair.cert} / --backend-key {client_pair.key}: "
-                f"{getattr(e, 'strerror', None) or e}"
+                f"{e.strerror or e}"
             ) from e
     return context

@@ -54,6 +54,7 @@ from peers import (
     recv_exact,
     recv_until,
     request_bytes,
+    run_rawproxy,
     send_blob,
     sha256,
     simple_get,
@@ -1226,6 +1227,54 @@ def test_sighup_with_an_encrypted_key_keeps_serving(run_proxy, http_backend, pki
             assert b"pass phrase" not in read_terminal().lower()
         finally:
             proxy.stop()
+
+
+# What is in the cert and key files (or --backend-ca) -> the start-up line names the file at
+# fault and says what is wrong with it; OpenSSL's own "[SSL] PEM lib (_ssl.c:3905)" or
+# "KEY_VALUES_MISMATCH" named neither.
+BAD_PEM_FILES = {
+    "cert-not-pem": ("garbage", "server.key", "--cert {cert} holds no PEM certificate"),
+    "key-not-pem": ("server.pem", "garbage", "--key {key} holds no PEM private key"),
+    "cert-is-der": ("server.der", "server.key", "--cert {cert} is in DER (binary) form"),
+    "swapped": ("server.key", "server.pem", "--cert {cert} holds a private key and --key {key}"),
+    "not-its-key": ("server.pem", "other.key", "--key {key} is not the private key of --cert"),
+    "backend-pair-swapped": (
+        "server.key",
+        "server.pem",
+        "--backend-cert {cert} holds a private key and --backend-key {key}",
+    ),
+    "backend-ca-not-pem": ("garbage", None, "--backend-ca {cert} holds no PEM CA certificate"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PEM_FILES))
+def test_a_bad_certificate_or_key_file_is_named(pki, tmp_path, case):
+    cert_name, key_name, says = BAD_PEM_FILES[case]
+    contents = {
+        "garbage": b"this is not a certificate\n",
+        "server.pem": pki.server.cert.read_bytes(),
+        "server.key": pki.server.key.read_bytes(),
+        "server.der": pki.server.der,
+        "other.key": pki.server_b.key.read_bytes(),
+    }
+    cert = tmp_path / f"a-{cert_name}"
+    cert.write_bytes(contents[cert_name])
+    args = ["--listen", "127.0.0.1:0", "--backend", "https://127.0.0.1:9"]
+    if case == "backend-ca-not-pem":
+        args += ["--backend-ca", str(cert)]
+        key = tmp_path / "unused"
+    else:
+        key = tmp_path / f"b-{key_name}"
+        key.write_bytes(contents[str(key_name)])
+        flags = ("--backend-cert", "--backend-key") if case.startswith("backend") else ()
+        cert_flag, key_flag = flags or ("--cert", "--key")
+        args += [cert_flag, str(cert), key_flag, str(key)]
+    done = run_rawproxy(*args)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert len(lines) == 1, done.stderr
+    assert says.format(cert=cert, key=key) in lines[0], lines[0]
 
 
 # --- 8. two proxies chained over TLS -------------------------------------------------------

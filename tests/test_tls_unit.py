@@ -121,7 +121,7 @@ def test_key_of_another_certificate_is_refused(tmp_path: pathlib.Path) -> None:
     ca = trustme.CA()
     one = _pair(tmp_path, ca.issue_cert("a.test"), "one")
     two = _pair(tmp_path, ca.issue_cert("b.test"), "two")
-    with pytest.raises(ConfigError, match="must belong to the certificate"):
+    with pytest.raises(ConfigError, match="is not the private key of --cert"):
         ServerTLS((CertPair(one.cert, two.key),))
 
 
