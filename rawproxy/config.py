@@ -175,10 +175,21 @@ def parse_backend(text: str) -> Backend:
             raise ConfigError(
                 f"--backend {original!r}: unknown scheme {scheme!r} (use http, https, ws or wss)"
             )
-    authority, slash, rest = text.partition("/")
-    path = "/" + rest if slash else None
-    if path is not None and any(c in path for c in "?# \t"):
-        raise ConfigError(f"--backend {original!r}: the path may not hold a query or spaces")
+    end = min((i for i in (text.find(c) for c in "/?#") if i >= 0), default=len(text))
+    authority, rest = text[:end], text[end:]
+    if "@" in authority:
+        # Never quoted as given: it would put a password in the journal.
+        shown = original.strip().replace(authority[: authority.rindex("@")], "***", 1)
+        raise ConfigError(
+            f"--backend {shown!r}: a user name or password (user:password@) in a backend URL "
+            "is not supported: rawproxy passes the client's Authorization header on unchanged "
+            "and logs in to no backend itself; remove it"
+        )
+    path = rest or None
+    if path is not None and (not path.startswith("/") or any(c in path for c in "?# \t")):
+        raise ConfigError(
+            f"--backend {original!r}: the URL may not hold a query (?), a fragment (#) or spaces"
+        )
     host, port_text = _split_host_port(authority, "--backend", example)
     if not host:
         raise ConfigError(f"--backend {original!r}: a host is required; {example}")

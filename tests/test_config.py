@@ -89,3 +89,33 @@ def test_parse_listen_with_scheme(text: str, expected: ListenAddress) -> None:
 def test_parse_listen_unknown_scheme() -> None:
     with pytest.raises(ConfigError, match="unknown scheme"):
         parse_listen("http://:80")
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("http://admin:s3cret@app.internal:9000/", "http://***@app.internal:9000/"),
+        ("https://admin@app.internal", "https://***@app.internal"),
+        ("admin:s3cret@127.0.0.1:9000", "***@127.0.0.1:9000"),
+    ],
+)
+def test_credentials_in_a_backend_url_are_refused_without_quoting_them(
+    text: str, shown: str
+) -> None:
+    """user:password@ used to be read as an IPv6 address without brackets ("put an IPv6
+    address in brackets", password quoted into the journal) or as a host name to resolve
+    ("cannot resolve the backend host 'admin@app.internal'")."""
+    with pytest.raises(ConfigError) as raised:
+        parse_backend(text)
+    message = str(raised.value)
+    assert "user name or password" in message, message
+    assert repr(shown) in message, message
+    assert "s3cret" not in message, message
+    assert "admin" not in message, message
+
+
+@pytest.mark.parametrize("text", ["http://a:9000?x=1", "http://a?x=1", "http://a:9000#top"])
+def test_a_query_without_a_path_in_a_backend_url_is_named(text: str) -> None:
+    """ "http://a:9000?x=1" used to be "port must be a number from 1 to 65535"."""
+    with pytest.raises(ConfigError, match="may not hold a query"):
+        parse_backend(text)
