@@ -1162,8 +1162,18 @@ _SERVER_ERROR_TEXT = {
 DETAIL_LIMIT = 300
 
 
+# h11 quotes what it refuses as Python writes bytes: "illegal header line: bytearray(b'X Y')",
+# "Illegal header name b'X Y'". Logs and error pages show the quoted text alone: 'X Y'.
+_BYTES_REPR = re.compile(
+    r"""bytearray\(b('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")\)"""
+    r"""|(?<![\w'"])b('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")"""
+)
+
+
 def shortened(detail: str) -> str:
-    """`detail` as a log line and an error page carry it: at most about DETAIL_LIMIT long."""
+    """`detail` as a log line and an error page carry it: at most about DETAIL_LIMIT long,
+    with the bytes h11 quotes shown as text, not as Python objects."""
+    detail = _BYTES_REPR.sub(lambda m: m.group(1) or m.group(2), detail)
     if len(detail) <= DETAIL_LIMIT:
         return detail
     return f"{detail[:DETAIL_LIMIT]}... ({len(detail)} characters)"

@@ -107,6 +107,27 @@ def test_bad_request_head_gets_400(proxy, http_backend, client, name):
     assert_logged_once(proxy, mark, status_pattern(400))
 
 
+@pytest.mark.parametrize(
+    ("head", "quoted"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: b.test\r\nNoColonHere\r\n\r\n", "line: 'NoColonHere'"),
+        (b"GARBAGE REQUEST\r\n\r\n", "line: 'GARBAGE REQUEST'"),
+    ],
+)
+def test_a_400_quotes_the_bad_line_as_text_not_as_a_python_object(proxy, client, head, quoted):
+    """h11 quotes the line it refuses as Python writes a bytearray: the page and the log
+    line said "illegal header line: bytearray(b'NoColonHere')"."""
+    mark = proxy.mark()
+    c = client(proxy.port, timeout=5)
+    resp = c.request(head)
+    assert resp.status == 400
+    assert quoted.encode() in resp.body, resp.body
+    assert b"bytearray" not in resp.body, resp.body
+    line = proxy.wait_for_log(status_pattern(400), mark)
+    assert quoted in line, line
+    assert "bytearray" not in line, line
+
+
 @pytest.mark.parametrize("version", ["2.0", "3.1", "0.9"])
 def test_http_major_version_other_than_1_gets_505(proxy, http_backend, client, version):
     """h11 reads any digit as a version; what is not HTTP/1.x is not forwarded as HTTP/1.1."""

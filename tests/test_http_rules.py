@@ -638,6 +638,16 @@ def test_a_long_detail_is_shortened() -> None:
     assert cut.endswith("... (60000 characters)")
 
 
+def test_a_detail_shows_the_bytes_h11_quotes_as_text() -> None:
+    assert shortened("illegal header line: bytearray(b'X Y')") == "illegal header line: 'X Y'"
+    assert shortened("Illegal header name b'X Y'") == "Illegal header name 'X Y'"
+    assert shortened('status line: bytearray(b"it\'s")') == 'status line: "it\'s"'
+    assert shortened("the client's b'ad' request") == "the client's 'ad' request"
+    cut = shortened("line: bytearray(b'" + "x" * 60_000 + "')")
+    assert cut.startswith("line: '" + "x" * 200)
+    assert "bytearray" not in cut
+
+
 def test_error_response_for_head_has_no_body() -> None:
     raw = error_response(502, "x", head_only=True)
     assert raw.endswith(b"\r\n\r\n")
