@@ -798,17 +798,24 @@ class Server:
         unmatched = [
             i for i, (key, _) in enumerate(self.listening) if isinstance(key, ListenAddress)
         ]
+        # Every new listener is opened before anything changes: one that cannot be (a port in
+        # use) keeps the whole current configuration, as a broken file does (nginx too).
+        opened: list[tuple[ListenAddress, list[socket.socket]]] = []
+        try:
+            for where in config.listen:
+                same = next((i for i in unmatched if self.listening[i][0] == where), None)
+                if same is not None:
+                    unmatched.remove(same)
+                    continue
+                opened.append((where, open_listener(where)))
+        except StartupError as e:
+            for _where, socks in opened:
+                for sock in socks:
+                    sock.close()
+            log.error("SIGHUP: keeping the current configuration and certificates: %s", e)
+            return
         added: list[socket.socket] = []
-        for where in config.listen:
-            same = next((i for i in unmatched if self.listening[i][0] == where), None)
-            if same is not None:
-                unmatched.remove(same)
-                continue
-            try:
-                socks = open_listener(where)
-            except StartupError as e:
-                log.error("SIGHUP: %s; keeping the other listeners", e)
-                continue
+        for where, socks in opened:
             self._add_listener(where, socks, where.tls)
             added.extend(socks)
         for index in sorted(unmatched, reverse=True):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -434,6 +435,39 @@ def test_sighup_rereads_the_config_file_for_new_connections(
     ws.send("still up")
     assert ws.recv() == "still up"
     assert_ws_closes_cleanly(ws_client, ws)
+
+
+def test_sighup_with_a_listener_that_cannot_open_keeps_everything(
+    run_proxy, backends, tmp_path: Path
+):
+    """A reloaded file whose new listener cannot be opened (its port taken) used to be
+    applied but for that listener ("keeping the other listeners", then "reloaded"): half a
+    configuration. Now it is kept whole, as for any broken file, and the log says why."""
+    a, b = backends["a"], backends["b"]
+    config = tmp_path / "rawproxy.toml"
+    base = ["127.0.0.1:0"]
+    config.write_text(config_text(base, {"/": f"http://127.0.0.1:{a.port}"}))
+    proxy = run_proxy("--config", str(config))
+    port = proxy.port
+    assert served_by(port, backends) == "a"
+    taken = socket.create_server(("127.0.0.1", 0))
+    try:
+        busy = taken.getsockname()[1]
+        config.write_text(
+            config_text([*base, f"127.0.0.1:{busy}"], {"/": f"http://127.0.0.1:{b.port}"})
+        )
+        mark = reload(proxy, expect=r"keeping")
+        line = proxy.logs_matching(r"keeping", since=mark)[0]
+        assert "keeping the current configuration" in line, line
+        assert str(busy) in line, line
+        assert not proxy.logs_matching(r"reloaded", since=mark), proxy.log_text(mark)
+        assert served_by(port, backends) == "a"  # the old routes, not the file's
+    finally:
+        taken.close()
+    # The same file once the port is free: all of it applies.
+    mark = reload(proxy)
+    assert listening_ports(proxy.logs_matching(r"listening on", since=mark)) == [busy]
+    assert served_by(port, backends) == "b"
 
 
 CLF_LINE = re.compile(
