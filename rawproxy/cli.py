@@ -364,15 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
     )
     add(tls, "--key", "PEM private key of the --cert given in the same position", metavar="FILE")
+    # One or the other: given both, the last would silently win.
+    backend_tls = tls.add_mutually_exclusive_group()
     add(
-        tls,
+        backend_tls,
         "--backend-tls",
         "speak TLS to the backend whatever its scheme and port say",
         action="store_const",
         const=True,
     )
     add(
-        tls,
+        backend_tls,
         "--no-backend-tls",
         "speak plain TCP to the backend, even on port 443",
         dest="backend_tls",
@@ -460,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         limits,
         "--max-header-size",
-        "largest request or response head; larger requests get 431 (default: 64KiB)",
+        "largest request or response head; a larger request gets 431, a larger "
+        "response 502 (default: 64KiB)",
         metavar="BYTES",
     )
     add(

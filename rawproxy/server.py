@@ -447,6 +447,7 @@ class Runtime:
                 ("--backend-ca", config.backend_ca),
                 ("--backend-sni", config.backend_sni),
                 ("--backend-cert", config.backend_client_cert),
+                ("--backend-insecure", True if config.backend_insecure else None),
             )
             if value is not None
         ]
@@ -929,6 +930,7 @@ class Server:
             self.loop.remove(sock.fileno())
             sock.close()
         self.admin.clear()
+        left = len(self.connections)
         for connection in list(self.connections):
             connection.shutdown()
         self.connections.clear()
@@ -937,6 +939,14 @@ class Server:
         self.notifier.close()
         self.access.close()
         self.loop.close()
+        # The last line: that the process ended as asked, not by a crash or a kill.
+        who = "rawproxy" if self.worker is None else f"worker {self.worker}"
+        log.info(
+            "%s (pid %d) stopped%s",
+            who,
+            os.getpid(),
+            f"; {left} connection(s) were still open and are closed" if left else "",
+        )
 
 
 def inherited_listener(name: str, sock: socket.socket, config: Config) -> Listener:

@@ -4,6 +4,7 @@ traceback, non-zero exit), several listeners, and a clean exit 0 on SIGTERM and 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -84,6 +85,7 @@ GOOD = ["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9"]
         ["--listen", "127.0.0.1:0", "--backend", "no-such-host.invalid:80"],
         ["--listen", "127.0.0.1:0", "--backend", "9000"],
         ["--listen", "127.0.0.1:18997", "--listen", "127.0.0.1:18997", *GOOD[2:]],
+        [*GOOD, "--backend-tls", "--no-backend-tls"],
     ],
     ids=[
         "unknown-flag",
@@ -102,6 +104,7 @@ GOOD = ["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9"]
         "backend-unresolvable",
         "backend-just-a-port",
         "listen-twice",
+        "backend-tls-and-no-backend-tls",
     ],
 )
 def test_start_up_error_is_one_line(args):
@@ -150,6 +153,9 @@ def test_signal_exits_zero(start_proxy, http_backend, sig):
         assert idle.request(simple_get("/")).status == 200  # a kept-alive connection is open
         assert proxy.stop(sig) == 0
         assert "Traceback" not in proxy.log_text()
+        # The last line says the stop was orderly (a crash or SIGKILL leaves none).
+        last = proxy.log_text().strip().splitlines()[-1]
+        assert re.search(rf"INFO rawproxy \(pid {proxy.proc.pid}\) stopped$", last), last
         kind, _ = wait_closed(idle.sock, timeout=5)
         assert kind in ("eof", "reset")
 

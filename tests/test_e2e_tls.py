@@ -608,6 +608,13 @@ def test_backend_tls_flags_that_do_nothing_are_warned_about(start_proxy, http_ba
     admin who wrote it expects verification, so start-up says it is ignored."""
     plain = start_proxy(http_backend.port, "--backend-ca", str(pki.ca_file))
     assert [ln for ln in startup_lines(plain) if "WARNING" in ln and "no backend uses TLS" in ln]
+    # --backend-insecure for plain backends only: nothing to turn off either.
+    plain_insecure = start_proxy(http_backend.port, "--backend-insecure")
+    assert [
+        ln
+        for ln in startup_lines(plain_insecure)
+        if "WARNING" in ln and "--backend-insecure given, but no backend uses TLS" in ln
+    ], plain_insecure.log_text()
     insecure = start_proxy(
         http_backend.port,
         "--backend-insecure",
