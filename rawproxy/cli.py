@@ -127,6 +127,9 @@ def parse_optional_duration(text: str) -> float | None:
     return parse_positive_duration(text)
 
 
+MAX_HEADER_SIZE = 1024 * 1024
+
+
 def parse_size(text: str) -> int:
     match = _SIZE.match(text)
     if not match:
@@ -136,6 +139,12 @@ def parse_size(text: str) -> int:
     value = int(match.group(1)) * factor
     if value < 1024:
         raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1024 bytes")
+    if value > MAX_HEADER_SIZE:
+        # What one connection may hold of an unfinished head: 100 GB was accepted.
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: at most 1MiB (heads that large are an attack or a bug; nginx's and "
+            "HAProxy's defaults are 8-32 KiB)"
+        )
     return value
 
 
@@ -463,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
         limits,
         "--max-header-size",
         "largest request or response head; a larger request gets 431, a larger "
-        "response 502 (default: 64KiB)",
+        "response 502 (default: 64KiB; at most 1MiB)",
         metavar="BYTES",
     )
     add(

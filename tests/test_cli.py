@@ -86,6 +86,7 @@ GOOD = ["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9"]
         ["--listen", "127.0.0.1:0", "--backend", "9000"],
         ["--listen", "127.0.0.1:18997", "--listen", "127.0.0.1:18997", *GOOD[2:]],
         [*GOOD, "--backend-tls", "--no-backend-tls"],
+        [*GOOD, "--max-header-size", "100000000000"],
     ],
     ids=[
         "unknown-flag",
@@ -105,6 +106,7 @@ GOOD = ["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9"]
         "backend-just-a-port",
         "listen-twice",
         "backend-tls-and-no-backend-tls",
+        "max-header-size-100GB",
     ],
 )
 def test_start_up_error_is_one_line(args):
@@ -236,6 +238,16 @@ def test_max_header_count_must_be_a_positive_number(value):
     assert done.returncode == 2
     assert "--max-header-count" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("value", "ok"), [("1MiB", True), ("1048577", False), ("2M", False)])
+def test_max_header_size_is_at_most_a_mebibyte(value, ok):
+    done = run_rawproxy(*GOOD, "--max-header-size", value, "--check-config", "/dev/null")
+    if ok:
+        assert "max-header-size" not in done.stderr, done.stderr
+    else:
+        assert_one_line_error(done)
+        assert "at most 1MiB" in done.stderr, done.stderr
 
 
 def test_tcp_keepalive_beyond_what_linux_takes_is_refused_at_start_up():
