@@ -108,6 +108,28 @@ def _pair_error(cert_flag: str, key_flag: str, pair: CertPair, error: ssl.SSLErr
     )
 
 
+_WHAT = {
+    "--cert": "the certificate's PEM file",
+    "--key": "the private key's PEM file",
+    "--backend-ca": "the PEM file of the CA that signed the backend's certificate",
+    "--backend-cert": "the client certificate's PEM file",
+    "--backend-key": "the client key's PEM file",
+}
+
+
+def _file_error(files: tuple[tuple[str, str], ...], error: OSError) -> str:
+    """One line for PEM files OpenSSL could not open: which one (its errors do not say) and
+    what it should be."""
+    for flag, path in files:
+        if os.path.isdir(path):
+            return f"{flag} {path} is a directory: give {_WHAT[flag]} itself"
+        if not os.path.exists(path):
+            return f"{flag} {path}: no such file (give the path of {_WHAT[flag]})"
+        if not os.access(path, os.R_OK):
+            return f"{flag} {path}: permission denied (the proxy's user must be able to read it)"
+    return " / ".join(f"{flag} {path}" for flag, path in files) + f": {error.strerror or error}"
+
+
 def _read_pem_certificates(path: str) -> list[bytes]:
     with open(path, "rb") as f:
         text = f.read().decode("ascii", "replace")
@@ -247,7 +269,7 @@ def _server_context(pair: CertPair) -> ssl.SSLContext:
     except ssl.SSLError as e:
         raise ConfigError(_pair_error("--cert", "--key", pair, e)) from e
     except OSError as e:
-        raise ConfigError(f"--cert {pair.cert} / --key {pair.key}: {e.strerror or e}") from e
+        raise ConfigError(_file_error((("--cert", pair.cert), ("--key", pair.key)), e)) from e
     return context
 
 
@@ -326,7 +348,7 @@ def backend_context(
                 ) from e
             raise ConfigError(f"--backend-ca {ca_file}: {e.reason or e}") from e
         except OSError as e:
-            raise ConfigError(f"--backend-ca {ca_file}: {e.strerror or e}") from e
+            raise ConfigError(_file_error((("--backend-ca", ca_file),), e)) from e
     else:
         context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if client_pair is not None:
@@ -337,8 +359,6 @@ def backend_context(
         except ssl.SSLError as e:
             raise ConfigError(_pair_error("--backend-cert", "--backend-key", client_pair, e)) from e
         except OSError as e:
-            raise ConfigError(
-                f"--backend-cert {client_pair.cert} / --backend-key {client_pair.key}: "
-                f"{e.strerror or e}"
-            ) from e
+            files = (("--backend-cert", client_pair.cert), ("--backend-key", client_pair.key))
+            raise ConfigError(_file_error(files, e)) from e
     return context

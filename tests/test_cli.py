@@ -127,6 +127,38 @@ def test_missing_certificate_file_is_named(tmp_path, missing):
     assert f"--{missing} {tmp_path}/missing" in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (
+            ["--listen", "tls://127.0.0.1:0", "--cert", "{d}", "--key", "{d}/k.pem"],
+            "--cert {d} is a directory: give the certificate's PEM file itself",
+        ),
+        (
+            ["--backend-ca", "{d}/missing.pem"],
+            "--backend-ca {d}/missing.pem: no such file (give the path of the PEM file of the "
+            "CA that signed the backend's certificate)",
+        ),
+        (
+            ["--backend-ca", "{d}"],
+            "--backend-ca {d} is a directory: give the PEM file of the CA",
+        ),
+    ],
+    ids=["cert-is-a-directory", "backend-ca-missing", "backend-ca-is-a-directory"],
+)
+def test_a_pem_path_that_is_no_file_is_named_with_what_it_should_be(tmp_path, flags, says):
+    """Python's 'Is a directory' or 'No such file or directory' alone named neither the
+    flag's purpose nor what to give instead."""
+    args = [arg.format(d=tmp_path) for arg in flags]
+    if "--listen" not in args:
+        args = ["--listen", "127.0.0.1:0", "--backend", "https://127.0.0.1:9", *args]
+    else:
+        args += ["--backend", "127.0.0.1:9"]
+    done = run_rawproxy(*args)
+    assert_one_line_error(done)
+    assert says.format(d=tmp_path) in done.stderr, done.stderr
+
+
 def test_port_in_use_is_one_line():
     holder = socket.socket()
     try:
