@@ -656,6 +656,7 @@ def test_backend_ending_the_tls_handshake_gets_502_at_once(start_proxy, client, 
         assert resp.status == 502, resp
         assert time.monotonic() - started < 3
         assert len(accepted) == 1, f"{len(accepted)} connections to the backend"
+        proxy.wait_for_log(r" 502 ", since=mark)  # the 502 may reach the client first
         [line] = proxy.logs_matching(r" 502 ", mark)
         assert "--connect-timeout" not in line
         assert re.search(r"reset|closed|EOF", line), line
@@ -680,6 +681,9 @@ def test_backend_stalling_the_tls_handshake_is_not_blamed_on_tcp(start_proxy, cl
         conn.close()
         assert resp.status == 502, resp
         assert 0.8 <= elapsed <= 3, f"502 after {elapsed:.2f} s with --connect-timeout 1"
+        proxy.wait_for_log(
+            r"TLS handshake within 1s", since=mark
+        )  # the 502 may reach the client first
         [line] = proxy.logs_matching(r"TLS handshake within 1s", mark)
         assert "accepted the TCP connection" in line, line
         assert "did not complete the TLS handshake within 1s (--connect-timeout)" in line, line
