@@ -309,12 +309,44 @@ def _unique_addresses(infos: list[Any]) -> list[tuple[int, tuple[str, int]]]:
     return seen
 
 
-def _listen_error(where: ListenAddress, e: OSError) -> StartupError:
-    if e.errno == errno.EADDRINUSE:
-        hint = (
+def listening_ports(table: str) -> set[int]:
+    """The local ports of the listening sockets in a /proc/net/tcp or /proc/net/tcp6 table
+    (state 0A is LISTEN; the port is the hexadecimal after the address's colon)."""
+    ports = set()
+    for line in table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 3 and fields[3] == "0A":
+            ports.add(int(fields[1].rpartition(":")[2], 16))
+    return ports
+
+
+def _in_use_hint(port: int) -> str:
+    """Why a port is in use: a program listening on it, or (no listener in sight) an
+    outgoing connection that the kernel gave it as its local port."""
+    listening: set[int] = set()
+    try:
+        for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(name) as f:
+                listening |= listening_ports(f.read())
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        listening = {port}  # cannot tell: the usual case
+    if port in listening or not port:
+        return (
             "the address is already in use; stop the program holding it or choose another "
             "--listen port"
         )
+    return (
+        f"the address is in use, but no program listens on port {port}: a connection holds it "
+        f"as its local port (the kernel gives ports {low}-{high} to outgoing connections, "
+        "net.ipv4.ip_local_port_range); choose a --listen port outside that range"
+    )
+
+
+def _listen_error(where: ListenAddress, e: OSError) -> StartupError:
+    if e.errno == errno.EADDRINUSE:
+        hint = _in_use_hint(where.port)
     elif e.errno == errno.EACCES:
         hint = (
             "permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE "

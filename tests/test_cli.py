@@ -23,6 +23,7 @@ from peers import (
 )
 
 import rawproxy
+from rawproxy.server import listening_ports
 
 FLAGS = [
     "--listen",
@@ -165,11 +166,38 @@ def test_port_in_use_is_one_line():
         holder.bind(("127.0.0.1", 0))
         holder.listen(1)
         port = holder.getsockname()[1]
-        assert_one_line_error(
-            run_rawproxy("--listen", f"127.0.0.1:{port}", "--backend", "127.0.0.1:9")
-        )
+        done = run_rawproxy("--listen", f"127.0.0.1:{port}", "--backend", "127.0.0.1:9")
+        assert_one_line_error(done)
+        assert "stop the program holding it" in done.stderr, done.stderr
     finally:
         holder.close()
+
+
+def test_port_held_by_an_outgoing_connection_is_told_apart():
+    """A port in the kernel's range for outgoing connections may be some connection's local
+    port, with no program listening on it: 'stop the program holding it' sent the admin
+    looking for one (the operability review hit this). The hint says what it is instead."""
+    server = socket.create_server(("127.0.0.1", 0))
+    conn = socket.create_connection(server.getsockname())
+    try:
+        port = conn.getsockname()[1]
+        done = run_rawproxy("--listen", f"127.0.0.1:{port}", "--backend", "127.0.0.1:9")
+        assert_one_line_error(done)
+        assert f"no program listens on port {port}" in done.stderr, done.stderr
+        assert "choose a --listen port outside that range" in done.stderr, done.stderr
+    finally:
+        conn.close()
+        server.close()
+
+
+def test_listening_ports_of_a_proc_net_tcp_table():
+    table = (
+        "  sl  local_address rem_address   st tx_queue rx_queue\n"
+        "   0: 00000000:07E8 00000000:0000 0A 00000000:00000000\n"
+        "   1: 0100007F:83CD 0100007F:1F90 01 00000000:00000000\n"
+        "   2: 00000000000000000000000000000000:1F90 00000000000000000000000000000000:0000 0A\n"
+    )
+    assert listening_ports(table) == {0x07E8, 0x1F90}
 
 
 def test_several_listeners(start_proxy, http_backend):
