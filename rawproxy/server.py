@@ -337,11 +337,18 @@ def _in_use_hint(port: int) -> str:
             "the address is already in use; stop the program holding it or choose another "
             "--listen port"
         )
-    return (
-        f"the address is in use, but no program listens on port {port}: a connection holds it "
-        f"as its local port (the kernel gives ports {low}-{high} to outgoing connections, "
-        "net.ipv4.ip_local_port_range); choose a --listen port outside that range"
-    )
+    if low <= port <= high:
+        why = (
+            f"a connection holds it as its local port (the kernel gives ports {low}-{high} to "
+            "outgoing connections, net.ipv4.ip_local_port_range); choose a --listen port "
+            "outside that range"
+        )
+    else:
+        why = (
+            "a connection or a socket bound without listening holds it "
+            f"(`ss -tanp sport = :{port}` shows which)"
+        )
+    return f"the address is in use, but no program listens on port {port}: {why}"
 
 
 def _listen_error(where: ListenAddress, e: OSError) -> StartupError:
