@@ -157,6 +157,25 @@ def _described(peer: str, method: str, target: str, version: str) -> str:
     return f'{peer} "{method} {target} HTTP/{version}"'
 
 
+# What a client's failed handshake most often means, beside OpenSSL's words for it.
+_CLIENT_TLS_HINTS = {
+    "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust our certificate: its CA is not in "
+    "the client's store, or the file given as --cert lacks the intermediate certificates",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the client refused our certificate: a name it does "
+    "not cover, or a CA it does not trust",
+    "UNSUPPORTED_PROTOCOL": "the client offers only TLS older than 1.2; rawproxy takes TLS "
+    "1.2 and 1.3",
+    "NO_SHARED_CIPHER": "no cipher in common with the client (an old client, most likely)",
+}
+
+
+def _client_tls_reason(error: ssl.SSLError) -> str:
+    """_tls_reason for a client's handshake, with what it most often means."""
+    hint = _CLIENT_TLS_HINTS.get(error.reason or "")
+    reason = _tls_reason(error)
+    return f"{reason} ({hint})" if hint else reason
+
+
 def _tls_reason(error: ssl.SSLError) -> str:
     """OpenSSL's reason for a TLS failure, in words an admin can search for."""
     reason = error.reason or ""
@@ -624,7 +643,7 @@ class Session:
                 return
             # OpenSSL recognises GET, POST, HEAD and PUT only; any method is plain HTTP.
             plain = e.reason == "HTTP_REQUEST" or looks_like_plain_http(sock.first_bytes)
-            reason = _PLAIN_HTTP if plain else _tls_reason(e)
+            reason = _PLAIN_HTTP if plain else _client_tls_reason(e)
             log.info("%s TLS handshake failed: %s", self.peer, reason)
             self.server.metrics.tls_handshake_failures["client"] += 1
             if not plain:

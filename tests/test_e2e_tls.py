@@ -880,6 +880,23 @@ def test_plain_http_to_tls_port_answer_is_not_cut_by_a_reset(tls_proxy, sockets)
     assert b"plain HTTP was sent to a TLS port" in got, got
 
 
+def test_a_client_that_does_not_trust_our_certificate_is_told_apart(tls_proxy, pki):
+    """A client without our CA ends the handshake with an 'unknown ca' alert; the log line
+    said only OpenSSL's "tlsv1 alert unknown ca". It now says what that most often means (a
+    CA the client lacks, or a --cert file without its intermediates)."""
+    proxy = tls_proxy()
+    mark = proxy.mark()
+    stranger = ssl.create_default_context()  # the system's CAs: not the test CA
+    with (
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as raw,
+        pytest.raises(ssl.SSLCertVerificationError),
+    ):
+        stranger.wrap_socket(raw, server_hostname="localhost")
+    line = proxy.wait_for_log(r"TLS handshake failed", since=mark)
+    assert "tlsv1 alert unknown ca (the client does not trust our certificate" in line, line
+    assert "intermediate certificates" in line, line
+
+
 @pytest.mark.parametrize("sends", ["nothing", "half-a-client-hello"])
 def test_stalled_handshake_closed_after_header_timeout(tls_proxy, client, sockets, pki, sends):
     proxy = tls_proxy("--header-timeout", "1")
