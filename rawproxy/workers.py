@@ -215,4 +215,6 @@ def run_workers(
         loop.close()
         os.close(serving_r)
         os.close(serving_w)
+    # As a single process's last line (Server.stop): the stop was orderly.
+    log.info("rawproxy (pid %d) stopped: every worker ended", os.getpid())
     return 0

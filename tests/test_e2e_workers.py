@@ -378,6 +378,9 @@ def test_sigterm_drains_every_worker(run_proxy, ws_backend, client):
     ws.close()
     ws_client.close()
     assert proxy.proc.wait(PROMPT + 2) == 0
+    # The supervisor's last line says the stop was orderly, after each worker's own.
+    proxy.wait_for_log(rf"rawproxy \(pid {proxy.pid}\) stopped: every worker ended", mark)
+    assert len(proxy.logs_matching(r"worker \d+ \(pid \d+\) stopped", mark)) == 2
     assert not any(_alive(pid) for pid in workers)
 
 
