@@ -40,14 +40,23 @@ def _encrypted(flag: str, key: str) -> str:
     )
 
 
+def _file_at_fault(files: tuple[tuple[str, str], ...]) -> tuple[str, str] | None:
+    """The first (flag, path) of `files` that cannot be read as a file (a directory, missing,
+    unreadable): OpenSSL's errors do not say which."""
+    for flag, path in files:
+        if os.path.isdir(path) or not os.access(path, os.R_OK):
+            return flag, path
+    return None
+
+
 def _unreadable(pair: CertPair, error: OSError) -> str:
-    """Which file of `pair` load_cert_chain could not read (its errors do not say)."""
+    """Which file of `pair` load_cert_chain could not read."""
     if error.filename:
         return str(error.filename)
-    for flag, path in (("--cert", pair.cert), ("--key", pair.key)):
-        if not os.access(path, os.R_OK):
-            return f"{flag} {path}"
-    return f"--cert {pair.cert} / --key {pair.key}"
+    at_fault = _file_at_fault((("--cert", pair.cert), ("--key", pair.key)))
+    if at_fault is None:
+        return f"--cert {pair.cert} / --key {pair.key}"
+    return " ".join(at_fault)
 
 
 _PRIVATE_KEY = re.compile(rb"-----BEGIN (?:RSA |EC |DSA |ENCRYPTED )?PRIVATE KEY-----")
@@ -118,16 +127,16 @@ _WHAT = {
 
 
 def _file_error(files: tuple[tuple[str, str], ...], error: OSError) -> str:
-    """One line for PEM files OpenSSL could not open: which one (its errors do not say) and
-    what it should be."""
-    for flag, path in files:
-        if os.path.isdir(path):
-            return f"{flag} {path} is a directory: give {_WHAT[flag]} itself"
-        if not os.path.exists(path):
-            return f"{flag} {path}: no such file (give the path of {_WHAT[flag]})"
-        if not os.access(path, os.R_OK):
-            return f"{flag} {path}: permission denied (the proxy's user must be able to read it)"
-    return " / ".join(f"{flag} {path}" for flag, path in files) + f": {error.strerror or error}"
+    """One line for PEM files OpenSSL could not open: which one and what it should be."""
+    at_fault = _file_at_fault(files)
+    if at_fault is None:
+        return " / ".join(f"{flag} {path}" for flag, path in files) + f": {error.strerror or error}"
+    flag, path = at_fault
+    if os.path.isdir(path):
+        return f"{flag} {path} is a directory: give {_WHAT[flag]} itself"
+    if not os.path.exists(path):
+        return f"{flag} {path}: no such file (give the path of {_WHAT[flag]})"
+    return f"{flag} {path}: permission denied (the proxy's user must be able to read it)"
 
 
 def _read_pem_certificates(path: str) -> list[bytes]:
