@@ -201,17 +201,23 @@ def _show(values: tuple[bytes, ...]) -> str:
     return " | ".join(repr(v.decode("latin-1")) for v in values)
 
 
-def framing_error(headers: Iterable[Header]) -> str | None:
+def framing_error(headers: Iterable[Header], http_version: bytes = b"1.1") -> str | None:
     """Why a request's body framing is ambiguous, or None when it is not.
 
     h11 already refuses differing Content-Length values, bad Content-Length syntax and any
     Transfer-Encoding but `chunked`. It accepts a message with both Content-Length and
     Transfer-Encoding (RFC 9112 lets a server choose chunked), but a backend that chooses
-    Content-Length would then see a second, smuggled request: we refuse it.
+    Content-Length would then see a second, smuggled request: we refuse it. h11 also reads
+    chunked framing in an HTTP/1.0 request, where HTTP/1.0 has no Transfer-Encoding: RFC
+    9112 6.1 says such framing is faulty (a recipient of HTTP/1.0 reads no body there, and
+    takes the chunks for the next request), so we refuse that too, as nginx does.
     """
     names = {key.lower() for key, _ in headers}
-    if b"content-length" in names and b"transfer-encoding" in names:
-        return "both Content-Length and Transfer-Encoding"
+    if b"transfer-encoding" in names:
+        if b"content-length" in names:
+            return "both Content-Length and Transfer-Encoding"
+        if http_version < b"1.1":
+            return f"Transfer-Encoding in an HTTP/{http_version.decode('latin-1')} request"
     return None
 
 

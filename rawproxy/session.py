@@ -1132,7 +1132,7 @@ class Session:
         if refused is not None:
             self._fail(*refused)
             return
-        problem = framing_error(request.headers)
+        problem = framing_error(request.headers, request.http_version)
         if problem is not None:
             self._fail(400, problem)
             return

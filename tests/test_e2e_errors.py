@@ -70,6 +70,10 @@ BAD_HEADS = {
     "cl-list": b"POST /echo HTTP/1.1\r\nHost: b.test\r\nContent-Length: 5, 6\r\n\r\nhello!",
     "te-xchunked": b"POST /echo HTTP/1.1\r\nHost: b.test\r\nTransfer-Encoding: xchunked\r\n\r\n"
     b"0\r\n\r\n" + SMUGGLED,
+    # HTTP/1.0 has no chunked framing (RFC 9112 6.1): one reader sees a bodiless request and
+    # then SMUGGLED, another reads the chunks.
+    "te-in-http10": b"POST /echo HTTP/1.0\r\nHost: b.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\nhello\r\n0\r\n\r\n" + SMUGGLED,
     "obs-fold-space": b"GET / HTTP/1.1\r\nHost: b.test\r\nX-Folded: a\r\n b\r\n\r\n",
     "obs-fold-tab": b"GET / HTTP/1.1\r\nHost: b.test\r\nX-Folded: a\r\n\tb\r\n\r\n",
     "obs-fold-hides-te": b"POST /echo HTTP/1.1\r\nHost: b.test\r\nX-Note: a\r\n"

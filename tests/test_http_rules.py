@@ -545,6 +545,13 @@ def test_content_length_with_transfer_encoding_refused() -> None:
     assert framing_error(H(("Transfer-Encoding", "chunked"))) is None
 
 
+def test_transfer_encoding_in_http10_refused() -> None:
+    chunked = H(("Transfer-Encoding", "chunked"))
+    assert framing_error(chunked, b"1.0") == "Transfer-Encoding in an HTTP/1.0 request"
+    assert framing_error(chunked, b"1.1") is None
+    assert framing_error(H(("Content-Length", "5")), b"1.0") is None
+
+
 @pytest.mark.parametrize(
     "head",
     [
