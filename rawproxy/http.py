@@ -438,7 +438,9 @@ def client_response_headers(
     the Connection header the client side needs. With Transfer-Encoding present a
     Content-Length is dropped (h11 frames by Transfer-Encoding; the client must not see both).
     A 1xx or 204 `status` has no body and gets neither (RFC 9110 8.6, RFC 9112 6.1: they
-    must not be sent there; a client could wait for a body that never comes).
+    must not be sent there; a client could wait for a body that never comes). A switching
+    answer is a 101 whatever `status` says: the bytes after its head are the tunnel's, and
+    a client that framed them by its Content-Length would eat the first of them.
     For a 101 the backend's Upgrade value is kept and `Connection: upgrade` is sent.
     """
     raw_headers = list(raw_headers)
@@ -448,7 +450,7 @@ def client_response_headers(
         nominated = {t.lower() for t in comma_tokens(raw_headers, b"connection")}
         nominated -= NEVER_NOMINATED
     chunked = b"transfer-encoding" in lowers
-    bodiless = status < 200 or status == 204
+    bodiless = switching or status < 200 or status == 204
     out: list[Header] = []
     for lower, (name, value) in zip(lowers, raw_headers, strict=True):
         if switching and lower == b"upgrade":

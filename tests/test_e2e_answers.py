@@ -118,6 +118,38 @@ def test_a_101_that_names_no_protocol_is_refused(
     proxy.wait_for_log("no Upgrade header")
 
 
+def test_a_101_passes_on_no_framing_headers(start_proxy: Start, scripted_backend: Scripted) -> None:
+    """A 101 has no body (the bytes after it are the tunnel's): a Content-Length or
+    Transfer-Encoding the backend wrote in it reached the client, which could take the first
+    tunnel bytes for a body, as the 100 and 204 answers were already kept from doing."""
+    answers = {
+        b"/length": b"Content-Length: 5\r\n",
+        b"/chunked": b"Transfer-Encoding: chunked\r\n",
+    }
+
+    def script(conn: peers.ScriptedConn) -> None:
+        framing = answers[conn.head.split(b" ")[1]]
+        conn.sock.sendall(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            + framing
+            + b"\r\nTUNNEL"
+        )
+
+    for target in answers:
+        backend = scripted_backend(script)
+        proxy = start_proxy(backend.port)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as c:
+            c.sendall(peers.websocket_request(target.decode()))
+            buf = bytearray()
+            head = peers.recv_until(c, buf, b"\r\n\r\n")
+            rest = peers.recv_exact(c, 6, buf)
+        assert head.startswith(b"HTTP/1.1 101 "), (target, head)
+        lowered = head.lower()
+        assert b"content-length" not in lowered, (target, head)
+        assert b"transfer-encoding" not in lowered, (target, head)
+        assert rest == b"TUNNEL", (target, rest)
+
+
 def test_an_answer_before_the_end_of_an_upload_says_the_connection_closes(
     start_proxy: Start, scripted_backend: Scripted
 ) -> None:

@@ -535,6 +535,13 @@ def test_switching_response_keeps_upgrade() -> None:
     )
 
 
+@pytest.mark.parametrize("framing", [("Content-Length", "5"), ("Transfer-Encoding", "chunked")])
+def test_switching_response_carries_no_framing_headers(framing: tuple[str, str]) -> None:
+    headers = H(("Upgrade", "websocket"), ("Connection", "Upgrade"), framing)
+    out = client_response_headers(headers, switching=True)
+    assert out == H(("Upgrade", "websocket"), ("Connection", "upgrade"))
+
+
 # -- framing and head checks -------------------------------------------------------------------
 
 
