@@ -94,14 +94,17 @@ class UpgradeDecision:
         return f"{self.why} ({shown})"
 
 
-def decide_upgrade(headers: Iterable[Header]) -> UpgradeDecision:
+def decide_upgrade(headers: Iterable[Header], http_version: bytes = b"1.1") -> UpgradeDecision:
     """The upgrade rule, in one place.
 
     A request is an upgrade when any Connection header line lists the token `upgrade`
     (comma-separated, trimmed, any case) and an Upgrade header is present. The protocols h2c
     and h2 are removed from Upgrade; if none is left, it is not an upgrade. Nothing else
     matters: not the protocol's name or case, not the other Connection tokens (Firefox's
-    `keep-alive, Upgrade`), not how many lines the headers were split over.
+    `keep-alive, Upgrade`), not how many lines the headers were split over. Except the
+    request's `http_version`: an HTTP/1.0 request is never an upgrade, as a server must
+    ignore its Upgrade (RFC 9110 7.8) and must not answer it with a 1xx such as the 101
+    (RFC 9110 15.2); forwarded as HTTP/1.1 with our `Connection: upgrade`, it would be one.
     """
     connection: list[bytes] = []
     upgrade_lines: list[bytes] = []
@@ -135,6 +138,11 @@ def decide_upgrade(headers: Iterable[Header]) -> UpgradeDecision:
     if not kept:
         return UpgradeDecision(
             None, "not an upgrade: only refused protocols (h2c, h2) offered", True, *seen
+        )
+    if http_version < b"1.1":
+        version = http_version.decode("latin-1")
+        return UpgradeDecision(
+            None, f"not an upgrade: an HTTP/{version} request, Upgrade dropped", True, *seen
         )
     value = b", ".join(kept)
     return UpgradeDecision(value, f"upgrade to {value.decode('latin-1')}", True, *seen)

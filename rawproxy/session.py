@@ -1160,7 +1160,7 @@ class Session:
             return
         route, target, backend_target = chosen
         self.route = route
-        decision = self.decision = decide_upgrade(request.headers)
+        decision = self.decision = decide_upgrade(request.headers, request.http_version)
         if decision.considered and log.isEnabledFor(logging.DEBUG):
             log.debug("%s upgrade decision: %s", self._describe(), decision.reason)
         headers = backend_request_headers(

@@ -318,6 +318,23 @@ def test_connection_upgrade_without_upgrade_header(proxy, http_backend, client):
     assert_plain_request(first)
 
 
+def test_an_http10_upgrade_request_is_not_an_upgrade(proxy, http_backend, client):
+    """A server ignores Upgrade in an HTTP/1.0 request (RFC 9110 7.8) and must not answer one
+    with a 101 (RFC 9110 15.2): the proxy, which forwards every request as HTTP/1.1, sent it
+    on with its own `Connection: upgrade`, so a backend switched, and the HTTP/1.0 client
+    got a 101 and a tunnel."""
+    head = request_bytes(
+        "GET",
+        "/ws10",
+        [("Host", "b.test"), ("Connection", "Upgrade"), ("Upgrade", "websocket"), *WS_HEADERS],
+    )
+    c = client(proxy.port)
+    resp = c.request(head.replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1))
+    assert (resp.status, resp.body) == (200, b"GET /ws10")
+    [req] = http_backend.wait_for_requests(1)
+    assert_plain_request(req)
+
+
 @pytest.mark.parametrize("status", [200, 426])
 @pytest.mark.parametrize("pipelined", [False, True], ids=["sequential", "pipelined"])
 def test_refused_upgrade_stays_http(proxy, http_backend, client, status, pipelined):

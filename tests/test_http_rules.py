@@ -104,6 +104,14 @@ def test_not_an_upgrade(why: str, headers: list[tuple[bytes, bytes]]) -> None:
     assert decision.upgrade is None
 
 
+@pytest.mark.parametrize("headers", UPGRADES)
+def test_an_http10_request_is_never_an_upgrade(headers: list[tuple[bytes, bytes]]) -> None:
+    decision = decide_upgrade(headers, b"1.0")
+    assert decision.upgrade is None
+    assert "HTTP/1.0" in decision.reason
+    assert decide_upgrade(headers, b"1.1").is_upgrade
+
+
 def test_h2c_dropped_but_other_protocols_kept() -> None:
     decision = decide_upgrade(H(("Connection", "Upgrade"), ("Upgrade", "h2c, websocket")))
     assert decision.upgrade == b"websocket"
