@@ -906,12 +906,16 @@ def _remember_valid_host(value: bytes) -> bool:
 
 
 def resolve_request(
-    target: bytes, http_version: bytes, headers: Sequence[Header]
+    target: bytes, http_version: bytes, headers: Sequence[Header], method: bytes = b"GET"
 ) -> tuple[bytes, list[Header] | None]:
     """The target and headers to route and forward a request by, as a server reads them:
     (target, None) when the headers stay as they are. Raises RequestRefused.
 
     - HTTP major version other than 1: 505 (h11 reads any digit).
+    - CONNECT: 400. A reverse proxy opens no tunnels to hosts a client names (nginx refuses
+      it too), and its only valid target, host:port (RFC 9112 3.2.3), routes nowhere. One
+      with a path was sent on, and a 2xx from the backend switched both h11 machines to a
+      tunnel that nothing pumps: the client was told it was connected, then nothing moved.
     - Every Host value must be host[:port]: 400 (RFC 9112 3.2).
     - An absolute-form target (`http://host/path?q`, what proxies send) becomes origin-form
       and its authority becomes the Host, which a server must then ignore (RFC 9112 3.2.2):
@@ -922,6 +926,8 @@ def resolve_request(
     """
     if http_version[:1] != b"1":
         raise RequestRefused(505, f"HTTP/{http_version.decode('latin-1')} is not supported")
+    if method == b"CONNECT":
+        raise RequestRefused(400, "CONNECT is not supported: this proxy opens no tunnels")
     new_headers: list[Header] | None = None
     for name, value in headers:
         if name.lower() == b"host" and not valid_host(value):

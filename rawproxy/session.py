@@ -1138,7 +1138,7 @@ class Session:
             return
         try:
             target, resolved = resolve_request(
-                request.target, request.http_version, request.headers.raw_items()
+                request.target, request.http_version, request.headers.raw_items(), request.method
             )
         except RequestRefused as e:
             self._fail(e.status, e.reason)

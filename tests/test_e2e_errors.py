@@ -70,6 +70,10 @@ BAD_HEADS = {
     "cl-list": b"POST /echo HTTP/1.1\r\nHost: b.test\r\nContent-Length: 5, 6\r\n\r\nhello!",
     "te-xchunked": b"POST /echo HTTP/1.1\r\nHost: b.test\r\nTransfer-Encoding: xchunked\r\n\r\n"
     b"0\r\n\r\n" + SMUGGLED,
+    # A reverse proxy opens no tunnels: with a path, CONNECT reached the backend, and its 2xx
+    # left the client "connected" to a tunnel that moved nothing.
+    "connect-origin-form": b"CONNECT /x HTTP/1.1\r\nHost: b.test\r\n\r\n",
+    "connect-authority-form": b"CONNECT b.test:22 HTTP/1.1\r\nHost: b.test:22\r\n\r\n",
     # HTTP/1.0 has no chunked framing (RFC 9112 6.1): one reader sees a bodiless request and
     # then SMUGGLED, another reads the chunks.
     "te-in-http10": b"POST /echo HTTP/1.0\r\nHost: b.test\r\nTransfer-Encoding: chunked\r\n\r\n"

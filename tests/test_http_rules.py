@@ -728,6 +728,14 @@ def test_resolve_request(
         assert new_headers == [(b"Host", sent_host), (b"Accept", b"*/*")]
 
 
+@pytest.mark.parametrize("target", [b"/x", b"b.test:22", b"http://b.test/"])
+def test_connect_refused(target: bytes) -> None:
+    with pytest.raises(RequestRefused) as refused:
+        resolve_request(target, b"1.1", [(b"Host", b"b.test")], b"CONNECT")
+    assert refused.value.status == 400
+    assert "CONNECT" in refused.value.reason
+
+
 def test_absolute_form_without_host_gets_one() -> None:
     target, headers = resolve_request(b"http://a.test/p", b"1.0", [(b"Accept", b"*/*")])
     assert (target, headers) == (b"/p", [(b"Host", b"a.test"), (b"Accept", b"*/*")])
