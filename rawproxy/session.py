@@ -1054,14 +1054,20 @@ class Session:
             event = client_h11.next_event()
         except h11.RemoteProtocolError as e:
             _drop_traceback(e)
+            limit = self.config.max_header_size
             status = 431 if e.error_status_hint == 431 else 400
-            if status == 431:
+            if self.phase in (EXCHANGE, REJECT):
+                # The head was read: what h11 refuses is the body's framing. Its 431 there is a
+                # chunk line or trailer section that grew over the limit, no head: a bad body.
+                status = 400
                 detail = (
-                    f"request head larger than {self.config.max_header_size} bytes "
-                    "(--max-header-size)"
+                    f"malformed request body: a chunk line or trailer section over {limit} "
+                    "bytes (--max-header-size)"
+                    if e.error_status_hint == 431
+                    else f"malformed request body: {e}"
                 )
-            elif self.phase == EXCHANGE:
-                detail = f"malformed request body: {e}"
+            elif status == 431:
+                detail = f"request head larger than {limit} bytes (--max-header-size)"
             else:
                 detail = f"malformed request: {e}"
             self._fail(status, detail)

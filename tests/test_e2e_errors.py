@@ -162,6 +162,32 @@ def test_bad_chunked_body_gets_400(proxy, http_backend, client, name):
     assert_logged_once(proxy, mark, status_pattern(400))
 
 
+@pytest.mark.parametrize(
+    ("start", "rest"),
+    [
+        (b"5;ext=" + b"e" * 70_000, b"\r\nhello\r\n0\r\n\r\n"),
+        (b"5\r\nhello\r\n0\r\nX-Trailer: " + b"t" * 70_000, b"\r\n\r\n"),
+    ],
+    ids=["chunk-line", "trailer-section"],
+)
+def test_a_body_line_over_the_limit_is_a_bad_body_not_a_large_head(
+    proxy, http_backend, client, start, rest
+):
+    """A chunk line or trailer section that grows past --max-header-size (64 KiB) before it
+    ends is refused by h11 with its 431 hint, which was answered and logged as "431: request
+    head larger than 65536 bytes" for a head of 70 bytes that had been forwarded whole."""
+    mark = proxy.mark()
+    c = client(proxy.port, timeout=5)
+    c.send(CHUNKED_HEAD + start)
+    time.sleep(0.3)  # the unfinished line is over the limit before its end comes
+    c.send(rest)
+    assert_answer_then_close(c, 400)
+    assert_serves(proxy, http_backend)
+    assert_logged_once(proxy, mark, status_pattern(400))
+    assert "malformed request body: a chunk line or trailer section over" in proxy.log_text(mark)
+    assert "request head larger" not in proxy.log_text(mark)
+
+
 # --- oversized heads -> 431 -----------------------------------------------------------------
 
 LIMIT = 4096
