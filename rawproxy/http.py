@@ -178,6 +178,28 @@ def switch_error(offered: bytes, response_headers: Iterable[Header]) -> str | No
 _NOT_IN_TRAILERS = HOP_BY_HOP | NEVER_NOMINATED
 
 
+def trailer_error(
+    trailers: Sequence[Header], max_size: int, max_fields: int | None = None
+) -> str | None:
+    """Why the trailer section of a chunked message is refused for its size, or None.
+
+    h11 bounds a trailer section only when it arrives in pieces (max_incomplete_event_size),
+    as it does heads: one that arrives whole in one read is taken at any size, so the limit
+    depended on how the bytes were cut. The head's limits apply to it: at most `max_size`
+    bytes (counted as `Name: value` lines, as sent on) and, when given, `max_fields` fields.
+    """
+    if max_fields is not None and len(trailers) > max_fields:
+        return f"trailer section with more than {max_fields} fields (--max-header-count)"
+    size = 2  # the empty line that ends it
+    for name, value in trailers:
+        size += len(name) + len(value) + 4
+    if size > max_size:
+        return (
+            f"trailer section of {size} bytes is over the limit of {max_size} (--max-header-size)"
+        )
+    return None
+
+
 def forwarded_trailers(trailers: Iterable[Header]) -> list[Header]:
     """The trailer fields of a chunked message that are passed on (either direction). Claims
     about the client (X-Forwarded-*, Forwarded, X-Real-IP, in any spelling) are dropped too:

@@ -67,6 +67,7 @@ from rawproxy.http import (
     rewrite_response_headers,
     shortened,
     switch_error,
+    trailer_error,
     without_cuts,
     write_head,
 )
@@ -1086,8 +1087,16 @@ class Session:
             elif isinstance(event, h11.EndOfMessage):
                 self._answer_locally(404, "no route for this path")
         elif isinstance(event, h11.EndOfMessage):
-            self.request_done = True
             trailers = event.headers
+            if trailers:
+                config = self.config
+                problem = trailer_error(
+                    trailers.raw_items(), config.max_header_size, config.max_header_count
+                )
+                if problem is not None:
+                    self._fail(400, f"malformed request body: {problem}")
+                    return
+            self.request_done = True
             self._to_backend(
                 h11.EndOfMessage(headers=forwarded_trailers(trailers.raw_items()))
                 if trailers
@@ -1582,6 +1591,11 @@ class Session:
             self._on_response(event)
         elif isinstance(event, h11.EndOfMessage):
             trailers = event.headers
+            if trailers:
+                problem = trailer_error(trailers.raw_items(), self.config.max_header_size)
+                if problem is not None:
+                    self._backend_invalid(problem)
+                    return False
             # An HTTP/1.0 client gets the body without its chunked framing, so without the
             # trailer fields, which a recipient may drop (RFC 9112 7.1.2): h11 would refuse
             # to send them, and the whole answer was lost.

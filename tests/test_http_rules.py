@@ -32,6 +32,7 @@ from rawproxy.http import (
     select_route,
     shortened,
     switch_error,
+    trailer_error,
 )
 
 HANDSHAKES = pathlib.Path(__file__).resolve().parent / "data" / "handshakes"
@@ -587,6 +588,20 @@ def test_head_check_ignores_the_body() -> None:
     # empty lines before the request line are not a fold, nor the end of the head
     assert head_error(b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", 99) is None
     assert head_error(b"\r\nGET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n 2\r\n\r\n", 99) is not None
+
+
+def test_trailer_sections_are_held_to_the_head_limits() -> None:
+    # "X-A: 12345\r\n" is 12 bytes, and the empty line that ends the section 2.
+    fields = [(b"X-A", b"12345")] * 3
+    assert trailer_error(fields, 38) is None
+    assert trailer_error(fields, 37) == (
+        "trailer section of 38 bytes is over the limit of 37 (--max-header-size)"
+    )
+    assert trailer_error(fields, 1000, max_fields=3) is None
+    assert trailer_error(fields, 1000, max_fields=2) == (
+        "trailer section with more than 2 fields (--max-header-count)"
+    )
+    assert trailer_error([], 2, max_fields=0) is None
 
 
 def test_head_size_limit_counts_the_whole_head_only() -> None:
