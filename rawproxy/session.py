@@ -223,6 +223,7 @@ def format_peer(address: tuple[str, int] | tuple[str, int, int, int] | str) -> t
 class Session:
     __slots__ = (
         "backend",
+        "backend_framing_doubtful",
         "backend_h11",
         "backend_offered",
         "backend_request",
@@ -345,6 +346,9 @@ class Session:
         self.fast_head: bytes | None = None
         self.fast_remaining = -1
         self.fast_extra = False
+        # The h11 path's answer came with both Content-Length and Transfer-Encoding: its
+        # backend connection is not reused (see _on_response).
+        self.backend_framing_doubtful = False
         # What the client sent while a fast-path answer was awaited (pipelined requests), and
         # whether it ended its side: the client is read throughout a fast exchange, so that its
         # socket need not leave the selector and come back with every request.
@@ -1646,6 +1650,13 @@ class Session:
         self.server.metrics.observe_head_latency(self.loop.now - self.request_at)
         self.response_started = True
         self.response_status = response.status_code
+        # Both framings: h11 reads the body by Transfer-Encoding, and the client gets no
+        # Content-Length (client_response_headers), but a backend that sends both may frame
+        # its body by the other one, and what it sent past our reading of the end would be
+        # read as the answer to the next request. Its connection is closed after this answer
+        # (RFC 9112 6.3 calls such a message an error; Apache's mod_proxy closes it too).
+        names = [name for name, _ in response.headers]  # h11 gives them in lower case
+        self.backend_framing_doubtful = b"transfer-encoding" in names and b"content-length" in names
         headers = self._response_headers(response.headers.raw_items(), response.status_code)
         self._to_client(
             h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)
@@ -1842,11 +1853,19 @@ class Session:
             backend_h11.our_state is h11.DONE
             and backend_h11.their_state is h11.DONE
             and not backend_h11.trailing_data[0]
+            and not self.backend_framing_doubtful
         ):
             backend_h11.start_next_cycle()
         else:
             # Bytes after the end of the answer belong to no request: on a reused connection
             # they would be read as the answer to the next client's request.
+            if self.backend_framing_doubtful:
+                log.debug(
+                    "%s backend %s answered with both Content-Length and Transfer-Encoding; "
+                    "its connection is not reused",
+                    self.peer,
+                    self.current_target.name,
+                )
             self._drop_backend()
         self._client_cycle_done()
 

@@ -75,3 +75,36 @@ def test_delete_without_body_retried(scripted_backend, start_proxy, client):
     delete = request_bytes("DELETE", "/2", [("Host", "backend.test")])
     assert c.request(delete, "DELETE").body == b"second"
     proxy.wait_for_log(r"retrying on a new one")
+
+
+def test_an_answer_with_both_framings_ends_its_backend_connection(
+    scripted_backend, start_proxy, client
+):
+    """A backend that sends Content-Length and Transfer-Encoding together may frame its body
+    by either: the proxy reads it by Transfer-Encoding (and drops the Content-Length), and
+    then does not reuse that connection, where bytes past its reading of the end would be
+    taken for the next answer (RFC 9112 6.3; Apache's mod_proxy closes it too)."""
+
+    def script(conn) -> str:
+        if b" /second " in conn.head.split(b"\r\n", 1)[0]:
+            conn.sock.sendall(SECOND)
+            conn.sock.recv(1)
+            return "second"
+        conn.sock.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nfirst\r\n0\r\n\r\n"
+        )
+        more = conn.sock.recv(65536)  # the next request if reused, b"" once closed
+        return "reused" if more else "closed"
+
+    backend = scripted_backend(script)
+    proxy = start_proxy(backend.port, "--log-level", "debug")
+    mark = proxy.mark()
+    c = client(proxy.port)
+    first = c.request(simple_get("/first"))
+    assert first.status == 200
+    assert first.body == b"first"
+    assert first.values("content-length") == []
+    assert backend.result(timeout=5) == "closed"
+    assert c.request(simple_get("/second")).body == b"second"  # the client's stays open
+    assert "both Content-Length and Transfer-Encoding" in proxy.wait_for_log("not reused", mark)
