@@ -1914,7 +1914,10 @@ class Session:
             self.head_lines = head.count(b"\n")
             self._arm(self.config.header_timeout, self._on_timeout)
             if not self._too_many_fields(head):
-                self._pump_client()
+                # In the next turn, not from here: an answer of our own (404) ends inside the
+                # client's pump, and pumping again from it, answer after answer, went as deep
+                # as the client pipelined (a RecursionError some 140 requests down).
+                self._pump_next_turn()
         elif closed:
             self._close()
         else:

@@ -339,6 +339,25 @@ def test_no_route_keeps_other_clients_served(api_only, client):
     assert get(first, "/api/z") == b"GET /api/z"
 
 
+def test_many_pipelined_requests_without_a_route(api_only, client):
+    """Each 404 used to answer the next pipelined request from inside its own handling (the
+    answer, the next request, its answer, ...): about 140 pipelined 404s deep, Python's
+    recursion limit aborted the connection with a RecursionError traceback in the log, and
+    the client lost the rest of its answers. Now each is answered in turn."""
+    proxy, api = api_only
+    mark = proxy.mark()
+    c = client(proxy.port, timeout=10)
+    count = 500
+    c.send(simple_get("/nowhere", HOST) * count + simple_get("/api/after", HOST))
+    statuses = [c.read_response().status for _ in range(count)]
+    assert statuses == [404] * count
+    assert c.read_response().body == b"GET /api/after"
+    assert get(c, "/api/again") == b"GET /api/again"
+    assert targets(api) == [b"/api/after", b"/api/again"]
+    proxy.wait_for_log(re.escape("/api/again"), since=mark)
+    assert "Traceback" not in proxy.log_text(mark)
+
+
 # --- keep-alive across routes ---------------------------------------------------------------
 
 
