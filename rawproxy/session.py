@@ -535,6 +535,8 @@ class Session:
         if self.pump_later:
             return False  # h11 holds bytes to handle first
         phase = self.phase
+        if phase == HEAD and self.client.backlog is not None:
+            return False  # the next request waits for the client to take its answers
         if phase in (HEAD, IDLE, CLOSING, REJECT, PROXY_HEADER):
             return True
         if self.fast_head is not None and phase in (CONNECTING, EXCHANGE):
@@ -999,6 +1001,12 @@ class Session:
                     gathered = 0
                 if self.phase == EXCHANGE and self.backend is not None and self.backend.backlog:
                     return
+                if self.phase == HEAD and self.client.backlog is not None:
+                    # A pipelined request waits until the client has taken the answers before
+                    # it (_client_drained goes on), as in nginx and HAProxy: answers of our
+                    # own (404) would otherwise pile up for a client that reads none.
+                    self._arm(self.config.idle_timeout, self._on_timeout)
+                    return
                 if not budget:
                     self._pump_next_turn()
                     return
@@ -1237,6 +1245,10 @@ class Session:
             self._shutdown_client()
         elif self.phase == IDLE and self.draining:
             self._close()  # the last answer is out (see is_idle)
+        elif self.phase == HEAD:
+            # The answers are out: the pipelined request that waited for them is read now.
+            self._arm(self.config.header_timeout, self._on_timeout)
+            self._pump_client()
         elif self.phase == EXCHANGE:
             if self.fast_head is None:
                 self._pump_backend()
@@ -2120,7 +2132,14 @@ class Session:
             )
             self._close(reset=True)
         elif phase == HEAD:
-            if self.head_bytes:
+            if self.client.backlog is not None:
+                log.debug(
+                    "%s did not take its answers within %gs (--idle-timeout); closed",
+                    self.peer,
+                    config.idle_timeout,
+                )
+                self._close()
+            elif self.head_bytes:
                 self._fail(
                     408,
                     f"request head not complete within {config.header_timeout:g}s "

@@ -5,8 +5,10 @@ must not cut that answer short. Driven turn by turn on a real Server in the test
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
+from rawproxy.cli import build_parser, load_settings
 from rawproxy.server import Server
 from rawproxy.session import IDLE, Session
 
@@ -69,3 +71,43 @@ def test_draining_lets_the_last_answer_finish(inprocess_server) -> None:
     got = _read_all(server, client)  # the proxy closes once it is all out
     client.close()
     assert got.endswith(b"\r\n\r\n" + BODY), f"{len(got)} bytes arrived"
+
+
+def test_pipelined_404s_wait_for_a_client_that_does_not_read() -> None:
+    """Answers the proxy gives itself (404: no route) to pipelined requests used to be queued
+    however many the client sent, whether or not it read them: a client that pipelined
+    without reading grew its connection's backlog with every request it sent (20 MB a
+    minute through a running proxy, without end: each request re-armed the header timeout).
+    Now the next request waits until the answers before it are out, as nginx's and HAProxy's
+    do, so the client's unread answers stop at what the kernel buffers."""
+    api = socket.create_server(("127.0.0.1", 0))
+    argv = ["--listen", "127.0.0.1:0", "--route", f"/api/=http://127.0.0.1:{api.getsockname()[1]}"]
+    config, _ = load_settings(build_parser().parse_args([*argv, "--log-level", "error"]))
+    server = Server(config)
+    server.open()
+    server._accept_on()
+    client = socket.socket()
+    try:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it never reads
+        client.connect(server.listeners[0].getsockname())
+        client.setblocking(False)
+        pipelined = b"GET /nowhere HTTP/1.1\r\nHost: app\r\n\r\n" * 100
+        sessions: list[Session] = []
+        most = 0
+        for _ in range(300):
+            with contextlib.suppress(BlockingIOError):
+                client.send(pipelined)
+            _turn(server)
+            if not sessions:
+                sessions = [c for c in server.connections if isinstance(c, Session)]
+                if sessions:
+                    sessions[0].client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+                continue
+            most = max(most, len(sessions[0].client.backlog or b""))
+        assert sessions, "the proxy did not accept the client"
+        assert most > 0, "the answers went out whole: nothing to test"
+        assert most < 16 * 1024, f"{most} bytes of answers queued for a client that reads none"
+    finally:
+        client.close()
+        server.stop()
+        api.close()
