@@ -576,6 +576,7 @@ class Server:
         self.notifier = Notifier()
         self.metrics = Metrics()
         self.admin: list[socket.socket] = []
+        self.admin_timer: Timer | None = None  # the admin listener's pause (descriptors out)
         try:
             self.access = AccessLog(config.access_log, config.access_log_format)
         except OSError as e:
@@ -905,11 +906,32 @@ class Server:
                     sock, _address = listener.accept()
                 except (BlockingIOError, InterruptedError):
                     return
-                except OSError:
+                except OSError as e:
+                    if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        self._pause_admin(e)
                     return
                 AdminRequest(self, sock)
 
         return on_ready
+
+    def _pause_admin(self, error: OSError) -> None:
+        """Out of descriptors: the admin listener leaves the loop for FD_EXHAUSTED_PAUSE, as
+        the client listeners do; left in, level-triggered, a scrape waiting in its backlog
+        was reported (and failed) on every round, and the loop spun."""
+        if self.accept_failures.happened(self.loop.now):
+            log.error(
+                "admin listener cannot accept: %s; pausing it for %gs at a time",
+                error.strerror,
+                FD_EXHAUSTED_PAUSE,
+            )
+        for sock in self.admin:
+            self.loop.remove(sock.fileno())
+        self.admin_timer = self.loop.call_later(FD_EXHAUSTED_PAUSE, self._resume_admin)
+
+    def _resume_admin(self) -> None:
+        self.admin_timer = None
+        for sock in self.admin:
+            self.loop.add(sock.fileno(), READ, self._make_admin_acceptor(sock))
 
     def render_metrics(self) -> bytes:
         metrics = self.metrics
@@ -965,8 +987,13 @@ class Server:
 
     def stop(self) -> None:
         self.close_listeners()
+        if self.admin_timer is not None:
+            self.admin_timer.cancel()  # paused: not registered
+            self.admin_timer = None
+        else:
+            for sock in self.admin:
+                self.loop.remove(sock.fileno())
         for sock in self.admin:
-            self.loop.remove(sock.fileno())
             sock.close()
         self.admin.clear()
         left = len(self.connections)

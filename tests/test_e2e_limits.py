@@ -54,6 +54,34 @@ def test_fd_exhaustion_pauses_accepting_without_spinning(start_proxy, http_backe
             time.sleep(0.1)
 
 
+def test_fd_exhaustion_with_a_scrape_waiting_does_not_spin(start_proxy, http_backend, sockets):
+    """The admin listener (/metrics, /healthz) used to be left in the loop when its accept()
+    failed for want of descriptors: level-triggered, it was reported again at once, and a
+    single scrape waiting (when the proxy is in trouble is when it is scraped) made the
+    proxy spin, 1.49 s of CPU in 1.5 s. Now it pauses as the client listeners do."""
+    proxy = start_proxy(http_backend.port, "--admin-listen", "127.0.0.1:0")
+    assert proxy.admin_port is not None
+    _, hard = resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (32, hard))
+    for _ in range(48):
+        sockets.append(connect(proxy.port, timeout=5))
+    proxy.wait_for_log(r"cannot accept", timeout=5)
+    scrape = connect(proxy.admin_port, timeout=10)
+    sockets.append(scrape)
+    scrape.sendall(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+    time.sleep(0.5)
+    before = proxy.cpu_seconds()
+    time.sleep(1.5)
+    used = proxy.cpu_seconds() - before
+    assert used < 0.5, f"the proxy used {used:.2f} s of CPU in 1.5 s while out of descriptors"
+    for sock in sockets[:-1]:
+        sock.close()
+    resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (1024, hard))
+    # The scrape waited in the backlog and is answered once descriptors are back.
+    assert peers.recv_until(scrape, bytearray(), b"ok\n").startswith(b"HTTP/1.1 200 OK")
+    assert_serves(proxy, http_backend)
+
+
 # -- the connection limit fits the descriptor limit --------------------------------------------
 
 
