@@ -262,6 +262,7 @@ def looks_like_plain_http(start: bytes | bytearray) -> bool:
     return _REQUEST_LINE_START.match(start) is not None
 
 
+_EMPTY_LINES = re.compile(rb"[\r\n]*")
 _OBS_FOLD = re.compile(rb"\n[ \t]")
 # --max-header-count's default, as Apache's LimitRequestFields.
 MAX_HEADER_FIELDS = 100
@@ -283,9 +284,12 @@ def head_error(
       silently, a backend may instead read the folded line as a header of its own, so a proxy
       must refuse it (RFC 9112 5.2).
     """
-    start = len(data) - len(data.lstrip(b"\r\n"))  # empty lines before a request are allowed
+    # Empty lines before a request are allowed. Nothing here looks further than the head's
+    # end: what follows it (a body, pipelined requests) may be a whole read.
+    match = _EMPTY_LINES.match(data)
+    start = match.end() if match is not None else 0
     crlf = data.find(b"\n\r\n", start)
-    bare = data.find(b"\n\n", start)
+    bare = data.find(b"\n\n", start, crlf + 1 if crlf >= 0 else len(data))
     if bare >= 0 and (crlf < 0 or bare < crlf):
         end = bare + 2
     else:
