@@ -1182,8 +1182,10 @@ class Session:
         chosen = self.runtime.choose(request.target)
         if chosen is None:
             # Answered here once the request (and any small body) is in; the connection stays.
+            # Its body is waited for as a proxied one's is (_on_timeout).
             self.phase = REJECT
             self.rejected_bytes = 0
+            self._arm(config.response_timeout, self._on_timeout)
             return
         route, target, backend_target = chosen
         self.route = route
@@ -2197,6 +2199,12 @@ class Session:
                     f"backend {self.current_target.name} sent no response within "
                     f"{config.response_timeout:g}s (--response-timeout)",
                 )
+        elif phase == REJECT:
+            quiet = self.loop.now - self.progress
+            if quiet < config.response_timeout:
+                self._arm(config.response_timeout - quiet, self._on_timeout)
+                return
+            self._fail(408, f"client sent no request body bytes for {config.response_timeout:g}s")
         elif phase == CLOSING:
             self._close()
         self._update_interest()

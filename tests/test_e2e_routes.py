@@ -331,6 +331,32 @@ def test_no_route_for_an_upgrade_request(api_only, client):
     assert_logged_once(proxy, mark, 404, "/api/after-upgrade")
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b"Content-Length: 1000\r\n\r\nabc", b"Transfer-Encoding: chunked\r\n\r\n5\r\nhel"],
+    ids=["content-length", "chunked"],
+)
+def test_no_route_for_a_body_that_stalls(launch, make_backend, body):
+    """The rest of a 404'd request's body is read before the answer, and nothing timed that
+    wait: a client that stopped sending in the middle of it held its connection for as long
+    as it liked (still open after 8 s with every timeout at 1-2 s). It gets the same 408 as
+    a proxied request's body that stalls, after --response-timeout without a byte."""
+    api = make_backend()
+    proxy = launch(*route("/api/", api), "--header-timeout", "1", "--response-timeout", "1")
+    mark = proxy.mark()
+    c = HttpClient(proxy.port, timeout=10)
+    try:
+        c.send(b"POST /nowhere HTTP/1.1\r\nHost: app.test\r\n" + body)
+        resp = c.read_response("POST")
+    finally:
+        c.close()
+    assert resp.status == 408, resp
+    line = proxy.wait_for_log(status_pattern(408), since=mark)
+    assert "/nowhere" in line
+    assert "request body" in line
+    assert not api.heads
+
+
 def test_no_route_keeps_other_clients_served(api_only, client):
     proxy, _api = api_only
     first, second = client(proxy.port), client(proxy.port)
