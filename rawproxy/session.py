@@ -2189,6 +2189,14 @@ class Session:
                     "(--response-timeout); connection closed",
                 )
                 self._close(reset=True)
+            elif not self.request_done and self.backend is not None and self.backend.backlog:
+                # The body waits for the backend, which took none of it: the client is not
+                # read meanwhile (backpressure), so it is not the one that stopped.
+                self._fail(
+                    504,
+                    f"backend {self.current_target.name} took no request body bytes for "
+                    f"{config.response_timeout:g}s (--response-timeout)",
+                )
             elif not self.request_done:
                 self._fail(
                     408, f"client sent no request body bytes for {config.response_timeout:g}s"

@@ -5,6 +5,7 @@ on unaffected."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import select
 import time
@@ -15,6 +16,7 @@ from peers import (
     HttpClient,
     ScriptedConn,
     assert_serves,
+    connect,
     refused_port,
     request_bytes,
     simple_get,
@@ -348,6 +350,39 @@ def test_backend_silent_gets_504_after_response_timeout(start_proxy, http_backen
     proxy.wait_for_log(re.escape(OTHER), since=mark_after)
     lines = [ln for ln in proxy.logs_matching(status_pattern(504), mark) if OTHER not in ln]
     assert len(lines) == 1, proxy.log_text(mark)
+
+
+def test_backend_that_stops_reading_an_upload_gets_504(scripted_backend, start_proxy, sockets):
+    """A backend that took the request head and then read nothing of a large body: the proxy
+    stops reading the client too (backpressure), and --response-timeout later it answered
+    408 "client sent no request body bytes", blaming a client that was sending as fast as
+    it could. The backend is the one that did not go on: 504, as nginx (proxy_send_timeout)
+    and HAProxy (timeout server) answer."""
+
+    def script(sc: ScriptedConn) -> str:
+        time.sleep(3)  # reads nothing of the body
+        return "done"
+
+    backend = scripted_backend(script)
+    proxy = start_proxy(backend.port, "--response-timeout", "1")
+    mark = proxy.mark()
+    sock = connect(proxy.port, timeout=5)
+    sockets.append(sock)
+    sock.sendall(b"POST /upload HTTP/1.1\r\nHost: b.test\r\nContent-Length: 1000000000\r\n\r\n")
+    sock.setblocking(False)
+    chunk = b"x" * 65536
+    answer = b""
+    deadline = time.monotonic() + 8
+    while not answer and time.monotonic() < deadline:
+        with contextlib.suppress(BlockingIOError):
+            sock.send(chunk)
+        with contextlib.suppress(BlockingIOError):
+            answer = sock.recv(100)
+        time.sleep(0.001)
+    assert answer.startswith(b"HTTP/1.1 504 "), answer
+    line = proxy.wait_for_log(status_pattern(504), since=mark)
+    assert "request body" in line
+    assert "--response-timeout" in line
 
 
 def misbehaving(action: bytes | None):
