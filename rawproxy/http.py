@@ -178,6 +178,14 @@ def switch_error(offered: bytes, response_headers: Iterable[Header]) -> str | No
 _NOT_IN_TRAILERS = HOP_BY_HOP | NEVER_NOMINATED
 
 
+def fields_size(fields: Iterable[Header]) -> int:
+    """The bytes of `fields` as they are sent on: one `Name: value` line (CRLF) each."""
+    size = 0
+    for name, value in fields:
+        size += len(name) + len(value) + 4
+    return size
+
+
 def trailer_error(
     trailers: Sequence[Header], max_size: int, max_fields: int | None = None
 ) -> str | None:
@@ -190,9 +198,7 @@ def trailer_error(
     """
     if max_fields is not None and len(trailers) > max_fields:
         return f"trailer section with more than {max_fields} fields (--max-header-count)"
-    size = 2  # the empty line that ends it
-    for name, value in trailers:
-        size += len(name) + len(value) + 4
+    size = fields_size(trailers) + 2  # and the empty line that ends it
     if size > max_size:
         return (
             f"trailer section of {size} bytes is over the limit of {max_size} (--max-header-size)"

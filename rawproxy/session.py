@@ -50,6 +50,7 @@ from rawproxy.http import (
     error_body,
     error_headers,
     error_response,
+    fields_size,
     forwarded_headers,
     forwarded_trailers,
     framing_error,
@@ -1648,9 +1649,8 @@ class Session:
         """Why a response head is refused for its size, or None. h11 bounds only a head that
         arrives in pieces (max_incomplete_event_size); one that arrives whole in one read
         was taken whatever its size, so the limit depended on how the bytes were cut."""
-        size = len(head.reason) + 15  # "HTTP/1.1 200 " and the line's CRLF
-        for name, value in head.headers.raw_items():
-            size += len(name) + len(value) + 4
+        # "HTTP/1.1 200 " and the line's CRLF, then the fields
+        size = len(head.reason) + 15 + fields_size(head.headers.raw_items())
         limit = self.config.max_header_size
         if size <= limit:
             return None
