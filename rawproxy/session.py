@@ -2197,7 +2197,12 @@ class Session:
                     f"backend {self.current_target.name} took no request body bytes for "
                     f"{config.response_timeout:g}s (--response-timeout)",
                 )
-            elif not self.request_done:
+            elif (
+                not self.request_done
+                # A client that asked for 100 Continue may wait for it (RFC 9110 10.1.1):
+                # then the silence is the backend's (504, below).
+                and not self._client_machine().they_are_waiting_for_100_continue
+            ):
                 self._fail(
                     408, f"client sent no request body bytes for {config.response_timeout:g}s"
                 )

@@ -385,6 +385,34 @@ def test_backend_that_stops_reading_an_upload_gets_504(scripted_backend, start_p
     assert "--response-timeout" in line
 
 
+def test_silent_backend_to_a_client_waiting_for_100_continue_gets_504(
+    scripted_backend, start_proxy, client
+):
+    """A client that sent Expect: 100-continue may wait for the 100 before its body (RFC
+    9110 10.1.1). With a backend that said nothing, --response-timeout later the client
+    got 408 "client sent no request body bytes": blamed for waiting as it was allowed to.
+    The backend is the one that did not answer: 504."""
+
+    def script(sc: ScriptedConn) -> str:
+        time.sleep(3)  # neither 100 Continue nor an answer
+        return "done"
+
+    backend = scripted_backend(script)
+    proxy = start_proxy(backend.port, "--response-timeout", "1")
+    mark = proxy.mark()
+    c = client(proxy.port, timeout=5)
+    c.send(
+        request_bytes(
+            "POST",
+            "/upload",
+            [("Host", "b.test"), ("Expect", "100-continue"), ("Content-Length", "10")],
+        )
+    )
+    assert c.read_response("POST").status == 504
+    line = proxy.wait_for_log(status_pattern(504), since=mark)
+    assert "sent no response" in line
+
+
 def misbehaving(action: bytes | None):
     """A scripted backend that answers OTHER normally and every other request with `action`:
     raw bytes to send before closing, or None to close without a word."""
