@@ -1002,6 +1002,10 @@ class Session:
                     gathered = 0
                 if self.phase == EXCHANGE and self.backend is not None and self.backend.backlog:
                     return
+                if self.pump_later:
+                    # A pipelined request after an answer of our own (_await_request), or the
+                    # budget spent: the rest is the next turn's (_pump_again).
+                    return
                 if self.phase == HEAD and self.client.backlog is not None:
                     # A pipelined request waits until the client has taken the answers before
                     # it (_client_drained goes on), as in nginx and HAProxy: answers of our
