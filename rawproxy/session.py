@@ -2186,11 +2186,18 @@ class Session:
                 self._arm(config.response_timeout - quiet, self._on_timeout)
                 return
             if self.response_started:
-                # One line, in the access log too: the status, the bytes the client got, why.
+                # One line, in the access log too: the status, the bytes the client got, why,
+                # and whose silence it was (the backend is not read while the client has not
+                # taken what came before: backpressure).
+                who = (
+                    "the client took none of it"
+                    if self.client.backlog is not None
+                    else "the backend sent no more"
+                )
                 self._report(
                     self.response_status,
                     f"no progress for {config.response_timeout:g}s while relaying the response "
-                    "(--response-timeout); connection closed",
+                    f"({who}; --response-timeout); connection closed",
                 )
                 self._close(reset=True)
             elif not self.request_done and self.backend is not None and self.backend.backlog:

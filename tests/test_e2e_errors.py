@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import re
 import select
+import socket
 import time
 
 import pytest
@@ -411,6 +412,22 @@ def test_silent_backend_to_a_client_waiting_for_100_continue_gets_504(
     assert c.read_response("POST").status == 504
     line = proxy.wait_for_log(status_pattern(504), since=mark)
     assert "sent no response" in line
+
+
+def test_an_answer_cut_for_a_client_that_reads_nothing_says_so(http_backend, start_proxy, sockets):
+    """A large answer to a client that reads none of it is cut after --response-timeout, as
+    one stalled by its backend is, and the one log line read the same for both: "no
+    progress for 1s while relaying the response". The admin could not tell a stuck backend
+    from a client that went quiet; the line says which side it was now."""
+    proxy = start_proxy(http_backend.port, "--response-timeout", "1")
+    mark = proxy.mark()
+    sock = socket.socket()
+    sockets.append(sock)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", proxy.port))
+    sock.sendall(simple_get(f"/big?n={64 << 20}&cl=1"))
+    line = proxy.wait_for_log(r"no progress for 1s", since=mark, timeout=10)
+    assert "the client took none of it" in line
 
 
 def misbehaving(action: bytes | None):

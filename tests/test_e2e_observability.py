@@ -722,4 +722,5 @@ def test_an_answer_stalled_mid_body_has_its_access_line(start_proxy, scripted_ba
     assert fields["request"] == "GET /stalled HTTP/1.1"
     assert (fields["status"], fields["size"]) == ("200", "3")
     assert "--response-timeout" in fields["rest"]
+    assert "the backend sent no more" in fields["rest"]
     assert len(proxy.logs_matching("no progress for 1s")) == 1
