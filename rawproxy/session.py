@@ -536,8 +536,11 @@ class Session:
         if self.pump_later:
             return False  # h11 holds bytes to handle first
         phase = self.phase
-        if phase == HEAD and self.client.backlog is not None:
-            return False  # the next request waits for the client to take its answers
+        if self.client.backlog is not None and phase in (HEAD, IDLE, CLOSING):
+            # The next request waits for the client to take its answers; and its end, which
+            # closes the connection, must not come before they are out (a client may end
+            # its side once its last request is sent).
+            return False
         if phase in (HEAD, IDLE, CLOSING, REJECT, PROXY_HEADER):
             return True
         if self.fast_head is not None and phase in (CONNECTING, EXCHANGE):
@@ -1940,9 +1943,10 @@ class Session:
                 # client's pump, and pumping again from it, answer after answer, went as deep
                 # as the client pipelined (a RecursionError some 140 requests down).
                 self._pump_next_turn()
-        elif closed:
+        elif closed and self.client.backlog is None and self.client.queued is None:
             self._close()
         else:
+            # (Closed by the client: its end is read again once its answers are out.)
             self.phase = IDLE
             self._arm(self.config.idle_timeout, self._on_timeout)
 

@@ -111,3 +111,34 @@ def test_pipelined_404s_wait_for_a_client_that_does_not_read() -> None:
         client.close()
         server.stop()
         api.close()
+
+
+def test_a_client_that_half_closed_gets_the_whole_answer(inprocess_server) -> None:
+    """A client may end its side once its last request is sent (shutdown(SHUT_WR)). The
+    proxy saw that end when the exchange was over and closed at once, with the end of a large
+    answer still in its backlog for a slow reader: the client got a truncated answer. Now
+    the answer goes out first, as after a Connection: close (or on drain)."""
+    server, backend = inprocess_server
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(server.listeners[0].getsockname())
+    client.sendall(b"GET /big HTTP/1.1\r\nHost: app\r\n\r\n")
+    client.shutdown(socket.SHUT_WR)
+    conn = None
+    for _ in range(200):
+        _turn(server)
+        try:
+            conn = backend.accept()[0]
+            break
+        except BlockingIOError:
+            pass
+    assert conn is not None, "the proxy did not connect to the backend"
+    conn.recv(65536)
+    [session] = [c for c in server.connections if isinstance(c, Session)]
+    session.client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY)
+    conn.close()
+    client.setblocking(False)
+    got = _read_all(server, client)
+    client.close()
+    assert got.endswith(b"\r\n\r\n" + BODY), f"{len(got)} bytes arrived"
