@@ -13,6 +13,7 @@ as the client or backend wrote them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
@@ -1058,26 +1059,79 @@ def target_path(target: bytes) -> bytes:
     return target.split(b"?", 1)[0]
 
 
+_UNRESERVED = frozenset(b"-._~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+def _route_path(path: bytes, limit: int | None = None) -> tuple[bytes, list[int]]:
+    """A path as routes are matched against it, and for each of its bytes the offset in
+    `path` just after it: percent-encoded unreserved characters decoded (`/%61pi` is `/api`,
+    RFC 3986 6.2.2.2) and runs of slashes taken as one (`//api`), as nginx and Apache match
+    a location or a ProxyPass, and as a backend reads the path. Matched raw, `/%61dmin/` and
+    `//admin/` went past an `/admin/` route to the `/` one, whose backend read `/admin/`.
+    Only the first `limit` + 1 bytes are made (no prefix is longer): a path may be 1 MiB."""
+    out = bytearray()
+    ends: list[int] = []
+    i, size = 0, len(path)
+    if limit is None:
+        limit = size
+    while i < size and len(out) <= limit:
+        byte = path[i]
+        if byte == 0x2F:
+            # A run of slashes is one; what follows the prefix keeps the rest of the run.
+            out.append(byte)
+            ends.append(i + 1)
+            run = _SLASHES.match(path, i)
+            assert run is not None
+            i = run.end()
+            continue
+        step = 1
+        if byte == 0x25 and i + 2 < size and path[i + 1] in _HEX and path[i + 2] in _HEX:
+            decoded = int(path[i + 1 : i + 3], 16)
+            if decoded in _UNRESERVED:
+                byte, step = decoded, 3
+        i += step
+        out.append(byte)
+        ends.append(i)
+    return bytes(out), ends
+
+
+_SLASHES = re.compile(rb"/+")
+
+
+@functools.lru_cache(maxsize=256)
+def _route_prefix(prefix: str) -> bytes:
+    """A route's prefix as select_route matches it (_route_path: `/%7Eu/` is `/~u/`)."""
+    return _route_path(prefix.encode())[0]
+
+
 def select_route(routes: Sequence[Route], target: bytes) -> tuple[Route, bytes] | None:
     """The route for a request target, the longest prefix winning, and the target to send to
     its backend: unchanged when the backend has no path, else with the route's prefix replaced
     by that path (`/api/x?q` via `/api/=http://b/v2/` is `/v2/x?q`). None when no route fits.
-    `*` (OPTIONS *) goes to the `/` route, unchanged."""
+    `*` (OPTIONS *) goes to the `/` route, unchanged. The prefix is matched against the path
+    as a backend reads it (_route_path: `/%61pi/x` and `//api/x` are `/api/x`); what follows
+    the prefix is sent as the client wrote it."""
     path = target_path(target)
+    ends: list[int] | None = None
+    matched = path
+    if b"%" in path or b"//" in path:
+        matched, ends = _route_path(path, max(len(_route_prefix(r.prefix)) for r in routes))
     best: Route | None = None
+    length = 0
     for route in routes:
-        prefix = route.prefix.encode()
-        if (path.startswith(prefix) or (path == b"*" and prefix == b"/")) and (
-            best is None or len(prefix) > len(best.prefix.encode())
+        prefix = _route_prefix(route.prefix)
+        if (matched.startswith(prefix) or (path == b"*" and prefix == b"/")) and (
+            best is None or len(prefix) > length
         ):
-            best = route
+            best, length = route, len(prefix)
     if best is None:
         return None
     backend_path = best.backend.path
     if backend_path is None or path == b"*":
         return best, target
     start = target.find(path) if not target.startswith(b"/") else 0
-    rest = target[start + len(best.prefix.encode()) :]
+    rest = target[start + (ends[length - 1] if ends is not None else length) :]
     new = backend_path.encode()
     if new.endswith(b"/") and rest.startswith(b"/"):
         rest = rest[1:]

@@ -176,6 +176,32 @@ def test_absolute_form_is_routed_by_its_path(launch, make_backend, client):
     assert forwarded == [[b"App.Test:8080"]]
 
 
+def test_routes_match_the_path_as_the_backend_reads_it(launch, make_backend, client):
+    """A prefix is matched after percent-encoded unreserved characters are decoded and runs of
+    slashes merged, as nginx matches a location and Apache a ProxyPass: `/%61dmin/` and
+    `//admin/` are /admin/ to every backend, so they must not slip past an /admin/ route (an
+    auth proxy, say) to the / one. The target goes on as the client wrote it; with a mapped
+    prefix, what follows the prefix does."""
+    admin, api, root = make_backend(), make_backend(), make_backend()
+    proxy = launch(*route("/admin/", admin), *route("/api/", api, "/v2/"), *route("/", root))
+    c = client(proxy.port)
+    sent = {
+        "/%61dmin/x": (admin, b"/%61dmin/x"),
+        "/%61%64min/": (admin, b"/%61%64min/"),
+        "//admin/x?a=b": (admin, b"//admin/x?a=b"),
+        "/admin//x": (admin, b"/admin//x"),
+        "/%61pi/x%2Fy?q=%61": (api, b"/v2/x%2Fy?q=%61"),
+        "///api/x": (api, b"/v2/x"),
+        "/api%2Fx": (root, b"/api%2Fx"),  # an encoded slash is no slash (AllowEncodedSlashes)
+        "/%41dmin/": (root, b"/%41dmin/"),  # %41 is "A": case matters
+        "/adm%20in/": (root, b"/adm%20in/"),
+    }
+    for target, (_backend, want) in sent.items():
+        assert get(c, target) == b"GET " + want, target
+    for backend in (admin, api, root):
+        assert targets(backend) == [want for b, want in sent.values() if b is backend]
+
+
 @pytest.mark.parametrize(
     "target",
     ["/static/../admin", "/static/%2e%2E/admin", "/static/./../admin", "/static/x/../../admin"],
