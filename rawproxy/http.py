@@ -1066,9 +1066,10 @@ _HEX = frozenset(b"0123456789abcdefABCDEF")
 def _route_path(path: bytes, limit: int | None = None) -> tuple[bytes, list[int]]:
     """A path as routes are matched against it, and for each of its bytes the offset in
     `path` just after it: percent-encoded unreserved characters decoded (`/%61pi` is `/api`,
-    RFC 3986 6.2.2.2) and runs of slashes taken as one (`//api`), as nginx and Apache match
-    a location or a ProxyPass, and as a backend reads the path. Matched raw, `/%61dmin/` and
-    `//admin/` went past an `/admin/` route to the `/` one, whose backend read `/admin/`.
+    RFC 3986 6.2.2.2), an encoded slash taken as a slash, and runs of slashes as one
+    (`//api`, `/api%2F`), as nginx matches a location (and a backend reads the path: a WSGI
+    app gets `%2F` decoded in PATH_INFO). Matched raw, `/%61dmin/`, `//admin/` and
+    `/admin%2Fx` went past an `/admin/` route to the `/` one, whose backend read `/admin/`.
     Only the first `limit` + 1 bytes are made (no prefix is longer): a path may be 1 MiB."""
     out = bytearray()
     ends: list[int] = []
@@ -1077,26 +1078,18 @@ def _route_path(path: bytes, limit: int | None = None) -> tuple[bytes, list[int]
         limit = size
     while i < size and len(out) <= limit:
         byte = path[i]
-        if byte == 0x2F:
-            # A run of slashes is one; what follows the prefix keeps the rest of the run.
-            out.append(byte)
-            ends.append(i + 1)
-            run = _SLASHES.match(path, i)
-            assert run is not None
-            i = run.end()
-            continue
         step = 1
         if byte == 0x25 and i + 2 < size and path[i + 1] in _HEX and path[i + 2] in _HEX:
             decoded = int(path[i + 1 : i + 3], 16)
-            if decoded in _UNRESERVED:
+            if decoded in _UNRESERVED or decoded == 0x2F:
                 byte, step = decoded, 3
         i += step
+        if byte == 0x2F and out and out[-1] == 0x2F:
+            # A run of slashes is one; what follows the prefix keeps the rest of the run.
+            continue
         out.append(byte)
         ends.append(i)
     return bytes(out), ends
-
-
-_SLASHES = re.compile(rb"/+")
 
 
 @functools.lru_cache(maxsize=256)

@@ -177,9 +177,9 @@ def test_absolute_form_is_routed_by_its_path(launch, make_backend, client):
 
 
 def test_routes_match_the_path_as_the_backend_reads_it(launch, make_backend, client):
-    """A prefix is matched after percent-encoded unreserved characters are decoded and runs of
-    slashes merged, as nginx matches a location and Apache a ProxyPass: `/%61dmin/` and
-    `//admin/` are /admin/ to every backend, so they must not slip past an /admin/ route (an
+    """A prefix is matched after percent-encoded unreserved characters and slashes are decoded
+    and runs of slashes merged, as nginx matches a location: `/%61dmin/`, `//admin/` and
+    `/admin%2F` are /admin/ to backends, so they must not slip past an /admin/ route (an
     auth proxy, say) to the / one. The target goes on as the client wrote it; with a mapped
     prefix, what follows the prefix does."""
     admin, api, root = make_backend(), make_backend(), make_backend()
@@ -192,7 +192,11 @@ def test_routes_match_the_path_as_the_backend_reads_it(launch, make_backend, cli
         "/admin//x": (admin, b"/admin//x"),
         "/%61pi/x%2Fy?q=%61": (api, b"/v2/x%2Fy?q=%61"),
         "///api/x": (api, b"/v2/x"),
-        "/api%2Fx": (root, b"/api%2Fx"),  # an encoded slash is no slash (AllowEncodedSlashes)
+        # An encoded slash is a slash to many backends (WSGI's PATH_INFO) and to nginx: the
+        # /api/ route's, and its mapping is nginx's too (what follows the decoded prefix).
+        "/api%2Fx": (api, b"/v2/x"),
+        "/admin%2fx": (admin, b"/admin%2fx"),
+        "/admin/%2F%2Fx": (admin, b"/admin/%2F%2Fx"),
         "/%41dmin/": (root, b"/%41dmin/"),  # %41 is "A": case matters
         "/adm%20in/": (root, b"/adm%20in/"),
     }
