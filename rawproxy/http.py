@@ -1061,6 +1061,7 @@ def target_path(target: bytes) -> bytes:
 
 _UNRESERVED = frozenset(b"-._~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+_SLASHES = frozenset(b"/\\")  # a backslash is a slash to some backends
 
 
 def _route_path(path: bytes, limit: int | None = None) -> tuple[bytes, list[int]]:
@@ -1070,22 +1071,32 @@ def _route_path(path: bytes, limit: int | None = None) -> tuple[bytes, list[int]
     (`//api`, `/api%2F`), as nginx matches a location (and a backend reads the path: a WSGI
     app gets `%2F` decoded in PATH_INFO). Matched raw, `/%61dmin/`, `//admin/` and
     `/admin%2Fx` went past an `/admin/` route to the `/` one, whose backend read `/admin/`.
+    Two more readings that some backends make are matched too, where nginx does not: a
+    backslash is a slash (IIS, some Windows-hosted apps), and a segment's `;parameters` are
+    left out (Tomcat and Jetty read `/admin;x/y` as `/admin/y`).
     Only the first `limit` + 1 bytes are made (no prefix is longer): a path may be 1 MiB."""
     out = bytearray()
     ends: list[int] = []
     i, size = 0, len(path)
     if limit is None:
         limit = size
+    parameters = False  # within a segment's ;parameters
     while i < size and len(out) <= limit:
         byte = path[i]
         step = 1
         if byte == 0x25 and i + 2 < size and path[i + 1] in _HEX and path[i + 2] in _HEX:
             decoded = int(path[i + 1 : i + 3], 16)
-            if decoded in _UNRESERVED or decoded == 0x2F:
+            if decoded in _UNRESERVED or decoded in _SLASHES:
                 byte, step = decoded, 3
         i += step
-        if byte == 0x2F and out and out[-1] == 0x2F:
-            # A run of slashes is one; what follows the prefix keeps the rest of the run.
+        if byte in _SLASHES:
+            parameters = False
+            if out and out[-1] == 0x2F:
+                # A run of slashes is one; what follows the prefix keeps the rest of the run.
+                continue
+            byte = 0x2F
+        elif parameters or byte == 0x3B:
+            parameters = True
             continue
         out.append(byte)
         ends.append(i)
@@ -1108,7 +1119,7 @@ def select_route(routes: Sequence[Route], target: bytes) -> tuple[Route, bytes] 
     path = target_path(target)
     ends: list[int] | None = None
     matched = path
-    if b"%" in path or b"//" in path:
+    if b"%" in path or b"//" in path or b";" in path or b"\\" in path:
         matched, ends = _route_path(path, max(len(_route_prefix(r.prefix)) for r in routes))
     best: Route | None = None
     length = 0

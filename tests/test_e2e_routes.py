@@ -197,6 +197,13 @@ def test_routes_match_the_path_as_the_backend_reads_it(launch, make_backend, cli
         "/api%2Fx": (api, b"/v2/x"),
         "/admin%2fx": (admin, b"/admin%2fx"),
         "/admin/%2F%2Fx": (admin, b"/admin/%2F%2Fx"),
+        # Read so by some backends, not by nginx: a backslash is a slash (IIS), and a
+        # segment's ;parameters are no part of its name (Tomcat reads /admin;x/y as /admin/y).
+        "/admin\\x": (admin, b"/admin\\x"),
+        "/admin%5cx": (admin, b"/admin%5cx"),
+        "/admin;jsessionid=1/y": (admin, b"/admin;jsessionid=1/y"),
+        "/api;v=1/x": (api, b"/v2/x"),
+        "/adminx;/": (root, b"/adminx;/"),
         "/%41dmin/": (root, b"/%41dmin/"),  # %41 is "A": case matters
         "/adm%20in/": (root, b"/adm%20in/"),
     }
