@@ -50,6 +50,7 @@ class TlsSocket:
 
     __slots__ = (
         "_incoming",
+        "_notified",
         "_obj",
         "_out",
         "_outgoing",
@@ -87,6 +88,8 @@ class TlsSocket:
         self._raw_short = False
         # The peer's stream ended (close_notify, or a bare FIN): every later read says so.
         self._tls_eof = False
+        # Our close_notify was written (into the outgoing BIO; `_out` may still hold it).
+        self._notified = False
         # The start of what the peer sent, as it came (a failed handshake may have been
         # plain HTTP: OpenSSL names only some methods).
         self.first_bytes = b""
@@ -225,7 +228,11 @@ class TlsSocket:
 
     def close_notify(self) -> bool:
         """Send close_notify (our direction ends; the peer's goes on). True when the alert
-        reached the kernel."""
+        reached the kernel; if not, call again once the socket is writable: that only writes
+        what is left of it (a second SSL_shutdown would read and discard the peer's data)."""
+        if self._notified:
+            return self._flush()
+        self._notified = True
         # Decrypt every complete record already read: SSL_shutdown's wait for the peer's
         # alert would otherwise swallow them.
         while True:
@@ -311,15 +318,18 @@ def receive_into(sock: Stream, view: memoryview) -> int:
     return total
 
 
-def send_close_notify(sock: Stream) -> None:
+def send_close_notify(sock: Stream) -> bool:
     """End our direction of a stream: on TLS the close_notify alert, then a TCP half-close.
-    The other direction still reads."""
+    The other direction still reads. False when the kernel is full and took not all of the
+    alert: the FIN must not overtake it, so nothing is ended yet; call again once the socket
+    is writable."""
     if isinstance(sock, TlsSocket):
         if not sock.close_notify():
-            return  # the kernel is full: the FIN would overtake the alert; close() sends it
+            return False
         sock.raw.shutdown(socket.SHUT_WR)
-        return
+        return True
     sock.shutdown(socket.SHUT_WR)
+    return True
 
 
 # The most pieces handed to one sendmsg() (IOV_MAX is 1024 on Linux).

@@ -398,7 +398,6 @@ class Tunnel:
 
     def _finish(self, d: Direction) -> None:
         """End of stream from d.src, and everything before it delivered: half-close."""
-        d.want = FINISHED
         if self.ended is None:
             self.ended = f"{d.name} closed"
         other = self.b2c if d is self.c2b else self.c2b
@@ -406,12 +405,17 @@ class Tunnel:
             # The last direction to end: the tunnel closes both sockets right after, and a
             # plain socket's close() sends the same FIN (its peer's end was read, so nothing
             # unread turns it into a reset). One system call per tunnel fewer, as HAProxy.
+            d.want = FINISHED
             return
         try:
-            send_close_notify(d.dst)
+            done = send_close_notify(d.dst)
         except OSError as e:
             if e.errno != errno.ENOTCONN:
                 raise TunnelError(self._other(d), e) from e
+            done = True
+        # A TLS destination's kernel that did not take all of the close_notify: the rest (and
+        # the FIN after it) goes when it is writable, or its peer never sees the end.
+        d.want = FINISHED if done else WANT_WRITE
 
     def _other(self, d: Direction) -> str:
         return "backend" if d is self.c2b else "client"

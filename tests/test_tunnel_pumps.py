@@ -12,13 +12,16 @@ import hashlib
 import os
 import random
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 
 import pytest
+import trustme
 
 from rawproxy import tunnel as tunnel_module
 from rawproxy.loop import Loop
+from rawproxy.transport import TlsSocket
 from rawproxy.tunnel import PipePool, Tunnel
 
 pytestmark = pytest.mark.timeout(60)
@@ -353,3 +356,113 @@ def test_random_traffic_both_ways_arrives_whole_and_in_order(seed: int) -> None:
         assert r.closed == []
     finally:
         r.close()
+
+
+class FullOnce:
+    """The raw socket under the tunnel's TLS client leg: its next send after `fill()` finds
+    the kernel's send buffer full (EAGAIN), as a send right after one that filled it does."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.full = False
+
+    def fill(self) -> None:
+        self.full = True
+
+    def send(self, data: bytes) -> int:
+        if self.full:
+            self.full = False
+            raise BlockingIOError(errno.EAGAIN, "send buffer full")
+        return self.sock.send(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.sock, name)
+
+
+def test_a_close_notify_the_kernel_did_not_take_is_sent_when_writable() -> None:
+    """The backend ends its direction and the client's TLS leg cannot take the close_notify
+    at that moment: the alert and the FIN go once the socket is writable. (They were dropped:
+    the client got every byte but never the end, while its own direction went on.)"""
+    ca = trustme.CA()
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("client-leg.test").configure_cert(server_context)
+    client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ca.configure_trust(client_context)
+    loop, pipes = Loop(), PipePool()
+    peer_raw, leg_raw = tcp_pair()
+    backend, backend_peer = tcp_pair()
+    for s in (peer_raw, leg_raw, backend, backend_peer):
+        s.setblocking(False)
+    full = FullOnce(leg_raw)
+    peer = TlsSocket(peer_raw, client_context, "client-leg.test")
+    leg = TlsSocket(full, server_context, None)  # type: ignore[arg-type]
+    done = [False, False]
+    deadline = time.monotonic() + 10
+    while not all(done):
+        assert time.monotonic() < deadline, "TLS handshake did not finish"
+        for i, side in enumerate((peer, leg)):
+            if not done[i]:
+                with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    side.do_handshake()
+                    done[i] = True
+    closed: list[str] = []
+    tunnel = Tunnel(
+        loop,
+        pipes,
+        leg,
+        backend,
+        b"",
+        b"",
+        (0, 0),
+        False,
+        False,
+        splice=False,
+        idle_timeout=None,
+        keepalive=0,
+        on_close=lambda _t, how, _d: closed.append(how),
+    )
+    tunnel.start()
+    view = memoryview(bytearray(64 * 1024))
+
+    def read_peer(until: float) -> tuple[bytes, bool]:
+        got = bytearray()
+        deadline = time.monotonic() + until
+        while time.monotonic() < deadline:
+            loop.run_once(0.01)
+            while True:
+                try:
+                    n = peer.recv_into(view)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    break
+                if n == 0:
+                    return bytes(got), True
+                got += view[:n]
+        return bytes(got), False
+
+    try:
+        backend_peer.sendall(b"last words")
+        got, _ = read_peer(1.0)
+        assert got == b"last words"
+        full.fill()
+        backend_peer.shutdown(socket.SHUT_WR)
+        got, ended = read_peer(5.0)
+        assert (got, ended) == (b"", True), "the backend's end never reached the client"
+        # The client's direction still works, and ends the tunnel.
+        peer.send(b"still here")
+        peer.close_notify()
+        peer_raw.shutdown(socket.SHUT_WR)
+        up = bytearray()
+        deadline = time.monotonic() + 5
+        while not closed:
+            assert time.monotonic() < deadline, f"tunnel still open, {bytes(up)!r} arrived"
+            loop.run_once(0.01)
+            with contextlib.suppress(BlockingIOError):
+                up += backend_peer.recv(1024)
+        assert bytes(up) == b"still here"
+        assert closed == ["backend closed"]
+    finally:
+        tunnel.close("test over")
+        for s in (peer_raw, backend_peer):
+            s.close()
+        pipes.close()
+        loop.close()
