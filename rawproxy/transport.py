@@ -142,6 +142,12 @@ class TlsSocket:
         """Plaintext available without the kernel: decrypted, or in records already read."""
         return len(self._plain) + self._obj.pending() + self._incoming.pending
 
+    @property
+    def at_end(self) -> bool:
+        """The peer's end of stream was read (every later read returns 0): like pending
+        bytes, the kernel no longer announces it."""
+        return self._tls_eof
+
     def do_handshake(self) -> None:
         """One step; raises SSLWantReadError/SSLWantWriteError until it is done."""
         while True:

@@ -585,9 +585,10 @@ class Tunnel:
                 self._pump_splice(d)
                 return
         d.want = WANT_READ
-        if isinstance(src, TlsSocket) and src.pending():
-            # Out of rounds with decrypted bytes inside the SSL object: no readiness event
-            # would ever announce them, so come back on the next loop turn.
+        if isinstance(src, TlsSocket) and (src.pending() or src.at_end):
+            # Out of rounds with decrypted bytes (or the peer's end of stream, read with the
+            # last of them) inside the SSL object: no readiness event would ever announce
+            # them, so come back on the next loop turn.
             self.loop.call_later(0, lambda: self._resume(d))
 
     def _resume(self, d: Direction) -> None:
