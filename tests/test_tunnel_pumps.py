@@ -440,10 +440,12 @@ def test_a_close_notify_the_kernel_did_not_take_is_sent_when_writable() -> None:
     r = TlsClientRig(lambda s: full.append(FullOnce(s)) or full[0])
     view = memoryview(bytearray(64 * 1024))
 
-    def read_peer(until: float) -> tuple[bytes, bool]:
+    def read_peer(until: float, want: int = -1) -> tuple[bytes, bool]:
+        """What the client's peer gets until its end of stream, `want` bytes, or `until`
+        seconds; and whether the end came."""
         got = bytearray()
         deadline = time.monotonic() + until
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and len(got) != want:
             r.loop.run_once(0.01)
             while True:
                 try:
@@ -457,18 +459,17 @@ def test_a_close_notify_the_kernel_did_not_take_is_sent_when_writable() -> None:
 
     try:
         r.backend_peer.sendall(b"last words")
-        got, _ = read_peer(1.0)
+        got, _ = read_peer(10.0, len(b"last words"))
         assert got == b"last words"
         full[0].fill()
         r.backend_peer.shutdown(socket.SHUT_WR)
-        got, ended = read_peer(5.0)
+        got, ended = read_peer(10.0)
         assert (got, ended) == (b"", True), "the backend's end never reached the client"
         # The client's direction still works, and ends the tunnel.
         r.peer.send(b"still here")
         r.peer.close_notify()
         r.peer_raw.shutdown(socket.SHUT_WR)
-        up = read_backend_peer(r, 5.0)
-        assert up == (b"still here", True)
+        assert read_backend_peer(r, 10.0) == (b"still here", True)
         assert r.closed == ["backend closed"]
     finally:
         r.close()
@@ -500,6 +501,6 @@ def test_a_close_notify_read_in_the_last_round_still_ends_the_direction(
     try:
         r.peer.send(b"goodbye")
         assert r.peer.close_notify()
-        assert read_backend_peer(r, 5.0) == (b"goodbye", True), "the client's end was lost"
+        assert read_backend_peer(r, 10.0) == (b"goodbye", True), "the client's end was lost"
     finally:
         r.close()
