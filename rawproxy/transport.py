@@ -346,7 +346,7 @@ JOIN_BELOW = 4096
 
 
 class Leg:
-    __slots__ = ("backlog", "callback", "fd", "interest", "loop", "queued", "sock", "tls")
+    __slots__ = ("backlog", "callback", "ended", "fd", "interest", "loop", "queued", "sock", "tls")
 
     def __init__(self, loop: Loop, sock: Stream, callback: Callback) -> None:
         self.loop = loop
@@ -357,6 +357,7 @@ class Leg:
         self.backlog: bytearray | None = None
         self.queued: list[Buffer] | None = None
         self.tls = isinstance(sock, TlsSocket)
+        self.ended = False  # a read returned the peer's end of stream
 
     def start_tls(
         self,
@@ -390,8 +391,12 @@ class Leg:
         return 0
 
     def pending(self) -> bool:
-        """Decrypted bytes wait inside the SSL object (the selector cannot see them)."""
-        return isinstance(self.sock, TlsSocket) and self.sock.pending() > 0
+        """Decrypted bytes wait inside the SSL object, or the peer's end of stream read with
+        the last of them and not returned yet (the selector cannot see either)."""
+        sock = self.sock
+        return isinstance(sock, TlsSocket) and (
+            sock.pending() > 0 or (sock.at_end and not self.ended)
+        )
 
     def want(self, events: int) -> None:
         """Set the selector interest to exactly `events` (0 unregisters)."""
@@ -415,6 +420,8 @@ class Leg:
             n = receive_into(self.sock, view)
             if n < 0:
                 return None
+            if n == 0:
+                self.ended = True
         else:
             try:
                 n = self.sock.recv_into(view)

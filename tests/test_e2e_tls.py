@@ -63,7 +63,7 @@ from peers import (
     ws_accept,
     ws_key,
 )
-from tls_peers import CertFiles, Pki, TlsStream, client_hello
+from tls_peers import CertFiles, Pki, TlsStream, client_hello, tls_wait_closed
 from wsproto.events import CloseConnection
 
 MiB = 1024 * 1024
@@ -557,6 +557,38 @@ def test_client_ends_while_backend_streams(open_tls_tunnel, blob, client_tls, ba
         assert sha256(first) == sha256(data[:MiB])
         assert digest == sha256(data[MiB:])
         assert t.backend.result(30) == (3, sha256(b"bye"))
+
+
+def test_an_answer_ended_by_close_notify_alone_is_complete(make_backend, start_proxy, pki):
+    """A TLS backend ends an answer without a length by its close_notify and waits for ours
+    before closing TCP (a bidirectional TLS shutdown, as CPython's unwrap() does): the client
+    gets the whole answer, its end included, and the backend our close_notify. (When the
+    alert came in the same read as the last bytes, the end waited inside the TLS object and
+    nothing announced it: the client got the body without its last chunk.)"""
+    body = b"until my close_notify\n" * 200
+
+    def script(sc: ScriptedConn) -> str:
+        sc.sock.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + body)
+        sc.sock.close_notify()  # type: ignore[attr-defined]  # and no FIN
+        return tls_wait_closed(sc.sock, 20)[0]  # type: ignore[arg-type]
+
+    backend = make_backend(ScriptedBackend, script, ssl_context=pki.server_context())
+    url = f"https://localhost:{backend.port}"
+    proxy = start_proxy(backend.port, "--backend-ca", str(pki.ca_file), backend=url)
+    sock = connect(proxy.port, timeout=10)
+    try:
+        sock.sendall(simple_get("/until-close"))
+        buf = bytearray()
+        head = recv_until(sock, buf, b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        try:
+            chunks = recv_until(sock, buf, b"\r\n0\r\n\r\n")
+        except TimeoutError:
+            pytest.fail(f"no end of the answer in 10 s; {len(buf)} bytes of its body came")
+    finally:
+        sock.close()
+    assert chunks.endswith(body + b"\r\n0\r\n\r\n")
+    assert backend.result(25) == "close_notify"
 
 
 # --- 3. verifying the backend's certificate -------------------------------------------------
