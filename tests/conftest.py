@@ -224,6 +224,40 @@ def launch() -> Iterator[Callable[..., peers.ProxyProcess]]:
 
 
 @pytest.fixture
+def inprocess_404_server() -> Iterator[Callable[..., Any]]:
+    """`inprocess_404_server(*flags)`: a real rawproxy Server in the test's own process, not
+    running (the test turns its loop), whose one route is /api/: every other path is answered
+    404 by the proxy itself, with no backend round trip between pipelined requests. Stopped
+    at teardown."""
+    from rawproxy.cli import build_parser, load_settings
+    from rawproxy.server import Server
+
+    made: list[tuple[Any, socket.socket]] = []
+
+    def make(*flags: str) -> Any:
+        api = socket.create_server(("127.0.0.1", 0))
+        argv = [
+            "--listen",
+            "127.0.0.1:0",
+            "--route",
+            f"/api/=http://127.0.0.1:{api.getsockname()[1]}",
+        ]
+        config, _ = load_settings(
+            build_parser().parse_args([*argv, *flags, "--log-level", "error"])
+        )
+        server = Server(config)
+        made.append((server, api))
+        server.open()
+        server._accept_on()
+        return server
+
+    yield make
+    for server, api in made:
+        server.stop()
+        api.close()
+
+
+@pytest.fixture
 def inprocess_server() -> Iterator[tuple[Any, socket.socket]]:
     """A real rawproxy Server in the test's own process, not running: the test drives its
     loop turn by turn (`server.loop.run_once`), with the backend's listening socket

@@ -13,7 +13,6 @@ import socket
 from collections.abc import Callable
 
 from rawproxy import session
-from rawproxy.cli import build_parser, load_settings
 from rawproxy.server import Server
 from tests import peers
 
@@ -171,7 +170,9 @@ def test_tiny_response_chunks_reach_the_client_joined(
     assert chunks <= CHUNKS // 10, f"{chunks} chunks for {CHUNKS} 1-byte chunks"
 
 
-def test_each_pipelined_request_costs_its_own_head_not_all_that_follows(monkeypatch) -> None:
+def test_each_pipelined_request_costs_its_own_head_not_all_that_follows(
+    monkeypatch, inprocess_404_server
+) -> None:
     """Every pipelined request after the first was checked (head_error, the field count) in a
     copy of everything the client had sent after it: up to a whole read (256 KiB) for a head
     of 30 bytes, so a read of pipelined requests cost the square of its size. With 404s (no
@@ -186,13 +187,7 @@ def test_each_pipelined_request_costs_its_own_head_not_all_that_follows(monkeypa
         return real(data, *args)
 
     monkeypatch.setattr(session, "head_error", recording)
-    api = socket.create_server(("127.0.0.1", 0))
-    argv = ["--listen", "127.0.0.1:0", "--route", f"/api/=http://127.0.0.1:{api.getsockname()[1]}"]
-    argv += ["--max-header-size", "4k", "--log-level", "error"]
-    config, _ = load_settings(build_parser().parse_args(argv))
-    server = Server(config)
-    server.open()
-    server._accept_on()
+    server = inprocess_404_server("--max-header-size", "4k")
     client = socket.create_connection(server.listeners[0].getsockname())
     try:
         client.sendall(b"GET /nowhere HTTP/1.1\r\nHost: app\r\n\r\n" * 5000)
@@ -207,25 +202,18 @@ def test_each_pipelined_request_costs_its_own_head_not_all_that_follows(monkeypa
         assert counts[4] == 5000
     finally:
         client.close()
-        server.stop()
-        api.close()
     assert len(seen) >= 4000, "the pipelined requests were not checked one by one"
     average = sum(seen) / len(seen)
     assert average < 16 * 1024, f"{average:.0f} bytes looked at per pipelined request"
 
 
-def test_pipelined_answers_of_our_own_are_one_a_turn() -> None:
+def test_pipelined_answers_of_our_own_are_one_a_turn(inprocess_404_server) -> None:
     """A pipelined request after one the proxy answered itself (404, no route) is handled in
     the next turn of the loop, after every other connection's events: in the same turn, up
     to PUMP_BUDGET events, some 128 answers (parsed, answered and logged) went out before
     anyone else had a turn, and an open WebSocket's echo on another connection took 50 ms
     per such client instead of 0.3 ms."""
-    api = socket.create_server(("127.0.0.1", 0))
-    argv = ["--listen", "127.0.0.1:0", "--route", f"/api/=http://127.0.0.1:{api.getsockname()[1]}"]
-    config, _ = load_settings(build_parser().parse_args([*argv, "--log-level", "error"]))
-    server = Server(config)
-    server.open()
-    server._accept_on()
+    server = inprocess_404_server()
     client = socket.create_connection(server.listeners[0].getsockname())
     try:
         client.sendall(b"GET /nowhere HTTP/1.1\r\nHost: app\r\n\r\n" * 2000)
@@ -242,5 +230,3 @@ def test_pipelined_answers_of_our_own_are_one_a_turn() -> None:
         assert most <= 2, f"{most} answers of the proxy's own in one turn of the loop"
     finally:
         client.close()
-        server.stop()
-        api.close()

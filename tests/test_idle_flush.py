@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import socket
 
-from rawproxy.cli import build_parser, load_settings
 from rawproxy.server import Server
 from rawproxy.session import IDLE, Session
 
@@ -20,11 +19,18 @@ def _turn(server: Server, times: int = 1) -> None:
         server.loop.run_once(0.005)
 
 
-def _idle_with_backlog(server: Server, backend: socket.socket) -> tuple[socket.socket, Session]:
+def _slow_download(
+    server: Server, backend: socket.socket, half_close: bool = False
+) -> tuple[socket.socket, Session]:
+    """A client with a small receive buffer asks for BODY (and, with `half_close`, ends its
+    side right after the request); the backend answers it whole and closes. Returns once the
+    answer is with the proxy, the client's socket still blocking."""
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow, small reader
     client.connect(server.listeners[0].getsockname())
     client.sendall(b"GET /big HTTP/1.1\r\nHost: app\r\n\r\n")
+    if half_close:
+        client.shutdown(socket.SHUT_WR)
     conn = None
     for _ in range(200):
         _turn(server)
@@ -40,6 +46,11 @@ def _idle_with_backlog(server: Server, backend: socket.socket) -> tuple[socket.s
     session.client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY)
     conn.close()
+    return client, session
+
+
+def _idle_with_backlog(server: Server, backend: socket.socket) -> tuple[socket.socket, Session]:
+    client, session = _slow_download(server, backend)
     for _ in range(200):
         _turn(server)
         if session.phase == IDLE:
@@ -73,19 +84,14 @@ def test_draining_lets_the_last_answer_finish(inprocess_server) -> None:
     assert got.endswith(b"\r\n\r\n" + BODY), f"{len(got)} bytes arrived"
 
 
-def test_pipelined_404s_wait_for_a_client_that_does_not_read() -> None:
+def test_pipelined_404s_wait_for_a_client_that_does_not_read(inprocess_404_server) -> None:
     """Answers the proxy gives itself (404: no route) to pipelined requests used to be queued
     however many the client sent, whether or not it read them: a client that pipelined
     without reading grew its connection's backlog with every request it sent (20 MB a
     minute through a running proxy, without end: each request re-armed the header timeout).
     Now the next request waits until the answers before it are out, as nginx's and HAProxy's
     do, so the client's unread answers stop at what the kernel buffers."""
-    api = socket.create_server(("127.0.0.1", 0))
-    argv = ["--listen", "127.0.0.1:0", "--route", f"/api/=http://127.0.0.1:{api.getsockname()[1]}"]
-    config, _ = load_settings(build_parser().parse_args([*argv, "--log-level", "error"]))
-    server = Server(config)
-    server.open()
-    server._accept_on()
+    server = inprocess_404_server()
     client = socket.socket()
     try:
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it never reads
@@ -109,8 +115,6 @@ def test_pipelined_404s_wait_for_a_client_that_does_not_read() -> None:
         assert most < 16 * 1024, f"{most} bytes of answers queued for a client that reads none"
     finally:
         client.close()
-        server.stop()
-        api.close()
 
 
 def test_a_client_that_half_closed_gets_the_whole_answer(inprocess_server) -> None:
@@ -119,25 +123,7 @@ def test_a_client_that_half_closed_gets_the_whole_answer(inprocess_server) -> No
     answer still in its backlog for a slow reader: the client got a truncated answer. Now
     the answer goes out first, as after a Connection: close (or on drain)."""
     server, backend = inprocess_server
-    client = socket.socket()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    client.connect(server.listeners[0].getsockname())
-    client.sendall(b"GET /big HTTP/1.1\r\nHost: app\r\n\r\n")
-    client.shutdown(socket.SHUT_WR)
-    conn = None
-    for _ in range(200):
-        _turn(server)
-        try:
-            conn = backend.accept()[0]
-            break
-        except BlockingIOError:
-            pass
-    assert conn is not None, "the proxy did not connect to the backend"
-    conn.recv(65536)
-    [session] = [c for c in server.connections if isinstance(c, Session)]
-    session.client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY)
-    conn.close()
+    client, _ = _slow_download(server, backend, half_close=True)
     client.setblocking(False)
     got = _read_all(server, client)
     client.close()
