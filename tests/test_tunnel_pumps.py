@@ -15,6 +15,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import trustme
@@ -25,6 +26,30 @@ from rawproxy.transport import TlsSocket
 from rawproxy.tunnel import PipePool, Tunnel
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def bare_tunnel(
+    loop: Loop, pipes: PipePool, client: Any, backend: Any, splice: bool, closed: list[str]
+) -> Tunnel:
+    """A started tunnel with nothing read past the heads, no timeout and no keepalive;
+    how it closes is appended to `closed`."""
+    tunnel = Tunnel(
+        loop,
+        pipes,
+        client,
+        backend,
+        b"",
+        b"",
+        (0, 0),
+        False,
+        False,
+        splice=splice,
+        idle_timeout=None,
+        keepalive=0,
+        on_close=lambda _t, how, _d: closed.append(how),
+    )
+    tunnel.start()
+    return tunnel
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -51,22 +76,7 @@ class Rig:
         for s in (client, backend, self.client_peer, self.backend_peer):
             s.setblocking(False)
         self.closed: list[str] = []
-        self.tunnel = Tunnel(
-            self.loop,
-            self.pipes,
-            client,
-            backend,
-            b"",
-            b"",
-            (0, 0),
-            False,
-            False,
-            splice=splice,
-            idle_timeout=None,
-            keepalive=0,
-            on_close=lambda _t, how, _d: self.closed.append(how),
-        )
-        self.tunnel.start()
+        self.tunnel = bare_tunnel(self.loop, self.pipes, client, backend, splice, self.closed)
         # The directions' pumps as seen after each turn in which bytes moved.
         self.seen: set[bool] = set()
 
@@ -407,22 +417,7 @@ class TlsClientRig:
                         side.do_handshake()
                         done[i] = True
         self.closed: list[str] = []
-        self.tunnel = Tunnel(
-            self.loop,
-            self.pipes,
-            leg,
-            backend,
-            b"",
-            b"",
-            (0, 0),
-            False,
-            False,
-            splice=False,
-            idle_timeout=None,
-            keepalive=0,
-            on_close=lambda _t, how, _d: self.closed.append(how),
-        )
-        self.tunnel.start()
+        self.tunnel = bare_tunnel(self.loop, self.pipes, leg, backend, False, self.closed)
 
     def close(self) -> None:
         self.tunnel.close("test over")
