@@ -812,18 +812,27 @@ class Server:
 
     def _on_reload_signal(self, _signum: int) -> None:
         """SIGHUP: the configuration file and certificates read anew, for new connections;
-        open connections and tunnels keep the settings they started with."""
+        open connections and tunnels keep the settings they started with. While draining
+        only the access log is reopened (logrotate): the listeners stay closed, and systemd,
+        told STOPPING, is not told READY again."""
+        if self.draining:
+            self._reopen_access_log()
+            log.info("SIGHUP received while draining: only the access log is reopened")
+            return
         self.notifier.reloading()
         try:
             self.reload()
         finally:
             self.notifier.ready(self._status())
 
-    def reload(self) -> None:
+    def _reopen_access_log(self) -> None:
         try:
             self.access.reopen()
         except OSError as e:
             log.error("SIGHUP: cannot reopen the access log: %s; still writing the old one", e)
+
+    def reload(self) -> None:
+        self._reopen_access_log()
         old = self.runtime
         try:
             config = self.reread() if self.reread is not None else old.config

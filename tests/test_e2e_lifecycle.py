@@ -24,10 +24,14 @@ import pytest
 from peers import (
     HttpBackend,
     HttpClient,
+    NotifySocket,
     ProxyProcess,
     admin_get,
     assert_no_malformed_http,
     connect,
+    free_port,
+    has,
+    notify_env,
     open_websocket,
     request_bytes,
     sha256,
@@ -309,6 +313,51 @@ def test_second_stop_signal_says_what_it_cut(run_proxy, scripted_backend, client
     assert "stopping now: closing 1 connection(s) still open" in text, text
     assert re.search(r'"GET /slow HTTP/1\.1" 502 .*cut short', text), text
     assert "drained: every connection ended" not in text, text
+
+
+def test_sighup_while_draining_keeps_the_listeners_closed(
+    run_proxy, ws_backend, client, tmp_path: Path
+):
+    """A reload during a drain (logrotate's SIGHUP, say) must not listen again: a client it
+    let in would wait in a backlog no one accepts from, then be reset at the exit. systemd,
+    told STOPPING=1, is not told READY=1 again; the access log file is still reopened."""
+    port = free_port()
+    address = str(tmp_path / "notify")
+    notify = NotifySocket(address)
+    access = tmp_path / "access.log"
+    try:
+        proxy = run_proxy(
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--backend",
+            f"127.0.0.1:{ws_backend.port}",
+            "--access-log",
+            str(access),
+            env=notify_env(address),
+        )
+        notify.wait_for(has("READY", "1"))
+        ws_client = client(proxy.port)
+        ws = open_websocket(ws_client)  # keeps the drain going
+
+        mark = proxy.mark()
+        proxy.proc.send_signal(signal.SIGTERM)
+        stopping = notify.wait_for(has("STOPPING", "1"))
+        assert_refused(port)
+        access.rename(tmp_path / "access.log.1")
+        proxy.proc.send_signal(signal.SIGHUP)
+        proxy.wait_for_log(r"SIGHUP", since=mark)
+        assert access.exists()  # reopened under its name
+        assert_refused(port, within=0)
+        assert "listening on" not in proxy.log_text(mark), proxy.log_text(mark)
+        notify.collect(0.3)
+        assert not any("READY" in m for m in notify.messages[stopping:]), notify.messages
+
+        ws.send("still here")
+        assert ws.recv() == "still here"
+        assert_ws_closes_cleanly(ws_client, ws)
+        assert exit_code(proxy) == 0
+    finally:
+        notify.close()
 
 
 # --- SIGHUP: the config file again -----------------------------------------------------------
