@@ -80,6 +80,8 @@ def run_workers(
     announced = False
 
     def spawn(index: int) -> None:
+        if stopping:
+            return  # a restart still waiting when the stop came: the listeners are closed
         # Signals stay blocked across the fork until the worker has its own handlers: a
         # SIGHUP passed on right after READY=1 must not kill a worker still starting.
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)

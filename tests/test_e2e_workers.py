@@ -508,3 +508,35 @@ def listening_inode(port: int) -> int:
         if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":  # LISTEN
             return int(fields[9])
     raise AssertionError(f"nothing listens on {port}")
+
+
+def test_no_worker_is_started_once_the_drain_began(run_proxy, ws_backend, client):
+    """A worker that dies right after its start is restarted after a pause (QUICK_DEATH); a
+    SIGTERM during that pause cancels the restart: no worker is forked onto the listeners
+    the drain closed (it failed with a traceback, as if the service had a new problem)."""
+    proxy = start_workers(run_proxy, ws_backend.port)
+    ws_client = client(proxy.port)
+    ws = open_websocket(ws_client)
+    inode = proxy_side_inode(proxy.port, ws_client.sock.getsockname()[1])
+    holder = owners(wait_for_children(proxy.pid, 2), inode)[0]
+    other = next(iter(wait_for_children(proxy.pid, 2) - {holder}))
+    time.sleep(1.2)  # past QUICK_DEATH: this first death is restarted at once
+    mark = proxy.mark()
+    os.kill(other, signal.SIGKILL)
+    started = proxy.wait_for_log(r"worker \d+ started \(pid \d+\)", since=mark)
+    young = re.search(r"pid (\d+)", started)
+    assert young is not None
+    os.kill(int(young.group(1)), signal.SIGKILL)  # dies young: restarted after the pause
+    proxy.wait_for_log(rf"pid {young.group(1)}\) ended", since=mark)
+
+    mark = proxy.mark()
+    proxy.proc.send_signal(signal.SIGTERM)
+    proxy.wait_for_log(r"the workers drain", since=mark)
+    time.sleep(2.0)  # twice the pause: the restart would have come
+    ws.send("still here")
+    assert ws.recv() == "still here"
+    text = proxy.log_text(mark)
+    assert not re.search(r"worker \d+ (started|failed|cannot start)", text), text
+    ws.close()
+    ws_client.close()
+    assert proxy.proc.wait(PROMPT) == 0
