@@ -163,6 +163,13 @@ def run_workers(
 
     def reload(signum: int) -> None:
         nonlocal config
+        if stopping:
+            # The workers only reopen their access logs now; systemd, told STOPPING, is not
+            # told RELOADING and READY, and the listeners are closed for good.
+            log.info("SIGHUP received while the workers drain; passed to them")
+            for pid in list(children):
+                os.kill(pid, signum)
+            return
         if announced:  # before that, systemd still waits for the first READY
             notifier.reloading()
         log.info("SIGHUP received; passed to the workers")

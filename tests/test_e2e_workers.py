@@ -428,6 +428,37 @@ def test_only_the_main_process_speaks_to_systemd(run_proxy, http_backend, tmp_pa
         notify.close()
 
 
+def test_sighup_while_the_workers_drain_tells_systemd_nothing(
+    run_proxy, ws_backend, client, tmp_path: Path
+):
+    """After STOPPING=1, a SIGHUP (logrotate's) is passed to the draining workers, but the
+    supervisor does not tell systemd RELOADING=1 and READY=1 as if it served again."""
+    address = str(tmp_path / "notify")
+    notify = NotifySocket(address)
+    try:
+        proxy = start_workers(run_proxy, ws_backend.port, env=notify_env(address))
+        notify.wait_for(has("READY", "1"))
+        ws_client = client(proxy.port)
+        ws = open_websocket(ws_client)  # keeps one worker draining
+        mark = proxy.mark()
+        proxy.proc.send_signal(signal.SIGTERM)
+        stopping = notify.wait_for(has("STOPPING", "1"))
+        proxy.wait_for_log(r"stopped", since=mark)  # the worker without the WebSocket
+        proxy.proc.send_signal(signal.SIGHUP)
+        proxy.wait_for_log(r"SIGHUP received", since=mark)
+        proxy.wait_for_log(r"SIGHUP received while draining", since=mark)  # the other worker
+        notify.collect(0.3)
+        after = notify.messages[stopping + 1 :]
+        assert not any("READY" in m or "RELOADING" in m for m in after), notify.messages
+        ws.send("still here")
+        assert ws.recv() == "still here"
+        ws.close()
+        ws_client.close()
+        assert proxy.proc.wait(PROMPT) == 0
+    finally:
+        notify.close()
+
+
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 
 
