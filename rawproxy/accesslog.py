@@ -18,12 +18,15 @@ FORMATS = ("combined", "json")
 
 
 def _quoted(value: str) -> str:
-    """A field between double quotes, escaped as Apache does (quote, backslash, controls)."""
+    """A field between double quotes, escaped as Apache does (quote, backslash, controls,
+    and bytes above ASCII). Values from the wire are decoded as Latin-1, one character per
+    byte: left as they were, 0x85 (NEL) ended the line for readers that split on Unicode
+    line breaks, 0x9B (CSI) drove terminals, and UTF-8 text came out as mojibake."""
     out = []
     for char in value:
         if char in '"\\':
             out.append("\\" + char)
-        elif ord(char) < 0x20 or ord(char) == 0x7F:
+        elif ord(char) < 0x20 or 0x7F <= ord(char) <= 0xFF:
             out.append(f"\\x{ord(char):02x}")
         else:
             out.append(char)

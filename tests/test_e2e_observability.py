@@ -332,6 +332,36 @@ def test_access_log_file_has_a_line_for_every_answer(start_proxy, scripted_backe
     assert "client went away" in left["rest"]
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "h11"])
+def test_bytes_above_ascii_are_escaped_in_the_access_log(start_proxy, http_backend, tmp_path, fast):
+    """A header value may carry any byte from 0x80 on (obs-text). Written as they came (one
+    Latin-1 character each, then UTF-8), 0x85 is NEL, a line break to every reader that splits
+    on Unicode line breaks (the forged line below was a second entry), and 0x9B is CSI to a
+    terminal: they are escaped as \\xHH, as Apache does, so the file holds one line per
+    request whatever reads it."""
+    path = tmp_path / "access.log"
+    proxy = start_proxy(http_backend.port, "--access-log", str(path))
+    agent = b'evil\x85127.0.0.1 - - [x] "GET /admin HTTP/1.1" 200 1\x9b2J caf\xc3\xa9\x7f'
+    extra = b"" if fast else b"Transfer-Encoding: chunked\r\n"  # the h11 path
+    body = b"" if fast else b"0\r\n\r\n"
+    with HttpClient(proxy.port, timeout=5) as c:
+        head = b"POST /ua HTTP/1.1\r\nHost: a\r\nUser-Agent: " + agent + b"\r\n" + extra
+        assert c.request(head + b"\r\n" + body).status == 200
+    deadline = time.monotonic() + 5
+    text = ""
+    while time.monotonic() < deadline and not text.endswith("\n"):
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        time.sleep(0.05)
+    lines = text.splitlines()  # str.splitlines: every Unicode line break
+    assert len(lines) == 1, lines
+    m = CLF.fullmatch(lines[0])
+    assert m, lines
+    assert m["agent"] == (
+        r"evil\x85127.0.0.1 - - [x] \"GET /admin HTTP/1.1\" 200 1\x9b2J caf\xc3\xa9\x7f"
+    ), lines
+    assert text.isascii(), text
+
+
 def test_a_408_names_the_request_line_it_had(start_proxy, http_backend, tmp_path, sockets):
     """A head that never completed gets 408; when its request line was complete, both log
     lines name that request (as nginx's does), where they said "-" (which request timed out
