@@ -78,6 +78,7 @@ def run_workers(
     os.set_blocking(serving_w, False)
     serving: set[int] = set()
     announced = False
+    failed = False  # a worker's first start failed: everything stops, exit code 1
 
     def spawn(index: int) -> None:
         if stopping:
@@ -138,11 +139,35 @@ def run_workers(
             if stopping:
                 log.info("worker %d (pid %d) ended (%s)", index, pid, how)
                 continue
+            if index not in serving:
+                on_serving(0)  # it may have said so just before it died
+            if index not in serving:
+                # Its first start failed (a backend name that does not resolve, an admin port
+                # in use): a start-up problem, which stops rawproxy with a non-zero exit code
+                # as it does a single process, rather than a restart every QUICK_DEATH for
+                # ever that no one is told of.
+                log.error(
+                    "worker %d (pid %d) ended (%s) before it served: rawproxy cannot start",
+                    index,
+                    pid,
+                    how,
+                )
+                give_up()
+                continue
             delay = QUICK_DEATH if loop.now - started < QUICK_DEATH else 0.0
             log.warning("worker %d (pid %d) ended (%s); restarting", index, pid, how)
             loop.call_later(delay, lambda index=index: spawn(index))  # type: ignore[misc]
         if stopping and not children:
             loop.stop()
+
+    def give_up() -> None:
+        nonlocal stopping, failed
+        stopping = failed = True
+        for _, socks, _ in listeners:
+            for sock in socks:
+                sock.close()
+        for pid in list(children):
+            os.kill(pid, signal.SIGTERM)
 
     def stop(signum: int) -> None:
         nonlocal stopping
@@ -224,6 +249,9 @@ def run_workers(
         loop.close()
         os.close(serving_r)
         os.close(serving_w)
+    if failed:
+        log.error("rawproxy (pid %d) stopped: a worker could not start", os.getpid())
+        return 1
     # As a single process's last line (Server.stop): the stop was orderly.
     log.info("rawproxy (pid %d) stopped: every worker ended", os.getpid())
     return 0

@@ -459,6 +459,38 @@ def test_sighup_while_the_workers_drain_tells_systemd_nothing(
         notify.close()
 
 
+def test_a_worker_that_cannot_start_stops_rawproxy(http_backend, sockets):
+    """A start-up problem met by a worker (here worker 1's admin port, --admin-listen's + 1, is
+    in use) stops rawproxy with a non-zero exit code, as it stops a single process; it was
+    a restart every second for ever, the service never ready and never failed."""
+    admin = 0
+    for _ in range(50):
+        port = free_port()
+        blocker = socket.socket()
+        sockets.append(blocker)
+        try:
+            blocker.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        blocker.listen(1)
+        admin = port
+        break
+    assert admin, "no pair of free ports"
+    args = ("--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{http_backend.port}")
+    try:
+        done = run_rawproxy(
+            *args, "--workers", "2", "--admin-listen", f"127.0.0.1:{admin}", timeout=10
+        )
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"still running after 10 s:\n{e.stderr}") from None
+    assert done.returncode == 1, done.stderr
+    assert re.search(
+        rf"worker 1 cannot start: cannot listen on 127\.0\.0\.1:{admin + 1}", done.stderr
+    )
+    assert done.stderr.splitlines()[-1].endswith("stopped: a worker could not start"), done.stderr
+    assert not re.search(r"restarting", done.stderr), done.stderr
+
+
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 
 
