@@ -672,6 +672,21 @@ class Session:
             except OSError:
                 self._close(reset=True)
                 return
+            # An answer like any 400 of ours: counted, and its line in the access log file
+            # (the line above is the stderr one), naming the request when its line is among
+            # the first bytes kept.
+            self.server.metrics.count_request(400)
+            line = None
+            if (parts := request_line_of(sock.first_bytes)) is not None:
+                method, target, version = (part.decode("ascii") for part in parts)
+                line = (method, target, version)
+            self.server.access.unparsed(
+                client=self.client_ip,
+                status=400,
+                duration=self.loop.now - self.exchange_start,
+                error=_PLAIN_HTTP,
+                line=line,
+            )
             self._close_gracefully()
             return
         if wants:

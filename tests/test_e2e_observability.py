@@ -362,6 +362,50 @@ def test_bytes_above_ascii_are_escaped_in_the_access_log(start_proxy, http_backe
     assert text.isascii(), text
 
 
+def test_plain_http_to_a_tls_port_has_its_access_line(start_proxy, http_backend, pki, tmp_path):
+    """The 400 a client gets for plain HTTP on a TLS port is an answer like any other 400 of
+    the proxy's: a line in the access log file and a count in requests_total (it had only
+    the stderr line and the handshake failure counter: the file and the counters said
+    nothing had been answered)."""
+    path = tmp_path / "access.log"
+    proxy = start_proxy(
+        http_backend.port,
+        "--cert",
+        str(pki.server.cert),
+        "--key",
+        str(pki.server.key),
+        "--access-log",
+        str(path),
+        "--admin-listen",
+        "127.0.0.1:0",
+    )
+    assert proxy.admin_port is not None
+    before = Metrics(proxy.admin_port)
+    sock = connect(proxy.port)
+    sock.sendall(request_bytes("GET", "/x", [("Host", "a")]))
+    sock.settimeout(5)
+    head = recv_until(sock, bytearray(), b"\r\n\r\n")
+    sock.close()
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    proxy.wait_for_log(r"TLS handshake failed: the client spoke plain HTTP")
+    deadline = time.monotonic() + 5
+    lines: list[str] = []
+    while time.monotonic() < deadline and not lines:
+        lines = path.read_text().splitlines() if path.exists() else []
+        time.sleep(0.05)
+    assert len(lines) == 1, lines
+    fields = CLF.fullmatch(lines[0])
+    assert fields, lines
+    assert (fields["request"], fields["status"], fields["size"]) == ("GET /x HTTP/1.1", "400", "-")
+    assert 'error="the client spoke plain HTTP to a TLS port"' in fields["rest"], lines
+    after = Metrics(proxy.admin_port)
+    for name, labels in [
+        ("rawproxy_requests_total", {"code_class": "4xx"}),
+        ("rawproxy_tls_handshake_failures_total", {"side": "client"}),
+    ]:
+        assert after(name, **labels) - before(name, **labels) == 1, (name, after.text)
+
+
 def test_a_408_names_the_request_line_it_had(start_proxy, http_backend, tmp_path, sockets):
     """A head that never completed gets 408; when its request line was complete, both log
     lines name that request (as nginx's does), where they said "-" (which request timed out
