@@ -544,14 +544,14 @@ _DIGITS = re.compile(rb"[0-9]{1,18}")
 _ANY_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])\r?\n")
 
 
-def request_line_of(head: bytes | bytearray) -> tuple[bytes, bytes, bytes] | None:
+def request_line_of(head: bytes | bytearray) -> tuple[str, str, str] | None:
     """Method, target and version of the request line that starts an unfinished head, when
-    that line is complete and well formed (visible ASCII, safe to log): what the log line of
-    an answer to a head that never completed (408, 431) names, as nginx does."""
+    that line is complete and well formed (visible ASCII, safe to log), as text: what the log
+    line of an answer to a head that never completed (408, 431) names, as nginx does."""
     match = _ANY_REQUEST_LINE.match(head)
     if match is None:
         return None
-    method, target, version = match.groups()
+    method, target, version = (part.decode("ascii") for part in match.groups())
     return method, target, version
 
 

@@ -676,16 +676,12 @@ class Session:
             # (the line above is the stderr one), naming the request when its line is among
             # the first bytes kept.
             self.server.metrics.count_request(400)
-            line = None
-            if (parts := request_line_of(sock.first_bytes)) is not None:
-                method, target, version = (part.decode("ascii") for part in parts)
-                line = (method, target, version)
             self.server.access.unparsed(
                 client=self.client_ip,
                 status=400,
                 duration=self.loop.now - self.exchange_start,
                 error=_PLAIN_HTTP,
-                line=line,
+                line=request_line_of(sock.first_bytes),
             )
             self._close_gracefully()
             return
@@ -1839,10 +1835,7 @@ class Session:
         if self.request is None:
             self.server.metrics.count_request(status)
             # A head that never completed may still have a complete request line: name it.
-            line = None
-            if self.head_bytes and (parts := request_line_of(self.head_bytes)) is not None:
-                method, target, version = (part.decode("ascii") for part in parts)
-                line = (method, target, version)
+            line = request_line_of(self.head_bytes) if self.head_bytes else None
             described = self.peer if line is None else _described(self.peer, *line)
             log.log(level, "%s -> %d: %s", described, status, detail)
             self.server.access.unparsed(

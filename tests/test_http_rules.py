@@ -803,8 +803,8 @@ def test_a_101_may_only_switch_to_an_offered_protocol(
 @pytest.mark.parametrize(
     ("head", "expected"),
     [
-        (b"GET /a?b=c HTTP/1.1\r\nHost: x\r\n", (b"GET", b"/a?b=c", b"1.1")),
-        (b"POST /up HTTP/1.0\n", (b"POST", b"/up", b"1.0")),
+        (b"GET /a?b=c HTTP/1.1\r\nHost: x\r\n", ("GET", "/a?b=c", "1.1")),
+        (b"POST /up HTTP/1.0\n", ("POST", "/up", "1.0")),
         (b"GET /a HTTP/1.1", None),  # the line itself is not complete
         (b"GET /a", None),
         (b"GET /a\x1b[31m HTTP/1.1\r\n", None),  # a control character: not for a log line
