@@ -160,14 +160,19 @@ def run_workers(
         if stopping and not children:
             loop.stop()
 
-    def give_up() -> None:
-        nonlocal stopping, failed
-        stopping = failed = True
+    def halt(signum: int) -> None:
+        """Close the listeners (the workers hold their own copies; closing twice is nothing)
+        and pass `signum` to every worker."""
         for _, socks, _ in listeners:
             for sock in socks:
                 sock.close()
         for pid in list(children):
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signum)
+
+    def give_up() -> None:
+        nonlocal stopping, failed
+        stopping = failed = True
+        halt(signal.SIGTERM)
 
     def stop(signum: int) -> None:
         nonlocal stopping
@@ -178,11 +183,7 @@ def run_workers(
             stopping = True
             log.info("%s received; the workers drain", name)
             notifier.stopping("draining")
-            for _, socks, _ in listeners:
-                for sock in socks:
-                    sock.close()  # the workers hold their own copies
-        for pid in list(children):
-            os.kill(pid, signum)
+        halt(signum)
         if not children:
             loop.stop()
 
