@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 from rawproxy.config import Route
 
 Header = tuple[bytes, bytes]
+# A Host, the forwarded headers that follow a `plain` request with it, and their lines.
+ForwardedLines = tuple[bytes, list[Header], bytes]
 
 # Headers that describe one hop and never travel on, whatever Connection says (RFC 9110 7.6.1),
 # plus Proxy-Connection, which old clients send and which has no meaning to a backend.
@@ -147,6 +149,30 @@ def decide_upgrade(headers: Iterable[Header], http_version: bytes = b"1.1") -> U
         )
     value = b", ".join(kept)
     return UpgradeDecision(value, f"upgrade to {value.decode('latin-1')}", True, *seen)
+
+
+# decided_upgrade's memo: the decisions made, by the lines they were made on. Browsers send a
+# handful of spellings (`Connection: Upgrade` with `Upgrade: websocket`; Firefox's
+# `keep-alive, Upgrade`), and a decision is a frozen value that any request may share. Only
+# short lines are remembered and the memo is emptied when full, so a client that invents
+# lines cannot grow it.
+_DECIDED: dict[tuple[tuple[Header, ...], bytes], UpgradeDecision] = {}
+DECIDED_MAX = 256
+DECIDED_LINES_MAX = 256  # bytes of names and values
+
+
+def decided_upgrade(fields: Sequence[Header], http_version: bytes = b"1.1") -> UpgradeDecision:
+    """decide_upgrade(fields, http_version), remembered: the same decision without deciding
+    again for the lines seen last (about 2 us a WebSocket handshake, of a few dozen)."""
+    key = (tuple(fields), http_version)
+    decision = _DECIDED.get(key)
+    if decision is None:
+        decision = decide_upgrade(fields, http_version)
+        if fields_size(fields) <= DECIDED_LINES_MAX:
+            if len(_DECIDED) >= DECIDED_MAX:
+                _DECIDED.clear()
+            _DECIDED[key] = decision
+    return decision
 
 
 def switch_error(offered: bytes, response_headers: Iterable[Header]) -> str | None:
@@ -590,13 +616,6 @@ class SimpleRequest:
     cuts: list[int] = dataclasses.field(default_factory=list)
     # The head for the backend, when the fast path made it before the backend was connected.
     head: bytes | None = None
-
-    @property
-    def has_upgrade_header(self) -> bool:
-        """An Upgrade header is present (without one, no request is an upgrade)."""
-        # Not any(<generator>): closing a generator that stopped early raises GeneratorExit
-        # inside it, once per WebSocket handshake. The list has two or three entries.
-        return b"upgrade" in [name.lower() for name, _ in self.upgrade_fields]
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header `name` (lower case), or None."""

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from rawproxy.accesslog import AccessLog
 from rawproxy.config import Backend, Config, ConfigError, ListenAddress, Route
-from rawproxy.http import origin, select_route
+from rawproxy.http import ForwardedLines, origin, select_route
 from rawproxy.loop import READ, Loop, Timer, settle_gc
 from rawproxy.metrics import CONTENT_TYPE, Metrics
 from rawproxy.session import DONE, Session
@@ -442,7 +442,15 @@ class Runtime:
     """The settings connections work with. A reload builds a new one; every connection keeps
     the one it started with until it ends."""
 
-    __slots__ = ("client_tls", "config", "only_route", "routes", "targets", "trusted")
+    __slots__ = (
+        "client_tls",
+        "config",
+        "forwarded_memo",
+        "only_route",
+        "routes",
+        "targets",
+        "trusted",
+    )
 
     def __init__(self, config: Config) -> None:
         """Reads certificates and resolves backend names: StartupError when one fails."""
@@ -455,6 +463,9 @@ class Runtime:
         # Longest prefix first (select_route does not depend on it; the log reads better).
         self.routes = tuple(sorted(config.routes, key=lambda r: len(r.prefix), reverse=True))
         self.trusted = config.trusted_proxies
+        # Session._forwarded_lines: (client address, scheme, port, Host) -> the forwarded
+        # headers of a `plain` request and their lines.
+        self.forwarded_memo: dict[tuple[str, str, int, bytes], ForwardedLines] = {}
         # The usual set-up, one backend for every path and no path of its own: then any
         # origin-form target goes there unchanged (see choose).
         self.only_route: tuple[Route, Target] | None = None

@@ -37,6 +37,7 @@ from rawproxy.http import (
     REASONS,
     REWRITTEN_HEADERS,
     ClientSide,
+    ForwardedLines,
     Header,
     RequestRefused,
     ResponseRewrite,
@@ -47,6 +48,7 @@ from rawproxy.http import (
     client_response_headers,
     client_scheme,
     decide_upgrade,
+    decided_upgrade,
     error_body,
     error_headers,
     error_response,
@@ -145,6 +147,10 @@ def _header(request: h11.Request | SimpleRequest, name: bytes) -> bytes | None:
 # The decision for a simple request with neither a Connection nor an Upgrade header.
 _NO_UPGRADE = UpgradeDecision(None, "not an upgrade", considered=False)
 
+
+# Session._forwarded_lines' memo: entries at most (then emptied), and the longest Host kept.
+FORWARDED_MEMO_MAX = 1024
+FORWARDED_MEMO_HOST_MAX = 256
 
 # Backend connection states beside READ and WRITE (what its TLS handshake waits for).
 _TCP_CONNECTING = -1
@@ -359,7 +365,7 @@ class Session:
         # For a `plain` fast-path request: the Host it came with, the forwarded headers that
         # follow it to the backend, and their lines (the same for every request of a client
         # that keeps its Host).
-        self.forwarded_cache: tuple[bytes, list[Header], bytes] | None = None
+        self.forwarded_cache: ForwardedLines | None = None
         # The header timeout bounds the TLS handshake and the first head together.
         self._arm(self.config.header_timeout, self._on_timeout)
         self.client_handshake = 0
@@ -815,22 +821,15 @@ class Session:
             host = request.raw[0][1]
             cached = self.forwarded_cache
             if cached is None or cached[0] != host:
-                added = forwarded_headers(
-                    self.client_side_cache or self.client_side(), host, config.forwarded
-                )
-                cached = self.forwarded_cache = (host, added, header_lines(added))
-            if request.has_upgrade_header or (
-                request.upgrade_fields and log.isEnabledFor(logging.DEBUG)
-            ):
-                # Without an Upgrade header the decision is only for the log line that the
-                # h11 path writes too.
-                decision = decide_upgrade(request.upgrade_fields)
+                cached = self.forwarded_cache = self._forwarded_lines(host)
+            if request.upgrade_fields:
+                decision = decided_upgrade(request.upgrade_fields)
             upgrade = decision.upgrade
             headers = plain_request_headers(request, cached[1], upgrade)
             head = plain_request_head(raw, request, target, cached[2], upgrade)
         else:
             if request.upgrade_fields:
-                decision = decide_upgrade(request.upgrade_fields)
+                decision = decided_upgrade(request.upgrade_fields)
             headers = backend_request_headers(
                 request.raw,
                 decision,
@@ -861,6 +860,25 @@ class Session:
             head = write_head(b"%s %s HTTP/1.1\r\n" % (request.method, target), headers)
         backend.queue((head,))
         return True
+
+    def _forwarded_lines(self, host: bytes) -> ForwardedLines:
+        """The forwarded headers that follow a `plain` request with this Host, and their
+        lines. They depend on nothing but the client's address, the scheme and port it came
+        to and the Host, so the runtime remembers them for the next connection from there
+        (a browser opens several; a WebSocket handshake is a new connection each time). Only
+        short Hosts are kept, and the memo is emptied when full: many clients only make it
+        begin again."""
+        memo = self.runtime.forwarded_memo
+        key = (self.client_ip, self.scheme, self.local_port, host)
+        found = memo.get(key)
+        if found is None:
+            added = forwarded_headers(self.client_side(), host, self.config.forwarded)
+            found = (host, added, header_lines(added))
+            if len(host) <= FORWARDED_MEMO_HOST_MAX:
+                if len(memo) >= FORWARDED_MEMO_MAX:
+                    memo.clear()
+                memo[key] = found
+        return found
 
     def _hold_client_bytes(self, data: memoryview) -> None:
         """Bytes from the client while a fast-path answer is awaited: kept for after it."""

@@ -278,6 +278,44 @@ def test_accepted_header_gives_the_client_address(
     assert f"INFO {client_ip} - - [" in line, line
 
 
+def test_each_connection_gets_its_own_forwarded_headers(run_proxy, http_backend, sockets):
+    """The forwarded headers of one client address, scheme and port are remembered for the
+    next connection like it (Session._forwarded_lines): connections through one balancer
+    from other clients, to other ports, with and without TLS, in turns, each get their own,
+    never the ones remembered for another."""
+    proxy = run_proxy(
+        *proxy_args(
+            "--accept-proxy-protocol",
+            "--trusted-proxy",
+            "127.0.0.1/32",
+            "--forwarded",
+            "both",
+            backend=f"127.0.0.1:{http_backend.port}",
+        )
+    )
+    cases = [
+        ("203.0.113.7", 443, "TLSv1.3"),
+        ("203.0.113.8", 443, "TLSv1.3"),
+        ("203.0.113.7", 8443, "TLSv1.3"),
+        ("203.0.113.7", 443, None),
+    ]
+    for _ in range(2):  # the second round finds them remembered
+        for ip, port, tls in cases:
+            sock = connect(proxy.port)
+            sockets.append(sock)
+            header = spec_v2((ip, 51000), ("198.51.100.1", port), tls=tls)
+            sock.sendall(header + get("/mine"))
+            assert read_answer(sock) == (200, b"GET /mine")
+            seen = http_backend.requests[-1]
+            scheme = b"https" if tls else b"http"
+            assert seen.values("x-forwarded-for") == [ip.encode()], seen.headers
+            assert seen.values("x-forwarded-port") == [str(port).encode()], seen.headers
+            assert seen.values("x-forwarded-proto") == [scheme], seen.headers
+            forwarded = seen.header("forwarded") or b""
+            assert forwarded.startswith(b"for=%s;proto=%s;" % (ip.encode(), scheme)), forwarded
+            sock.close()
+
+
 def test_header_comes_before_tls(run_proxy, http_backend, pki, sockets):
     proxy = run_proxy(
         *proxy_args(

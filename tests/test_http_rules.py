@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from rawproxy import http
 from rawproxy.config import parse_route
 from rawproxy.http import (
     ClientSide,
@@ -20,6 +21,7 @@ from rawproxy.http import (
     client_scheme,
     comma_tokens,
     decide_upgrade,
+    decided_upgrade,
     error_response,
     framing_error,
     head_error,
@@ -125,6 +127,32 @@ def test_decision_reason_names_the_deciding_values() -> None:
     refused = decide_upgrade(H(("Connection", "keep-alive"), ("Upgrade", "websocket")))
     assert "does not list 'upgrade'" in refused.reason
     assert not decide_upgrade(H(("Accept", "*/*"))).considered
+
+
+@pytest.mark.parametrize(
+    "headers", [h for _, h in NOT_UPGRADES] + UPGRADES, ids=lambda h: repr(h)[:60]
+)
+@pytest.mark.parametrize("version", [b"1.1", b"1.0"])
+def test_remembered_decision_is_the_rule_s(
+    headers: list[tuple[bytes, bytes]], version: bytes
+) -> None:
+    fields = [(n, v) for n, v in headers if n.lower() in (b"connection", b"upgrade")]
+    expected = decide_upgrade(headers, version)
+    assert decided_upgrade(fields, version) == expected  # decided, maybe remembered
+    assert decided_upgrade(fields, version) == expected  # remembered
+
+
+def test_decision_memo_stays_bounded() -> None:
+    http._DECIDED.clear()
+    for i in range(3 * http.DECIDED_MAX):
+        fields = [(b"Connection", b"Upgrade"), (b"Upgrade", b"proto%d" % i)]
+        assert decided_upgrade(fields).upgrade == b"proto%d" % i
+        assert len(http._DECIDED) <= http.DECIDED_MAX
+    # Long lines are decided every time, never kept.
+    http._DECIDED.clear()
+    long_fields = [(b"Connection", b"Upgrade"), (b"Upgrade", b"w" * (http.DECIDED_LINES_MAX + 1))]
+    assert decided_upgrade(long_fields).upgrade == b"w" * (http.DECIDED_LINES_MAX + 1)
+    assert not http._DECIDED
 
 
 def _handshake(name: str) -> list[tuple[bytes, bytes]]:

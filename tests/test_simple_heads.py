@@ -21,6 +21,7 @@ from rawproxy.http import (
     backend_request_headers,
     client_response_headers,
     decide_upgrade,
+    decided_upgrade,
     forwarded_headers,
     header_lines,
     parse_simple_request,
@@ -125,10 +126,9 @@ def check_plain_request(data: bytes, simple: SimpleRequest) -> None:
     under any target a route maps to."""
     assert simple.raw[0][0].lower() == b"host"
     decision = decide_upgrade(simple.raw)
-    names = {name.lower() for name, _ in simple.raw}
-    assert simple.has_upgrade_header == (b"upgrade" in names)
-    if not simple.has_upgrade_header:
-        assert decision.upgrade is None  # the session decides only when there is one
+    # The session decides on the Connection and Upgrade lines alone, and remembers.
+    assert decided_upgrade(simple.upgrade_fields) == decision
+    assert decided_upgrade(simple.upgrade_fields) == decision
     for client in CLIENTS:
         for mode in ("x-forwarded", "rfc7239", "both", "none"):
             expected = backend_request_headers(
