@@ -123,8 +123,29 @@ PUMP_BUDGET = 256
 COALESCE_LIMIT = 64 * 1024
 
 
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode("latin-1")
+_REFERER_OR_AGENT_LENGTHS = frozenset({len(b"referer"), len(b"user-agent")})
+
+
+def _referer_and_agent(request: h11.Request | SimpleRequest) -> tuple[str | None, str | None]:
+    """The first Referer and User-Agent of a request, for its access line: one pass over
+    its headers (a WebSocket handshake's are a dozen)."""
+    referer = user_agent = None
+    if isinstance(request, SimpleRequest):
+        headers: Iterable[Header] = request.raw
+        lowered = False
+    else:
+        headers = request.headers  # h11 gives lower-case names
+        lowered = True
+    for name, value in headers:
+        if len(name) in _REFERER_OR_AGENT_LENGTHS:  # no other name needs lower()
+            if not lowered:
+                name = name.lower()
+            if name == b"referer":
+                if referer is None:
+                    referer = value.decode("latin-1")
+            elif name == b"user-agent" and user_agent is None:
+                user_agent = value.decode("latin-1")
+    return referer, user_agent
 
 
 def _request_head(sent: SimpleRequest) -> bytes:
@@ -1346,23 +1367,25 @@ class Session:
         self.backend_h11 = None  # made when an exchange on this connection needs h11
         self.backend_state = _TCP_CONNECTING
         self.backend_reused = False
-        self._arm(self.config.connect_timeout, self._on_timeout)
         sent = self.backend_request
         if (
             isinstance(sent, SimpleRequest)
             and self.current_target.tls is None
             and self.config.send_proxy_protocol is None
+            and self._send_early(sent)
         ):
-            self._send_early(sent)
+            return  # connected (the response timeout runs) or failed: no connect timeout
+        self._arm(self.config.connect_timeout, self._on_timeout)
 
-    def _send_early(self, sent: SimpleRequest) -> None:
+    def _send_early(self, sent: SimpleRequest) -> bool:
         """A loopback or nearby backend has mostly accepted the connection by the time
         connect() returns: offer a fast-path request head at once, as HAProxy does. TCP takes
         data only on an established connection, so bytes taken mean connected; EAGAIN means
         still connecting (the selector then says when, as usual); an error is a failed
         connect. Saves the SO_ERROR query, a selector change and a loop turn per new backend
         connection. Only for plain TCP without a PROXY header, and only for a head that is
-        plain bytes (an h11 machine's send cannot be taken back)."""
+        plain bytes (an h11 machine's send cannot be taken back). False while still
+        connecting."""
         backend = self.backend
         assert backend is not None
         head = _request_head(sent)
@@ -1371,10 +1394,10 @@ class Session:
         try:
             taken = sock.send(head)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as e:
             self._connect_failed(e.strerror or str(e), e.errno)
-            return
+            return True
         self.next_address = 0
         self.backend_state = _READY
         self.server.metrics.observe_connect_latency(self.loop.now - self.connect_started)
@@ -1383,6 +1406,7 @@ class Session:
         self._arm(self.config.response_timeout, self._on_timeout)
         if taken < len(head):
             backend.queue((memoryview(head)[taken:],))
+        return True
 
     def _connect_failed(self, reason: str, err: int | None = None) -> None:
         self._drop_backend()
@@ -1877,6 +1901,7 @@ class Session:
         request = self.request
         if request is None or (error is None and not access.enabled()):
             return
+        referer, user_agent = _referer_and_agent(request)
         access.request(
             client=self.client_ip,
             method=request.method.decode("latin-1"),
@@ -1884,8 +1909,8 @@ class Session:
             version=request.http_version.decode("latin-1"),
             status=status,
             size=self.response_bytes,
-            referer=_text(_header(request, b"referer")),
-            user_agent=_text(_header(request, b"user-agent")),
+            referer=referer,
+            user_agent=user_agent,
             duration=self.loop.now - self.exchange_start,
             backend=self.target.name if self.target is not None else None,
             error=error,
@@ -2059,8 +2084,7 @@ class Session:
             request.method.decode("latin-1"),
             request.target.decode("latin-1"),
             request.http_version.decode("latin-1"),
-            _text(_header(request, b"referer")),
-            _text(_header(request, b"user-agent")),
+            *_referer_and_agent(request),
             self.current_target.name,
         )
         metrics = self.server.metrics
