@@ -60,6 +60,11 @@ PIPES_BUDGETED = 64
 # admin requests, and what a reload opens for a moment (the config file, certificates, CA
 # files, a DNS socket). Listening sockets are counted on top (reserved_descriptors).
 FDS_RESERVED = 32
+# Admin requests open at once (the few admin requests of FDS_RESERVED): scrapers and health
+# checks take one each for a moment; beyond this, connections wait in the admin listener's
+# backlog until one ends (at most 5 s each), as clients do at --max-connections. Without a
+# cap, connections that send nothing (each held 5 s) could take every descriptor.
+ADMIN_MAX_OPEN = 16
 
 
 def raise_nofile_limit(needed: int = 0) -> tuple[int, int]:
@@ -588,6 +593,8 @@ class Server:
         self.metrics = Metrics()
         self.admin: list[socket.socket] = []
         self.admin_timer: Timer | None = None  # the admin listener's pause (descriptors out)
+        self.admin_watched = False  # the admin listeners are in the loop
+        self.admin_open = 0  # admin requests open (ADMIN_MAX_OPEN)
         try:
             self.access = AccessLog(config.access_log, config.access_log_format)
         except OSError as e:
@@ -915,13 +922,34 @@ class Server:
             # One admin port per worker: worker N serves on the given port + N.
             where = dataclasses.replace(where, port=where.port + self.worker)
         self.admin = open_listener(where)
+        self._watch_admin(True)
         for sock in self.admin:
-            self.loop.add(sock.fileno(), READ, self._make_admin_acceptor(sock))
             log.info("admin on %s: /metrics, /healthz", _shown(sock))
+
+    def _watch_admin(self, on: bool) -> None:
+        """Put the admin listeners in the loop, or take them out (paused: connections wait
+        in their backlog)."""
+        if on == self.admin_watched:
+            return
+        for sock in self.admin:
+            if on:
+                self.loop.add(sock.fileno(), READ, self._make_admin_acceptor(sock))
+            else:
+                self.loop.remove(sock.fileno())
+        self.admin_watched = on
+
+    def admin_done(self) -> None:
+        """An admin request ended: accept again if only the cap had paused the listeners."""
+        self.admin_open -= 1
+        if self.admin and self.admin_timer is None and self.admin_open < ADMIN_MAX_OPEN:
+            self._watch_admin(True)
 
     def _make_admin_acceptor(self, listener: socket.socket) -> Callable[[int], None]:
         def on_ready(_mask: int) -> None:
             for _ in range(16):
+                if self.admin_open >= ADMIN_MAX_OPEN:
+                    self._watch_admin(False)  # until one ends (admin_done)
+                    return
                 try:
                     sock, _address = listener.accept()
                 except (BlockingIOError, InterruptedError):
@@ -944,14 +972,13 @@ class Server:
                 error.strerror,
                 FD_EXHAUSTED_PAUSE,
             )
-        for sock in self.admin:
-            self.loop.remove(sock.fileno())
+        self._watch_admin(False)
         self.admin_timer = self.loop.call_later(FD_EXHAUSTED_PAUSE, self._resume_admin)
 
     def _resume_admin(self) -> None:
         self.admin_timer = None
-        for sock in self.admin:
-            self.loop.add(sock.fileno(), READ, self._make_admin_acceptor(sock))
+        if self.admin_open < ADMIN_MAX_OPEN:
+            self._watch_admin(True)  # else when one ends (admin_done)
 
     def render_metrics(self) -> bytes:
         metrics = self.metrics
@@ -1008,11 +1035,9 @@ class Server:
     def stop(self) -> None:
         self.close_listeners()
         if self.admin_timer is not None:
-            self.admin_timer.cancel()  # paused: not registered
+            self.admin_timer.cancel()
             self.admin_timer = None
-        else:
-            for sock in self.admin:
-                self.loop.remove(sock.fileno())
+        self._watch_admin(False)
         for sock in self.admin:
             sock.close()
         self.admin.clear()
@@ -1074,6 +1099,7 @@ class AdminRequest:
         sock.setblocking(False)
         server.loop.add(self.fd, READ, self._on_read)
         self.timer: Timer | None = server.loop.call_later(5.0, self.abort)
+        server.admin_open += 1
 
     def _on_read(self, _mask: int) -> None:
         try:
@@ -1136,3 +1162,4 @@ class AdminRequest:
             self.server.loop.remove(self.fd)
             self.sock.close()
             self.fd = -1
+            self.server.admin_done()

@@ -4,6 +4,7 @@ and service comes back as soon as descriptors are free again."""
 from __future__ import annotations
 
 import errno
+import os
 import re
 import resource
 import sys
@@ -14,6 +15,7 @@ import pytest
 from peers import assert_serves, connect
 
 from rawproxy.server import (
+    ADMIN_MAX_OPEN,
     FDS_RESERVED,
     PIPES_BUDGETED,
     connections_that_fit,
@@ -80,6 +82,36 @@ def test_fd_exhaustion_with_a_scrape_waiting_does_not_spin(start_proxy, http_bac
     # The scrape waited in the backlog and is answered once descriptors are back.
     assert peers.recv_until(scrape, bytearray(), b"ok\n").startswith(b"HTTP/1.1 200 OK")
     assert_serves(proxy, http_backend)
+
+
+def test_admin_requests_are_capped(start_proxy, http_backend, sockets):
+    """Connections to the admin listener that send nothing were each held for 5 s without
+    limit: enough of them took every descriptor, and clients waited. At most ADMIN_MAX_OPEN
+    are open at once now; the others wait in the backlog, and a scrape among them is
+    answered as soon as the ones before it end. Clients are served meanwhile."""
+    proxy = start_proxy(http_backend.port, "--admin-listen", "127.0.0.1:0")
+    assert proxy.admin_port is not None
+
+    def descriptors() -> int:
+        return len(os.listdir(f"/proc/{proxy.pid}/fd"))
+
+    base = descriptors()
+    idle = [connect(proxy.admin_port, timeout=10) for _ in range(4 * ADMIN_MAX_OPEN)]
+    sockets.extend(idle)
+    scrape = connect(proxy.admin_port, timeout=10)
+    sockets.append(scrape)
+    scrape.sendall(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+    assert_serves(proxy, http_backend)  # the proxy's turns went by; clients still served
+    time.sleep(0.3)
+    held = descriptors() - base
+    assert held <= ADMIN_MAX_OPEN, f"{held} admin connections held at once"
+    started = time.monotonic()
+    for sock in idle:
+        sock.close()
+    assert peers.recv_until(scrape, bytearray(), b"ok\n").startswith(b"HTTP/1.1 200 OK")
+    waited = time.monotonic() - started
+    assert waited < 3, f"the scrape waited {waited:.1f} s after the others left"
+    assert descriptors() <= base + 1
 
 
 # -- the connection limit fits the descriptor limit --------------------------------------------
