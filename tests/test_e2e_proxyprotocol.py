@@ -196,6 +196,21 @@ def proxy_args(*flags: str, backend: str, listen: str = "127.0.0.1:0") -> list[s
     return ["--listen", listen, "--backend", backend, *flags]
 
 
+def behind_balancer(run_proxy: Callable[..., Any], backend_port: int) -> Any:
+    """A proxy that takes PROXY headers from 127.0.0.1 and sends both families of
+    forwarded headers to the backend on `backend_port`."""
+    return run_proxy(
+        *proxy_args(
+            "--accept-proxy-protocol",
+            "--trusted-proxy",
+            "127.0.0.1/32",
+            "--forwarded",
+            "both",
+            backend=f"127.0.0.1:{backend_port}",
+        )
+    )
+
+
 def send_in_pieces(sock: Any, data: bytes, cut: int) -> None:
     sock.sendall(data[:cut])
     time.sleep(0.05)
@@ -248,16 +263,7 @@ def read_answer(sock: socket.socket) -> tuple[int, bytes]:
 def test_accepted_header_gives_the_client_address(
     run_proxy, http_backend, sockets, version, client_ip, forwarded_for
 ):
-    proxy = run_proxy(
-        *proxy_args(
-            "--accept-proxy-protocol",
-            "--trusted-proxy",
-            "127.0.0.1/32",
-            "--forwarded",
-            "both",
-            backend=f"127.0.0.1:{http_backend.port}",
-        )
-    )
+    proxy = behind_balancer(run_proxy, http_backend.port)
     src = (client_ip, 51000)
     dst = ("2001:db8::1", 443) if ":" in client_ip else ("198.51.100.1", 443)
     sock = connect(proxy.port)
@@ -283,16 +289,7 @@ def test_each_connection_gets_its_own_forwarded_headers(run_proxy, http_backend,
     next connection like it (Session._forwarded_lines): connections through one balancer
     from other clients, to other ports, with and without TLS, in turns, each get their own,
     never the ones remembered for another."""
-    proxy = run_proxy(
-        *proxy_args(
-            "--accept-proxy-protocol",
-            "--trusted-proxy",
-            "127.0.0.1/32",
-            "--forwarded",
-            "both",
-            backend=f"127.0.0.1:{http_backend.port}",
-        )
-    )
+    proxy = behind_balancer(run_proxy, http_backend.port)
     cases = [
         ("203.0.113.7", 443, "TLSv1.3"),
         ("203.0.113.8", 443, "TLSv1.3"),
@@ -379,16 +376,7 @@ def test_ssl_tlv_gives_the_scheme(run_proxy, http_backend, sockets, case):
     and rewritten Locations say https exactly as behind our own TLS listener. The headers
     of the client the header names are not believed (it is no trusted proxy)."""
     tls, scheme = SSL_TLV_CASES[case]
-    proxy = run_proxy(
-        *proxy_args(
-            "--accept-proxy-protocol",
-            "--trusted-proxy",
-            "127.0.0.1/32",
-            "--forwarded",
-            "both",
-            backend=f"127.0.0.1:{http_backend.port}",
-        )
-    )
+    proxy = behind_balancer(run_proxy, http_backend.port)
     sock = connect(proxy.port)
     sockets.append(sock)
     header = spec_v2(("203.0.113.7", 51000), ("198.51.100.1", 443), tls=tls)
