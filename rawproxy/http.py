@@ -592,6 +592,8 @@ _NOT_PLAIN_REQUEST = HOP_BY_HOP | FORWARDED_HEADERS | {b"x-real-ip"}
 # A client's claim that backend_request_headers drops and that _NOT_PLAIN_REQUEST does not
 # name: any other X-Forwarded-*, and the underscore spellings (X_Forwarded_For, X_Real_IP).
 _X_FORWARDED = re.compile(rb"\nx[-_](?:forwarded[-_]|real[-_]ip)", re.IGNORECASE)
+# Every request header _request_fields does something with; it passes the others as they are.
+_REQUEST_FIELDS_READ = _NOT_SIMPLE_REQUEST | _NOT_PLAIN_REQUEST | {b"host", b"content-length"}
 
 
 @dataclasses.dataclass(slots=True)
@@ -734,6 +736,8 @@ def _request_fields(
         start = at
         at += len(name) + len(value) + 4
         lower = name.lower()
+        if lower not in _REQUEST_FIELDS_READ:
+            continue  # most headers: one look instead of four
         if lower == b"host":
             hosts += 1
             if value not in _VALID_HOSTS and not _remember_valid_host(value):
