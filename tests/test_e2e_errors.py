@@ -103,6 +103,9 @@ BAD_BODIES = {
     "bad-chunk-size-after-valid-chunk": b"5\r\nhello\r\nzz\r\nworld\r\n0\r\n\r\n",
     "negative-chunk-size": b"5\r\nhello\r\n-5\r\nworld\r\n0\r\n\r\n",
     "chunk-data-overruns-size": b"5\r\nhelloEXTRA\r\n0\r\n\r\n",
+    # Two bytes other than CRLF after the chunk data, then a chunk line: h11 before 0.16
+    # skipped any two bytes there (CVE-2025-43859) and read a complete request.
+    "chunk-data-not-followed-by-crlf": b"5\r\nhelloXX0\r\n\r\n",
     "chunk-size-overflow": b"5\r\nhello\r\nffffffffffffffffffffffff\r\nx\r\n0\r\n\r\n",
 }
 
