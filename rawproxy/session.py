@@ -2067,26 +2067,35 @@ class Session:
     ) -> None:
         """Hand both sockets to a tunnel: the 101 `head` and what the backend sent after it
         go to the client first, what the client sent after its request to the backend."""
-        self._push()  # anything queued goes before the 101 and the tunnel's first bytes
+        client_leg = self.client
         backend = self.backend
         assert backend is not None
-        head = bytes(self.client.backlog or b"") + head
-        request_rest = bytes(backend.backlog or b"")
-        to_client = head + backend_rest
-        to_backend = request_rest + client_rest
+        if client_leg.queued is not None or backend.queued is not None:
+            self._push()  # anything queued goes before the 101 and the tunnel's first bytes
+        if client_leg.backlog is not None:
+            head = bytes(client_leg.backlog) + head
+        to_client = head + backend_rest if backend_rest else head
+        request_rest = b""
+        to_backend = client_rest
+        if backend.backlog is not None:
+            request_rest = bytes(backend.backlog)
+            to_backend = request_rest + client_rest
         request = self.request
         assert request is not None
         access = self.server.access
         # What the tunnel's access line needs, as a few strings: an open tunnel must not keep
         # the whole request (its headers are kilobytes; thousands of WebSockets stay open).
-        line = (
-            self.client_ip,
-            request.method.decode("latin-1"),
-            request.target.decode("latin-1"),
-            request.http_version.decode("latin-1"),
-            *_referer_and_agent(request),
-            self.current_target.name,
-        )
+        # Nothing when there is no access log (the log level is set once, at start-up).
+        line = None
+        if access.enabled():
+            line = (
+                self.client_ip,
+                request.method.decode("latin-1"),
+                request.target.decode("latin-1"),
+                request.http_version.decode("latin-1"),
+                *_referer_and_agent(request),
+                self.current_target.name,
+            )
         metrics = self.server.metrics
         metrics.tunnels_total += 1
         metrics.count_request(101)
@@ -2095,6 +2104,8 @@ class Session:
             server.forget(tunnel)
             metrics.bytes_client_to_backend += tunnel.c2b.moved
             metrics.bytes_backend_to_client += tunnel.b2c.moved
+            if line is None:
+                return
             client, method, target, version, referer, user_agent, backend_name = line
             access.tunnel(
                 client=client,
@@ -2112,7 +2123,8 @@ class Session:
 
         if self.timer is not None:
             self.timer.cancel()
-        self._keep_tls_session()  # the backend connection is the tunnel's from now on
+        if backend.tls:
+            self._keep_tls_session()  # the backend connection is the tunnel's from now on
         self.phase = DONE
         self.deadline_callback = _no_deadline  # a bound method: no cycle left behind
         client_sock, client_interest = self.client.hand_over()
