@@ -183,10 +183,13 @@ def switch_error(offered: bytes, response_headers: Iterable[Header]) -> str | No
     never asked for, and never one we drop from requests. Protocols are compared by name
     in any case (`websocket`, `WebSocket`). A 101 without Upgrade is refused too: it must
     say what it switches to (RFC 9110 15.2.2), and a browser fails such a handshake."""
-    names = {p.split(b"/", 1)[0].strip().lower() for p in _split_tokens(offered)}
+    names = _protocol_names(offered)
     named = False
     for name, value in response_headers:
         if name.lower() != b"upgrade":
+            continue
+        if value.lower() in names:  # the usual 101: the one protocol offered, by name
+            named = True
             continue
         for protocol in _split_tokens(value):
             named = True
@@ -197,6 +200,13 @@ def switch_error(offered: bytes, response_headers: Iterable[Header]) -> str | No
     if not named:
         return "switched protocols without naming the protocol (no Upgrade header in its 101)"
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _protocol_names(offered: bytes) -> frozenset[bytes]:
+    """The protocol names (lower case, without a version) of an Upgrade value we sent; the
+    same few values come with every handshake."""
+    return frozenset(p.split(b"/", 1)[0].strip().lower() for p in _split_tokens(offered))
 
 
 # Fields a trailer must not carry on (RFC 9110 6.5.1): framing and routing are decided by the

@@ -819,6 +819,9 @@ def test_resolved_paths_have_no_dot_segments(segments: list[bytes]) -> None:
         (b"websocket", [(b"Upgrade", b"h2c")], True),
         (b"websocket", [(b"Upgrade", b"websocket, h2c")], True),
         (b"websocket", [(b"Upgrade", b"websocket"), (b"Upgrade", b"tls/1.2")], True),
+        (b"h2c, WebSocket", [(b"Upgrade", b"WEBSOCKET")], False),
+        (b"websocket", [(b"Upgrade", b"websocket"), (b"Upgrade", b"h2c")], True),
+        (b"websocket", [(b"Upgrade", b"h2c"), (b"Upgrade", b"websocket")], True),
     ],
 )
 def test_a_101_may_only_switch_to_an_offered_protocol(
