@@ -137,6 +137,7 @@ class AccessLog:
         duration: float,
         error: str,
         line: tuple[str, str, str] | None = None,
+        size: int = 0,
     ) -> None:
         """An answer to a request whose head never parsed (400, 408, 431): for the access log
         file, which has a line for every answer (request "-", or `line`, the method, target
@@ -150,7 +151,7 @@ class AccessLog:
                 target=target,
                 version=version,
                 status=status,
-                size=0,
+                size=size,
                 referer=None,
                 user_agent=None,
                 duration=duration,

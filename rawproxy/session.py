@@ -1179,10 +1179,10 @@ class Session:
 
     def _answer_locally(self, status: int, detail: str) -> None:
         """Answer a complete request ourselves and keep the connection for the next one."""
-        self._report(status, detail)
         request = self.request
         assert request is not None
         body = error_body(status, detail)
+        self._report(status, detail, own=0 if request.method == b"HEAD" else len(body))
         self._to_client(
             h11.Response(
                 status_code=status, headers=error_headers(len(body)), reason=REASONS[status]
@@ -1869,11 +1869,12 @@ class Session:
 
     # -- end of an exchange ----------------------------------------------------------------
 
-    def _report(self, status: int, detail: str, level: int = logging.WARNING) -> None:
+    def _report(self, status: int, detail: str, level: int = logging.WARNING, own: int = 0) -> None:
         """An answer the proxy gives itself, or one cut short: one line on stderr, whatever
         the access log does. With the access log on stderr that line is the access line with
         the reason (at `level`); with --access-log FILE the request goes there and the reason
-        to stderr."""
+        to stderr. `own`: the body bytes of our own answer (its access line shows them, as
+        Apache and nginx count their own error pages)."""
         if self.request is None:
             self.server.metrics.count_request(status)
             # A head that never completed may still have a complete request line: name it.
@@ -1886,13 +1887,18 @@ class Session:
                 duration=self.loop.now - self.exchange_start,
                 error=detail,
                 line=line,
+                size=own,
             )
             return
         if self.server.access.to_file:
             log.log(level, "%s -> %d: %s", self._describe(), status, detail)
-        self._log_access(status, detail, level)
+        self._log_access(status, detail, level, own)
 
-    def _log_access(self, status: int, error: str | None = None, level: int | None = None) -> None:
+    def _log_access(
+        self, status: int, error: str | None = None, level: int | None = None, own: int = 0
+    ) -> None:
+        """The access line of an exchange, and its counts. `own`: body bytes of an answer of
+        our own, in the line's size but not in bytes_backend_to_client."""
         metrics = self.server.metrics
         metrics.count_request(status)
         metrics.bytes_backend_to_client += self.response_bytes
@@ -1908,7 +1914,7 @@ class Session:
             target=request.target.decode("latin-1"),
             version=request.http_version.decode("latin-1"),
             status=status,
-            size=self.response_bytes,
+            size=self.response_bytes + own,
             referer=referer,
             user_agent=user_agent,
             duration=self.loop.now - self.exchange_start,
@@ -2157,12 +2163,13 @@ class Session:
     def _fail(self, status: int, detail: str) -> None:
         """Answer `status` ourselves (one log line), then close the client connection."""
         detail = shortened(detail)
-        self._report(status, detail)
         if self.response_started:
+            self._report(status, detail)
             self._close(reset=True)
             return
-        self._drop_backend()
         head_only = self.request is not None and self.request.method == b"HEAD"
+        self._report(status, detail, own=0 if head_only else len(error_body(status, detail)))
+        self._drop_backend()
         try:
             self.client.send(error_response(status, detail, head_only))
         except OSError:
