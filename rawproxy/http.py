@@ -768,7 +768,11 @@ def _request_fields(
             if lower in HOP_BY_HOP:
                 # backend_request_headers drops it (and sends its own Connection and Upgrade
                 # for an upgrade; those only nominate the hop-by-hop Upgrade and Keep-Alive).
-                cuts += (start, at)
+                # A range right after the last one extends it (Connection then Upgrade).
+                if cuts and cuts[-1] == start:
+                    cuts[-1] = at
+                else:
+                    cuts += (start, at)
             else:
                 plain = False  # a forwarded header: ours replace or extend it
     return at, hosts, upgrade_fields, plain, cuts
@@ -864,14 +868,24 @@ def plain_switch_head(data: bytes, response: SimpleResponse) -> bytes:
     """The head for the client of a `plain` 101: as the backend wrote it, less the
     hop-by-hop lines but Upgrade, then `Connection: upgrade`. The same bytes as write_head of
     client_response_headers (tests/test_simple_heads.py checks it)."""
-    kept = without_cuts(data, 0, response.head_size - 2, response.cuts)
+    cuts = response.cuts
+    if len(cuts) == 2:  # the usual 101: one Connection line
+        return b"".join(
+            (data[: cuts[0]], data[cuts[1] : response.head_size - 2], _CONNECTION_UPGRADE_END)
+        )
+    kept = without_cuts(data, 0, response.head_size - 2, cuts)
     return b"%sConnection: upgrade\r\n\r\n" % kept
+
+
+_CONNECTION_UPGRADE_END = b"Connection: upgrade\r\n\r\n"
 
 
 def without_cuts(data: bytes, start: int, end: int, cuts: list[int]) -> bytes | memoryview:
     """data[start:end] without the ranges in `cuts` (start, end, start, end, ...)."""
     if not cuts:
         return memoryview(data)[start:end]
+    if len(cuts) == 2:
+        return data[start : cuts[0]] + data[cuts[1] : end]
     pieces = []
     for i in range(0, len(cuts), 2):
         pieces.append(data[start : cuts[i]])
