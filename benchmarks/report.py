@@ -23,6 +23,10 @@ PEERS = ("haproxy", "nginx", "apache2", "caddy")
 RELAY = "relay"  # the reference row (targets.Relay): no peer
 DASH = "\u2013"  # en dash: an empty cell, and between min and max
 BUSY_CORES = 0.25  # other processes using more than this during a group are reported
+# A proxied rate measured while the load generator's core was at least this busy is marked
+# LOAD_MARK in the summary: the load generator, not only the target, set that figure.
+LOAD_BOUND = 95.0
+LOAD_MARK = "\u2020"  # dagger
 
 
 def fmt(value: float | None) -> str:
@@ -71,9 +75,27 @@ def _cell_error(row: dict[str, Any], target: str) -> str:
     return "failed" if errors else DASH
 
 
+def load_bound(results: dict[str, Any], row: dict[str, Any]) -> set[str]:
+    """The proxied targets whose figure in `row` (a rate) came with the load generator's core
+    at LOAD_BOUND % or more (median over the runs): at that point the load generator may be
+    what limits them, and two such figures do not rank their targets. DIRECT is left out:
+    it is the load generator's own limit by design."""
+    if not row["higher_better"] or row["proxy_only"] or row["info"]:
+        return set()
+    for other in results["rows"]:
+        if other["variant"] == row["variant"] and other["key"] == "load_busy":
+            return {
+                t
+                for t, values in other["values"].items()
+                if t != "DIRECT" and (m := median(values)) is not None and m >= LOAD_BOUND
+            }
+    return set()
+
+
 def summary_markdown(results: dict[str, Any]) -> str:
     """The primary metrics: medians, rawproxy / DIRECT, rawproxy / best peer, and rawproxy /
-    relay when the run had the reference relay."""
+    relay when the run had the reference relay. A proxied rate taken with the load
+    generator's core saturated is marked LOAD_MARK (see load_bound)."""
     targets = _targets(results)
     with_relay = RELAY in targets
     head = ["workload", "metric", *targets, "rawproxy / DIRECT", "rawproxy / best peer"]
@@ -84,9 +106,11 @@ def summary_markdown(results: dict[str, Any]) -> str:
         if not row["primary"]:
             continue
         cells = []
+        bound = load_bound(results, row)
         for t in targets:
             m = median(row["values"].get(t))
-            cells.append(fmt(m) if m is not None else _cell_error(row, t))
+            mark = f" {LOAD_MARK}" if t in bound else ""
+            cells.append(fmt(m) + mark if m is not None else _cell_error(row, t))
         raw = median(row["values"].get("rawproxy"))
         direct = median(row["values"].get("DIRECT"))
         best = best_peer(row)
@@ -331,7 +355,12 @@ def results_markdown(results: dict[str, Any], chart_paths: list[Path], rel_to: P
             "`rawproxy / relay` is how close rawproxy gets to it."
             if RELAY in _targets(results)
             else ""
-        ),
+        )
+        + f" {LOAD_MARK}: the load generator's core was at least {LOAD_BOUND:g} % busy while "
+        "that proxied rate was measured (median of the runs): the load generator may be what "
+        "limited it, so such a figure is a floor for its target, and two of them do not rank "
+        "their targets (DIRECT well above the proxied rows shows the load generator is not "
+        "the limit).",
         "",
         summary_markdown(results),
         "",
