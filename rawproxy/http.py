@@ -874,7 +874,7 @@ def plain_switch_head(data: bytes, response: SimpleResponse) -> bytes:
             (data[: cuts[0]], data[cuts[1] : response.head_size - 2], _CONNECTION_UPGRADE_END)
         )
     kept = without_cuts(data, 0, response.head_size - 2, cuts)
-    return b"%sConnection: upgrade\r\n\r\n" % kept
+    return b"".join((kept, _CONNECTION_UPGRADE_END))
 
 
 _CONNECTION_UPGRADE_END = b"Connection: upgrade\r\n\r\n"
