@@ -836,6 +836,8 @@ class Session:
         if backend is not None and backend_target is not self.target:
             return False
         decision = _NO_UPGRADE
+        if request.upgrade_fields:
+            decision = decided_upgrade(request.upgrade_fields)
         head: bytes | None = None
         if request.plain and not config.backend_host_header:
             # Nothing of the client's head changes: its lines go as they came, then ours.
@@ -843,14 +845,10 @@ class Session:
             cached = self.forwarded_cache
             if cached is None or cached[0] != host:
                 cached = self.forwarded_cache = self._forwarded_lines(host)
-            if request.upgrade_fields:
-                decision = decided_upgrade(request.upgrade_fields)
             upgrade = decision.upgrade
             headers = plain_request_headers(request, cached[1], upgrade)
             head = plain_request_head(raw, request, target, cached[2], upgrade)
         else:
-            if request.upgrade_fields:
-                decision = decided_upgrade(request.upgrade_fields)
             headers = backend_request_headers(
                 request.raw,
                 decision,
