@@ -485,8 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         limits,
         "--max-connections",
-        "client connections (tunnels included) open at once, per worker; more "
-        "wait in the kernel's listen backlog. Lowered, with a warning at start-up, to what the "
+        "client connections (tunnels included) open at once, per worker. At the limit a new "
+        "client takes the place of the connection idle longest between requests (kept alive, "
+        "not a tunnel), as in nginx; with none idle, new clients wait in the kernel's listen "
+        "backlog. Lowered, with a warning at start-up, to what the "
         "file descriptor limit carries (2 a connection, and some for splice pipes; rawproxy "
         "raises its soft limit to the hard one, and root's hard limit to what is needed) "
         "(default: 10000)",

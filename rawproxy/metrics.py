@@ -123,6 +123,7 @@ class Metrics:
         "connections_open",
         "connections_total",
         "head_latency",
+        "idle_reclaimed",
         "proxy_protocol_errors",
         "requests_by_class",
         "tls_handshake_failures",
@@ -142,6 +143,7 @@ class Metrics:
     backend_connect_errors: dict[str, int]  # cause (CONNECT_ERROR_CAUSES) -> count
     tls_handshake_failures: dict[str, int]  # side (TLS_SIDES) -> count
     proxy_protocol_errors: int
+    idle_reclaimed: int  # idle kept-alive connections closed at --max-connections
     # histograms: use observe_head_latency() and observe_connect_latency()
     head_latency: Histogram
     connect_latency: Histogram
@@ -157,6 +159,7 @@ class Metrics:
         self.backend_connect_errors = dict.fromkeys(CONNECT_ERROR_CAUSES, 0)
         self.tls_handshake_failures = dict.fromkeys(TLS_SIDES, 0)
         self.proxy_protocol_errors = 0
+        self.idle_reclaimed = 0
         self.head_latency = Histogram()
         self.connect_latency = Histogram()
 
@@ -230,6 +233,15 @@ class Metrics:
             name, "counter", "Connections closed for a missing or malformed PROXY protocol header."
         )
         out.sample(name, self.proxy_protocol_errors)
+
+        name = "rawproxy_idle_connections_reclaimed_total"
+        out.family(
+            name,
+            "counter",
+            "Kept-alive client connections closed while idle to make room for new clients at "
+            "--max-connections.",
+        )
+        out.sample(name, self.idle_reclaimed)
 
         out.histogram(
             "rawproxy_request_head_latency_seconds",

@@ -575,6 +575,10 @@ class Server:
         self.later_keepalive = LaterKeepalive(self.loop)
         self.splice = config.splice and hasattr(os, "splice")
         self.connections: set[Connection] = set()
+        # Sessions between requests on a kept-alive connection, the longest idle first: at
+        # --max-connections the oldest is closed for a new client (Session._await_request adds
+        # one, a session leaving IDLE or closing takes itself out; entries are checked anyway).
+        self.idle: dict[Session, None] = {}
         # Listening sockets with what they came from: a ListenAddress, or a systemd name.
         self.listening: list[tuple[ListenAddress | str, list[socket.socket]]] = []
         self.listener_tls: dict[int, bool | None] = {}  # None: TLS when certificates exist
@@ -587,6 +591,7 @@ class Server:
         self.resume_timer: Timer | None = None
         self.accept_failures = _Recurring()  # accept() out of descriptors or memory
         self.limit_reached = _Recurring()  # --max-connections stopped accepting
+        self.reclaimed = _Recurring()  # --max-connections closed idle kept-alive connections
         self.draining = False
         self.drain_timer: Timer | None = None
         self.notifier = Notifier()
@@ -688,7 +693,8 @@ class Server:
         # socket object.
         family = listener.family
         for _ in range(ACCEPTS_PER_EVENT):
-            if len(self.connections) >= limit:
+            full = len(self.connections) >= limit
+            if full and self._oldest_idle() is None:
                 # Once a minute at most: a busy proxy reaches the limit again and again.
                 if self.limit_reached.happened(self.loop.now):
                     log.warning(
@@ -728,6 +734,45 @@ class Server:
             session = Session(self, sock, address, tls, port)
             if session.phase != DONE:
                 self.connections.add(session)
+            if full:
+                # A client is here (accepted first: no idle connection is closed for nobody)
+                # and the limit is reached: the longest idle kept-alive connection makes room,
+                # as in nginx. Its client reconnects when it needs to; a new client waiting in
+                # the backlog behind idle ones could wait --idle-timeout for each.
+                self._reclaim_idle()
+
+    def _oldest_idle(self) -> Session | None:
+        """The session idle longest between requests, dropping entries no longer idle."""
+        idle = self.idle
+        while idle:
+            session = next(iter(idle))
+            if session.is_idle():
+                return session
+            del idle[session]
+        return None
+
+    def _reclaim_idle(self) -> None:
+        session = self._oldest_idle()
+        if session is None:
+            return
+        del self.idle[session]
+        self.metrics.idle_reclaimed += 1
+        if self.reclaimed.happened(self.loop.now):
+            # Once a minute at most, like the limit's own line.
+            log.warning(
+                "--max-connections %d reached: idle kept-alive connections are closed to make "
+                "room for new clients (%d so far)",
+                self.max_connections,
+                self.metrics.idle_reclaimed,
+            )
+        session.reclaim()
+
+    def became_idle(self, session: Session) -> None:
+        """`session` is between requests now: it may make room for a new client. A proxy
+        that stopped accepting at the limit accepts again, for the clients in the backlog."""
+        self.idle[session] = None
+        if not self.accepting and self.resume_timer is None and self.loop.running:
+            self._accept_on()
 
     def _resume(self) -> None:
         self.resume_timer = None
@@ -741,6 +786,7 @@ class Server:
 
     def forget(self, connection: Connection) -> None:
         self.connections.discard(connection)
+        self.idle.pop(connection, None)  # type: ignore[call-overload]
         if self.draining:
             if not self.connections and self.loop.running:  # not while stop() closes them
                 log.info("drained: every connection ended")

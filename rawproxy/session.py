@@ -757,6 +757,7 @@ class Session:
                     return  # still idle: the request, if any, comes after them
             self.phase = HEAD
             self.exchange_start = self.loop.now
+            self.server.idle.pop(self, None)
             if self._take_simple_request(data, idle=True):
                 self.progress = self.loop.now
                 return
@@ -2004,6 +2005,7 @@ class Session:
             # (Closed by the client: its end is read again once its answers are out.)
             self.phase = IDLE
             self._arm(self.config.idle_timeout, self._on_timeout)
+            self.server.became_idle(self)
 
     def _refuse_switch(self, headers: Iterable[Header]) -> bool:
         """Answer 502 (and say True) if the backend's 101 names a protocol not offered."""
@@ -2317,6 +2319,15 @@ class Session:
             or (self.phase == HEAD and not self.head_bytes)
         ):
             self._close()
+
+    def reclaim(self) -> None:
+        """Closed while idle between requests, for a new client (--max-connections)."""
+        log.debug(
+            "%s kept-alive connection closed while idle: --max-connections reached and a new "
+            "client waited",
+            self.peer,
+        )
+        self._close()
 
     def is_idle(self) -> bool:
         """Between requests with nothing left to send: a connection that may be closed now.

@@ -10,8 +10,10 @@ import time
 
 import pytest
 from peers import (
+    admin_get,
     header_tokens,
     header_values,
+    open_websocket,
     pattern_bytes,
     request_bytes,
     sha256,
@@ -442,10 +444,14 @@ def test_idle_timeout_closes_kept_alive_connection(start_proxy, http_backend, cl
     assert rest == b""
 
 
+PARTIAL_HEAD = b"GET /busy HTTP/1.1\r\nHost: app.test\r\n"
+
+
 def test_max_connections_holds_extra_clients_until_one_closes(start_proxy, http_backend, client):
     proxy = start_proxy(http_backend.port, "--max-connections", "1")
+    # Busy, not idle: half a request head. (An idle kept-alive one would make room.)
     first = client(proxy.port, timeout=5)
-    assert first.request(simple_get("/first")).status == 200
+    first.send(PARTIAL_HEAD)
     second = client(proxy.port, timeout=5)  # the kernel completes the connect (backlog)
     second.send(simple_get("/second"))
     readable, _, _ = select.select([second.sock], [], [], 0.5)
@@ -455,6 +461,7 @@ def test_max_connections_holds_extra_clients_until_one_closes(start_proxy, http_
     assert (resp.status, resp.body) == (200, b"GET /second")
     # Reaching the limit again and again is logged once (a minute), not once per client.
     for i in range(5):
+        second.send(PARTIAL_HEAD)  # busy again
         waiting = client(proxy.port, timeout=5)
         waiting.send(simple_get(f"/again/{i}"))
         time.sleep(0.05)
@@ -462,3 +469,72 @@ def test_max_connections_holds_extra_clients_until_one_closes(start_proxy, http_
         assert waiting.read_response().status == 200
         second = waiting
     assert len(re.findall(r"connections open \(--max-connections\)", proxy.log_text())) == 1
+    assert "idle kept-alive" not in proxy.log_text()
+
+
+RECLAIMED = r"--max-connections 2 reached: idle kept-alive connections are closed"
+
+
+def test_at_max_connections_a_new_client_takes_the_longest_idle_ones_place(
+    start_proxy, http_backend, client
+):
+    """Idle kept-alive connections would hold every place for --idle-timeout (60 s by
+    default) while new clients wait in the backlog: the one idle longest makes room, as in
+    nginx, and only it."""
+    proxy = start_proxy(
+        http_backend.port, "--max-connections", "2", "--admin-listen", "127.0.0.1:0"
+    )
+    oldest, newer = client(proxy.port, timeout=5), client(proxy.port, timeout=5)
+    assert newer.request(simple_get("/newer")).status == 200
+    time.sleep(0.05)
+    assert oldest.request(simple_get("/oldest")).status == 200
+    time.sleep(0.05)
+    # Idle since its last answer, not since it connected: this one is now the newer.
+    assert newer.request(simple_get("/newer/2")).status == 200
+    newcomer = client(proxy.port, timeout=5)
+    started = time.monotonic()
+    resp = newcomer.request(simple_get("/new"))
+    assert (resp.status, resp.body) == (200, b"GET /new")
+    assert time.monotonic() - started < 2, "the new client waited for an idle timeout"
+    _, rest = oldest.wait_closed(timeout=2)
+    assert rest == b""
+    # The other idle one was left alone and still serves.
+    assert newer.request(simple_get("/newer/3")).body == b"GET /newer/3"
+    proxy.wait_for_log(RECLAIMED)
+    assert len(re.findall(RECLAIMED, proxy.log_text())) == 1
+    assert proxy.admin_port is not None
+    metrics = admin_get(proxy.admin_port, "/metrics").body.decode()
+    assert "\nrawproxy_idle_connections_reclaimed_total 1\n" in metrics
+
+
+def test_at_max_connections_a_connection_turning_idle_lets_a_waiting_client_in(
+    start_proxy, http_backend, client
+):
+    """Accepting stopped at the limit with every connection busy; the moment one goes idle
+    the waiting client takes its place, rather than after its idle timeout."""
+    proxy = start_proxy(http_backend.port, "--max-connections", "1")
+    busy = client(proxy.port, timeout=5)
+    busy.send(PARTIAL_HEAD)
+    waiting = client(proxy.port, timeout=5)
+    waiting.send(simple_get("/waiting"))
+    readable, _, _ = select.select([waiting.sock], [], [], 0.5)
+    assert not readable, "a client beyond --max-connections 1 was served"
+    busy.send(b"\r\n")  # the head is complete: answered, then idle
+    assert busy.read_response().status == 200
+    started = time.monotonic()
+    resp = waiting.read_response()
+    assert (resp.status, resp.body) == (200, b"GET /waiting")
+    assert time.monotonic() - started < 2
+    busy.wait_closed(timeout=2)
+
+
+def test_at_max_connections_tunnels_are_never_reclaimed(start_proxy, ws_backend, client):
+    proxy = start_proxy(ws_backend.port, "--max-connections", "1")
+    tunnel_client = client(proxy.port, timeout=5)
+    ws = open_websocket(tunnel_client)
+    waiting = client(proxy.port, timeout=5)
+    waiting.send(simple_get("/"))
+    readable, _, _ = select.select([waiting.sock], [], [], 0.5)
+    assert not readable, "a client beyond --max-connections 1 was served"
+    ws.send("still here")
+    assert ws.recv() == "still here"

@@ -634,6 +634,7 @@ FAMILIES = {
     "rawproxy_backend_connect_errors_total": "counter",
     "rawproxy_tls_handshake_failures_total": "counter",
     "rawproxy_proxy_protocol_errors_total": "counter",
+    "rawproxy_idle_connections_reclaimed_total": "counter",
     "rawproxy_request_head_latency_seconds": "histogram",
     "rawproxy_backend_connect_latency_seconds": "histogram",
     "rawproxy_gc_collections_total": "counter",
