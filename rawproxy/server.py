@@ -693,8 +693,8 @@ class Server:
         # socket object.
         family = listener.family
         for _ in range(ACCEPTS_PER_EVENT):
-            full = len(self.connections) >= limit
-            if full and self._oldest_idle() is None:
+            room = None  # the idle session that makes room for this client, at the limit
+            if len(self.connections) >= limit and (room := self._oldest_idle()) is None:
                 # Once a minute at most: a busy proxy reaches the limit again and again.
                 if self.limit_reached.happened(self.loop.now):
                     log.warning(
@@ -734,12 +734,12 @@ class Server:
             session = Session(self, sock, address, tls, port)
             if session.phase != DONE:
                 self.connections.add(session)
-            if full:
+            if room is not None:
                 # A client is here (accepted first: no idle connection is closed for nobody)
                 # and the limit is reached: the longest idle kept-alive connection makes room,
                 # as in nginx. Its client reconnects when it needs to; a new client waiting in
                 # the backlog behind idle ones could wait --idle-timeout for each.
-                self._reclaim_idle()
+                self._reclaim(room)
 
     def _oldest_idle(self) -> Session | None:
         """The session idle longest between requests, dropping entries no longer idle."""
@@ -751,10 +751,7 @@ class Server:
             del idle[session]
         return None
 
-    def _reclaim_idle(self) -> None:
-        session = self._oldest_idle()
-        if session is None:
-            return
+    def _reclaim(self, session: Session) -> None:
         del self.idle[session]
         self.metrics.idle_reclaimed += 1
         if self.reclaimed.happened(self.loop.now):
