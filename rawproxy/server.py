@@ -752,7 +752,7 @@ class Server:
         return None
 
     def _reclaim(self, session: Session) -> None:
-        del self.idle[session]
+        """Close `session`, idle, for a new client; its close (forget) takes it out of idle."""
         self.metrics.idle_reclaimed += 1
         if self.reclaimed.happened(self.loop.now):
             # Once a minute at most, like the limit's own line.
