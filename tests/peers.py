@@ -85,6 +85,23 @@ def connect(
     return sock
 
 
+def assert_refused(port: int, within: float = 3.0) -> None:
+    """Connecting to `port` is refused, at the latest `within` seconds from now (a proxy
+    that drains or stops closes its listeners). A connection queued on a listener in the
+    moment it closed is reset by the kernel: that one asks again, as a closed listener
+    refuses."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            connect(port, timeout=2).close()
+        except ConnectionRefusedError:
+            return
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() < deadline, f"port {port} still accepts connections"
+        time.sleep(0.02)
+
+
 def recv_exact(sock: socket.socket, n: int, buf: bytearray | None = None) -> bytes:
     """Exactly n bytes, taking first from `buf` (consumed) and then the socket."""
     out = bytearray()

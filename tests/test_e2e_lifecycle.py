@@ -28,7 +28,7 @@ from peers import (
     ProxyProcess,
     admin_get,
     assert_no_malformed_http,
-    connect,
+    assert_refused,
     free_port,
     has,
     notify_env,
@@ -57,19 +57,6 @@ def exit_code(proxy: ProxyProcess, timeout: float = PROMPT) -> int:
             raise TimeoutError(f"the proxy still runs after {timeout} s:\n{proxy.log_text()}")
         time.sleep(0.02)
     return code
-
-
-def assert_refused(port: int, within: float = PROMPT) -> None:
-    """Connecting to `port` is refused, at the latest `within` seconds from now (the log line
-    that announces the drain is written just before the listeners close)."""
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            connect(port, timeout=2).close()
-        except ConnectionRefusedError:
-            return
-        assert time.monotonic() < deadline, f"port {port} still accepts connections"
-        time.sleep(0.02)
 
 
 def closed_by_proxy(c: HttpClient) -> str:

@@ -35,6 +35,7 @@ from peers import (
     NotifySocket,
     ProxyProcess,
     admin_get,
+    assert_refused,
     free_port,
     has,
     notify_env,
@@ -365,14 +366,7 @@ def test_sigterm_drains_every_worker(run_proxy, ws_backend, client):
     mark = proxy.mark()
     proxy.proc.send_signal(signal.SIGTERM)
     proxy.wait_for_log(r"drain", since=mark)
-    deadline = time.monotonic() + PROMPT
-    while True:  # the listener closes at once, in every process
-        try:
-            socket.create_connection(("127.0.0.1", proxy.port), timeout=2).close()
-        except ConnectionRefusedError:
-            break
-        assert time.monotonic() < deadline, "the listener still accepts while draining"
-        time.sleep(0.02)
+    assert_refused(proxy.port, PROMPT)  # the listener closes at once, in every process
     time.sleep(0.5)
     assert proxy.proc.poll() is None, proxy.log_text()
     ws.send("while draining")
