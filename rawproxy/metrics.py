@@ -143,7 +143,7 @@ class Metrics:
     backend_connect_errors: dict[str, int]  # cause (CONNECT_ERROR_CAUSES) -> count
     tls_handshake_failures: dict[str, int]  # side (TLS_SIDES) -> count
     proxy_protocol_errors: int
-    idle_reclaimed: int  # idle kept-alive connections closed at --max-connections
+    idle_reclaimed: int  # idle client connections closed at --max-connections
     # histograms: use observe_head_latency() and observe_connect_latency()
     head_latency: Histogram
     connect_latency: Histogram
@@ -238,8 +238,8 @@ class Metrics:
         out.family(
             name,
             "counter",
-            "Kept-alive client connections closed while idle to make room for new clients at "
-            "--max-connections.",
+            "Idle client connections (kept alive between requests, or not sent a request yet) "
+            "closed to make room for new clients at --max-connections.",
         )
         out.sample(name, self.idle_reclaimed)
 

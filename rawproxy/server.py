@@ -575,9 +575,10 @@ class Server:
         self.later_keepalive = LaterKeepalive(self.loop)
         self.splice = config.splice and hasattr(os, "splice")
         self.connections: set[Connection] = set()
-        # Sessions between requests on a kept-alive connection, the longest idle first: at
-        # --max-connections the oldest is closed for a new client (Session._await_request adds
-        # one, a session leaving IDLE or closing takes itself out; entries are checked anyway).
+        # Sessions waiting for a request, the longest waiting first: kept-alive ones between
+        # requests (Session._await_request adds them) and new ones that sent nothing yet. At
+        # --max-connections the oldest is closed for a new client. A session takes itself out
+        # when a request begins or it closes; entries are checked anyway (may_make_room).
         self.idle: dict[Session, None] = {}
         # Listening sockets with what they came from: a ListenAddress, or a systemd name.
         self.listening: list[tuple[ListenAddress | str, list[socket.socket]]] = []
@@ -742,11 +743,12 @@ class Server:
                 self._reclaim(room)
 
     def _oldest_idle(self) -> Session | None:
-        """The session idle longest between requests, dropping entries no longer idle."""
+        """The session that waited longest for a request (between requests, or since it
+        connected), dropping entries that cannot make room now (they come back when idle)."""
         idle = self.idle
         while idle:
             session = next(iter(idle))
-            if session.is_idle():
+            if session.may_make_room():
                 return session
             del idle[session]
         return None
@@ -757,16 +759,17 @@ class Server:
         if self.reclaimed.happened(self.loop.now):
             # Once a minute at most, like the limit's own line.
             log.warning(
-                "--max-connections %d reached: idle kept-alive connections are closed to make "
-                "room for new clients (%d so far)",
+                "--max-connections %d reached: idle connections (kept alive between requests, "
+                "or not sent a request yet) are closed to make room for new clients (%d so far)",
                 self.max_connections,
                 self.metrics.idle_reclaimed,
             )
         session.reclaim()
 
     def became_idle(self, session: Session) -> None:
-        """`session` is between requests now: it may make room for a new client. A proxy
-        that stopped accepting at the limit accepts again, for the clients in the backlog."""
+        """`session` waits for a request now (between requests, or since it connected): it
+        may make room for a new client. A proxy that stopped accepting at the limit accepts
+        again, for the clients in the backlog."""
         self.idle[session] = None
         if not self.accepting and self.resume_timer is None and self.loop.running:
             self._accept_on()

@@ -410,7 +410,13 @@ class Session:
                 # time we accept it is often here: read it now rather than after one more turn
                 # of the loop (an empty socket costs one EAGAIN).
                 self._on_client(READ)
+                if self.phase == HEAD and not self.head_bytes:
+                    # Nothing sent yet (a browser's spare connection, often): it may make
+                    # room for a new client at --max-connections until its first byte.
+                    self.server.became_idle(self)
                 return
+        if self.phase == HANDSHAKE:
+            self.server.became_idle(self)  # the same until the ClientHello's first byte
         self._update_interest()
 
     def _start(self, tls: ssl.SSLContext | None, early: bytes) -> None:
@@ -475,6 +481,9 @@ class Session:
         self.proxy_buffer = None
         self._start(self.pending_tls, early)
         self.pending_tls = None
+        phase = self.phase
+        if (phase == HEAD and not self.head_bytes) or (phase == HANDSHAKE and not early):
+            self.server.became_idle(self)  # only the PROXY header so far: a spare connection
 
     def _local_address(self) -> tuple[str, int]:
         local = self.local_address
@@ -601,6 +610,7 @@ class Session:
             if self.phase == PROXY_HEADER:
                 self._read_proxy_header()
             elif self.phase == HANDSHAKE:
+                self.server.idle.pop(self, None)  # under way: no longer a spare connection
                 self._client_handshake_step()
             else:
                 if mask & WRITE and self.client.flush():
@@ -728,6 +738,8 @@ class Session:
                 sock.selected_alpn_protocol(),
             )
         self._read_client()
+        if self.phase == HEAD and not self.head_bytes:
+            self.server.became_idle(self)  # TLS is up, no request yet: a spare connection
 
     def _on_broken(self, side: str, error: OSError) -> None:
         if side == "client":
@@ -766,10 +778,12 @@ class Session:
             self._arm(self.config.header_timeout, self._on_timeout)
             self._take_client_bytes(data, fast=False)
             return
-        elif phase == HEAD and not data and not self.head_bytes:
-            # The client left (or a browser's spare connection closed) before a request.
-            self._close()
-            return
+        elif phase == HEAD and not self.head_bytes:
+            if not data:
+                # The client left (or a browser's spare connection closed) before a request.
+                self._close()
+                return
+            self.server.idle.pop(self, None)  # its first request begins
         self._take_client_bytes(data)
 
     def _take_client_bytes(self, data: memoryview, fast: bool = True) -> None:
@@ -1302,8 +1316,13 @@ class Session:
     def _client_drained(self) -> None:
         if self.phase == CLOSING:
             self._shutdown_client()
-        elif self.phase == IDLE and self.draining:
-            self._close()  # the last answer is out (see is_idle)
+        elif self.phase == IDLE:
+            if self.draining:
+                self._close()  # the last answer is out (see is_idle)
+            else:
+                # Idle already, and now flushed: it may make room (the register dropped it
+                # if a new client came while the answer was still going out).
+                self.server.became_idle(self)
         elif self.phase == HEAD:
             # The answers are out: the pipelined request that waited for them is read now.
             self._arm(self.config.header_timeout, self._on_timeout)
@@ -2321,13 +2340,44 @@ class Session:
             self._close()
 
     def reclaim(self) -> None:
-        """Closed while idle between requests, for a new client (--max-connections)."""
+        """Closed while idle, for a new client (--max-connections): see may_make_room."""
         log.debug(
-            "%s kept-alive connection closed while idle: --max-connections reached and a new "
-            "client waited",
+            "%s %s: --max-connections reached and a new client waited",
             self.peer,
+            "kept-alive connection closed while idle"
+            if self.phase == IDLE
+            else "connection closed before it sent a request",
         )
         self._close()
+
+    def may_make_room(self) -> bool:
+        """Whether closing this connection for a new client at --max-connections loses
+        nothing: idle between requests with the last answer flushed, or connected without a
+        byte of a request yet (TLS up or not begun; a browser's spare connection, as nginx
+        counts it), and no byte waiting unread (a request on its way that the loop has not
+        read yet: the connection is busy, not idle). A handshake under way is never in the
+        register: its first byte took it out."""
+        phase = self.phase
+        client = self.client
+        if phase == IDLE:
+            if client.backlog is not None:
+                return False
+        elif phase in (HEAD, HANDSHAKE):
+            if self.request is not None or self.head_bytes or client.backlog is not None:
+                return False
+        else:
+            return False
+        sock = client.sock
+        if isinstance(sock, TlsSocket):
+            if sock.pending():
+                return False  # bytes read from the kernel already, not yet taken
+            sock = sock.raw
+        try:
+            return not sock.recv(1, socket.MSG_PEEK)  # b"": it closed; closing it is right
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return True  # broken: its close is due anyway
 
     def is_idle(self) -> bool:
         """Between requests with nothing left to send: a connection that may be closed now.

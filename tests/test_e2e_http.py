@@ -11,6 +11,7 @@ import time
 import pytest
 from peers import (
     admin_get,
+    connect,
     header_tokens,
     header_values,
     open_websocket,
@@ -18,6 +19,7 @@ from peers import (
     request_bytes,
     sha256,
     simple_get,
+    wait_closed,
 )
 
 
@@ -469,10 +471,10 @@ def test_max_connections_holds_extra_clients_until_one_closes(start_proxy, http_
         assert waiting.read_response().status == 200
         second = waiting
     assert len(re.findall(r"connections open \(--max-connections\)", proxy.log_text())) == 1
-    assert "idle kept-alive" not in proxy.log_text()
+    assert "make room" not in proxy.log_text()
 
 
-RECLAIMED = r"--max-connections 2 reached: idle kept-alive connections are closed"
+RECLAIMED = r"--max-connections 2 reached: idle connections \(kept alive between requests"
 
 
 def test_at_max_connections_a_new_client_takes_the_longest_idle_ones_place(
@@ -505,6 +507,58 @@ def test_at_max_connections_a_new_client_takes_the_longest_idle_ones_place(
     assert proxy.admin_port is not None
     metrics = admin_get(proxy.admin_port, "/metrics").body.decode()
     assert "\nrawproxy_idle_connections_reclaimed_total 1\n" in metrics
+
+
+def test_at_max_connections_a_connection_that_never_sent_a_request_makes_room(
+    start_proxy, http_backend, client, sockets
+):
+    """A browser opens spare connections it may never use; at the limit they would hold
+    every place for --header-timeout. Like an idle kept-alive one, the one that waited
+    longest makes room (nginx counts them the same); one that began a request does not."""
+    proxy = start_proxy(
+        http_backend.port,
+        "--max-connections",
+        "2",
+        "--header-timeout",
+        "30",
+        "--admin-listen",
+        "127.0.0.1:0",
+    )
+    spare = connect(proxy.port, timeout=5)
+    sockets.append(spare)
+    time.sleep(0.1)  # accepted, and read once: nothing there
+    busy = client(proxy.port, timeout=5)
+    busy.send(PARTIAL_HEAD)
+    time.sleep(0.1)
+    newcomer = client(proxy.port, timeout=5)
+    started = time.monotonic()
+    resp = newcomer.request(simple_get("/new"))
+    assert (resp.status, resp.body) == (200, b"GET /new")
+    assert time.monotonic() - started < 2, "the new client waited for the header timeout"
+    how, rest = wait_closed(spare, timeout=2)
+    assert (how, rest) == ("eof", b"")
+    # The half-sent request was left alone: it completes and is answered.
+    busy.send(b"\r\n")
+    assert busy.read_response().body == b"GET /busy"
+    proxy.wait_for_log(RECLAIMED)
+    assert proxy.admin_port is not None
+    metrics = admin_get(proxy.admin_port, "/metrics").body.decode()
+    assert "\nrawproxy_idle_connections_reclaimed_total 1\n" in metrics
+
+
+def test_at_max_connections_a_request_on_its_way_is_not_cut(start_proxy, http_backend, client):
+    """The limit reached with a client whose request is in the kernel but not yet read (its
+    bytes and the new client's connect came in the same turn): it is busy, not idle."""
+    proxy = start_proxy(http_backend.port, "--max-connections", "1")
+    for i in range(20):
+        first = client(proxy.port, timeout=5)
+        first.send(simple_get(f"/first/{i}"))
+        second = client(proxy.port, timeout=5)
+        second.send(simple_get(f"/second/{i}"))
+        assert first.read_response().body == f"GET /first/{i}".encode()
+        first.close()
+        assert second.read_response().body == f"GET /second/{i}".encode()
+        second.close()
 
 
 def test_at_max_connections_a_connection_turning_idle_lets_a_waiting_client_in(

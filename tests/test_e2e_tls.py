@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import select
 import signal
 import socket
 import ssl
@@ -956,6 +957,36 @@ def test_stalled_handshake_closed_after_header_timeout(tls_proxy, client, socket
     proxy.wait_for_log(re.escape("/after-stall"), since=mark)
     lines = lines_since(proxy, mark, "/meanwhile", "/after-stall")
     assert len(lines) == 1, "expected one line about the stalled client:\n" + "\n".join(lines)
+
+
+def test_at_max_connections_spare_tls_connections_make_room(tls_proxy, client, sockets, pki):
+    """A connection to the TLS port that sent nothing, or finished its handshake and sent no
+    request (a browser's preconnect), makes room for a new client at --max-connections, the
+    one waiting longest first; one in the middle of its handshake is busy and stays."""
+    proxy = tls_proxy("--max-connections", "3", "--header-timeout", "30")
+    ctx = pki.client_context()
+    half = connect(proxy.port, timeout=5)
+    sockets.append(half)
+    hello = client_hello(ctx)
+    half.sendall(hello[: len(hello) // 2])
+    time.sleep(0.1)
+    tcp_spare = connect(proxy.port, timeout=5)
+    sockets.append(tcp_spare)
+    time.sleep(0.1)
+    tls_spare = client(proxy.port, ssl_context=ctx, timeout=5)
+    time.sleep(0.1)
+    started = time.monotonic()
+    first = client(proxy.port, ssl_context=ctx, timeout=5)
+    assert first.request(simple_get("/first")).body == b"GET /first"
+    assert wait_closed(tcp_spare, timeout=2)[1] == b""
+    second = client(proxy.port, ssl_context=ctx, timeout=5)
+    assert second.request(simple_get("/second")).body == b"GET /second"
+    assert tls_wait_closed(tls_spare.sock, timeout=2)[1] == b""
+    assert time.monotonic() - started < 3, "new clients waited for a header timeout"
+    readable, _, _ = select.select([half], [], [], 0.2)
+    assert not readable, "a handshake under way was closed to make room"
+    # The kept-alive clients were not touched.
+    assert first.request(simple_get("/first/2")).status == 200
 
 
 def test_alpn_selects_http11(tls_proxy, client, pki):
