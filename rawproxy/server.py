@@ -744,7 +744,7 @@ class Server:
 
     def _oldest_idle(self) -> Session | None:
         """The session that waited longest for a request (between requests, or since it
-        connected), dropping entries that cannot make room now (they come back when idle)."""
+        connected), dropping entries that cannot make room now (they come back when next idle)."""
         idle = self.idle
         while idle:
             session = next(iter(idle))

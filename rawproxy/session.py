@@ -410,13 +410,9 @@ class Session:
                 # time we accept it is often here: read it now rather than after one more turn
                 # of the loop (an empty socket costs one EAGAIN).
                 self._on_client(READ)
-                if self.phase == HEAD and not self.head_bytes:
-                    # Nothing sent yet (a browser's spare connection, often): it may make
-                    # room for a new client at --max-connections until its first byte.
-                    self.server.became_idle(self)
+                self._note_if_spare()
                 return
-        if self.phase == HANDSHAKE:
-            self.server.became_idle(self)  # the same until the ClientHello's first byte
+        self._note_if_spare()
         self._update_interest()
 
     def _start(self, tls: ssl.SSLContext | None, early: bytes) -> None:
@@ -481,9 +477,20 @@ class Session:
         self.proxy_buffer = None
         self._start(self.pending_tls, early)
         self.pending_tls = None
+        self._note_if_spare()  # only the PROXY header so far?
+
+    def _note_if_spare(self) -> None:
+        """Connected, and not a byte of a request (or of TLS) read yet: a browser's spare
+        connection, often. Until its first byte it may make room for a new client at
+        --max-connections (may_make_room); _on_client and _read_client take it out."""
         phase = self.phase
-        if (phase == HEAD and not self.head_bytes) or (phase == HANDSHAKE and not early):
-            self.server.became_idle(self)  # only the PROXY header so far: a spare connection
+        if phase == HEAD:
+            if not self.head_bytes:
+                self.server.became_idle(self)
+        elif phase == HANDSHAKE:
+            sock = self.client.sock
+            if isinstance(sock, TlsSocket) and not sock.first_bytes:
+                self.server.became_idle(self)
 
     def _local_address(self) -> tuple[str, int]:
         local = self.local_address
@@ -738,8 +745,7 @@ class Session:
                 sock.selected_alpn_protocol(),
             )
         self._read_client()
-        if self.phase == HEAD and not self.head_bytes:
-            self.server.became_idle(self)  # TLS is up, no request yet: a spare connection
+        self._note_if_spare()  # TLS is up: a request yet?
 
     def _on_broken(self, side: str, error: OSError) -> None:
         if side == "client":
@@ -1316,13 +1322,8 @@ class Session:
     def _client_drained(self) -> None:
         if self.phase == CLOSING:
             self._shutdown_client()
-        elif self.phase == IDLE:
-            if self.draining:
-                self._close()  # the last answer is out (see is_idle)
-            else:
-                # Idle already, and now flushed: it may make room (the register dropped it
-                # if a new client came while the answer was still going out).
-                self.server.became_idle(self)
+        elif self.phase == IDLE and self.draining:
+            self._close()  # the last answer is out (see is_idle)
         elif self.phase == HEAD:
             # The answers are out: the pipelined request that waited for them is read now.
             self._arm(self.config.header_timeout, self._on_timeout)
