@@ -485,14 +485,14 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         limits,
         "--max-connections",
-        "client connections (tunnels included) open at once, per worker. At the limit a new "
-        "client takes the place of the connection that waited longest for a request: kept "
-        "alive between requests, or connected without sending one (a browser's spare "
-        "connection); never a tunnel or a request under way. As in nginx. With none idle, "
-        "new clients wait in the kernel's listen backlog. Lowered, with a warning at "
-        "start-up, to what the file descriptor limit carries (2 a connection, and some for "
-        "splice pipes; rawproxy "
-        "raises its soft limit to the hard one, and root's hard limit to what is needed) "
+        "client connections (tunnels included) open at once, per worker. At the limit a "
+        "new client takes the place of the connection that waited longest for a request: "
+        "kept alive between requests, or connected a second or more without sending one "
+        "(a browser's spare connection); never a tunnel or a request under way. As in "
+        "nginx. With none idle, new clients wait in the kernel's listen backlog. Lowered,"
+        " with a warning at start-up, to what the file descriptor limit carries (2 a "
+        "connection, and some for splice pipes; rawproxy raises its soft limit to the "
+        "hard one, and root's hard limit to what is needed) "
         "(default: 10000)",
         metavar="N",
     )

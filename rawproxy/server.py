@@ -37,6 +37,10 @@ ACCEPTS_PER_EVENT = 64
 # When the process runs out of file descriptors, accepting stops for this long: the pending
 # connections wait in the kernel's backlog instead of the loop spinning on EMFILE.
 FD_EXHAUSTED_PAUSE = 0.5
+# How long a new connection must have waited without a byte before it may be closed for a
+# new client at --max-connections: a client about to send its request (a packet away, or
+# slowed by a burst) is not a browser's spare connection.
+SPARE_GRACE = 1.0
 LISTEN_BACKLOG = 1024
 # While descriptors stay exhausted, say so once a minute, not at every pause.
 ACCEPT_FAILURE_LOG_EVERY = 60.0
@@ -579,7 +583,7 @@ class Server:
         # requests (Session._await_request adds them) and new ones that sent nothing yet. At
         # --max-connections the oldest is closed for a new client. A session takes itself out
         # when a request begins or it closes; entries are checked anyway (may_make_room).
-        self.idle: dict[Session, None] = {}
+        self.idle: dict[Session, float] = {}  # -> since when (loop time)
         # Listening sockets with what they came from: a ListenAddress, or a systemd name.
         self.listening: list[tuple[ListenAddress | str, list[socket.socket]]] = []
         self.listener_tls: dict[int, bool | None] = {}  # None: TLS when certificates exist
@@ -590,6 +594,9 @@ class Server:
         self.serving_fd = serving_fd
         self.accepting = False
         self.resume_timer: Timer | None = None
+        # Set while the oldest idle entry is a new connection younger than SPARE_GRACE: the
+        # limit is looked at again when it comes of age.
+        self.spare_timer: Timer | None = None
         self.accept_failures = _Recurring()  # accept() out of descriptors or memory
         self.limit_reached = _Recurring()  # --max-connections stopped accepting
         self.reclaimed = _Recurring()  # --max-connections closed idle kept-alive connections
@@ -744,14 +751,28 @@ class Server:
 
     def _oldest_idle(self) -> Session | None:
         """The session that waited longest for a request (between requests, or since it
-        connected), dropping entries that cannot make room now (they come back when next idle)."""
+        connected), dropping entries that cannot make room now (they come back when next idle).
+        A new connection younger than SPARE_GRACE is not closed: None then, and accepts are
+        tried again once it is old enough (entries after it are younger still)."""
         idle = self.idle
         while idle:
-            session = next(iter(idle))
-            if session.may_make_room():
-                return session
-            del idle[session]
+            session, since = next(iter(idle.items()))
+            if not session.may_make_room():
+                del idle[session]
+                continue
+            if not session.is_idle():  # a new connection, not yet used
+                wait = since + SPARE_GRACE - self.loop.now
+                if wait > 0:
+                    if self.spare_timer is None:
+                        self.spare_timer = self.loop.call_later(wait, self._spare_of_age)
+                    return None
+            return session
         return None
+
+    def _spare_of_age(self) -> None:
+        self.spare_timer = None
+        if not self.accepting and self.resume_timer is None and self.loop.running:
+            self._accept_on()  # at the limit still: _accept closes the spare, or stops again
 
     def _reclaim(self, session: Session) -> None:
         """Close `session`, idle, for a new client; its close (forget) takes it out of idle."""
@@ -770,7 +791,7 @@ class Server:
         """`session` waits for a request now (between requests, or since it connected): it
         may make room for a new client. A proxy that stopped accepting at the limit accepts
         again, for the clients in the backlog."""
-        self.idle[session] = None
+        self.idle[session] = self.loop.now
         if not self.accepting and self.resume_timer is None and self.loop.running:
             self._accept_on()
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from rawproxy.server import Server
+from rawproxy.server import SPARE_GRACE, Server
 from rawproxy.session import HEAD, IDLE, Session
 
 pytestmark = pytest.mark.timeout(30)
@@ -99,6 +99,10 @@ def test_a_new_connection_is_idle_until_its_request_begins(inprocess_server) -> 
     try:
         assert session.phase == HEAD
         assert list(server.idle) == [session]
+        # Too new to tell from a client about to send its request: not closed yet.
+        assert server._oldest_idle() is None
+        assert server.spare_timer is not None, "nothing would look at the limit again"
+        server.loop.now += SPARE_GRACE
         assert server._oldest_idle() is session
         client.sendall(b"GET / HTTP/1.1\r\n")  # half a head: busy now
         _turns_until(server, lambda: session not in server.idle)
@@ -115,6 +119,7 @@ def test_bytes_not_yet_read_make_a_session_busy(inprocess_server) -> None:
     try:
         fresh.sendall(b"GET / HTTP/1.1\r\nHost: app\r\n")
         assert session in server.idle  # the loop has not turned since
+        server.loop.now += SPARE_GRACE
         assert server._oldest_idle() is None
         assert session not in server.idle
     finally:
