@@ -243,6 +243,24 @@ def trailer_error(
     return None
 
 
+# A chunk-size line (hex size, optional whitespace and extensions) ended by a bare LF: no CR
+# may come before its LF.
+_BARE_LF_CHUNK_LINE = re.compile(rb"[0-9A-Fa-f]+[ \t]*(?:;[^\r\n]*)?\n")
+
+
+def bare_lf_chunk_line(pending: bytes) -> bool:
+    """Whether the bytes h11 holds unparsed of a chunked body, while it asks for more, start
+    with a chunk-size line ended by a bare LF.
+
+    h11 ends a chunk-size line only at CRLF (RFC 9112 7.1), and waits for one: behind such a
+    line (from a peer that ends every line with LF) it would wait for the end of the body
+    until a timeout ran out, with the head already relayed. It is bad framing, refused now.
+    Nothing else h11 may hold in a body starts so: chunk data is never held, and a trailer
+    line starts with a field name followed by a colon. Call only in h11's SEND_BODY state.
+    """
+    return _BARE_LF_CHUNK_LINE.match(pending) is not None
+
+
 def forwarded_trailers(trailers: Iterable[Header]) -> list[Header]:
     """The trailer fields of a chunked message that are passed on (either direction). Claims
     about the client (X-Forwarded-*, Forwarded, X-Real-IP, in any spelling) are dropped too:

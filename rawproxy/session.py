@@ -45,6 +45,7 @@ from rawproxy.http import (
     SimpleResponse,
     UpgradeDecision,
     backend_request_headers,
+    bare_lf_chunk_line,
     client_response_headers,
     client_scheme,
     decide_upgrade,
@@ -109,6 +110,8 @@ def _without_empty_lines(data: memoryview) -> memoryview:
 LINGER_SECONDS = 2.0
 
 _NO_MORE = (h11.NEED_DATA, h11.PAUSED)
+# Why a chunked body is refused when h11 would wait for the end of its chunk line forever.
+BARE_LF_CHUNK_LINE = "a chunk line ended by a bare LF (chunked framing needs CRLF)"
 # The longest PROXY header we read: v2's fixed part and its largest accepted block.
 PROXY_HEADER_LIMIT = 16 + 4096
 # A request without a route is answered 404 on the same connection when what is left of its
@@ -1163,6 +1166,10 @@ class Session:
             self._fail(status, detail)
             return None
         if event in _NO_MORE:
+            if client_h11.their_state is h11.SEND_BODY and bare_lf_chunk_line(
+                client_h11.trailing_data[0]
+            ):
+                self._fail(400, f"malformed request body: {BARE_LF_CHUNK_LINE}")
             return None
         return event
 
@@ -1650,6 +1657,12 @@ class Session:
                         self._backend_invalid(str(e))
                     return
                 if event in _NO_MORE:
+                    if backend_h11.their_state is h11.SEND_BODY and bare_lf_chunk_line(
+                        backend_h11.trailing_data[0]
+                    ):
+                        if body:
+                            self._body_to_client(body)
+                        self._backend_invalid(BARE_LF_CHUNK_LINE)
                     return
                 if isinstance(event, h11.Data):
                     body.append(event.data)
