@@ -236,6 +236,12 @@ def _drop_traceback(error: BaseException) -> None:
     error.__traceback__ = None
 
 
+def _stuck_on_bare_lf(conn: h11.Connection) -> bool:
+    """`conn` asks for more of its peer's body and holds a chunk line it will never end
+    (bare_lf_chunk_line): the exchange would hang until a timeout."""
+    return conn.their_state is h11.SEND_BODY and bare_lf_chunk_line(conn.trailing_data[0])
+
+
 def _no_deadline() -> None:
     """The deadline callback of a session that is done (its timer is cancelled)."""
 
@@ -1166,9 +1172,7 @@ class Session:
             self._fail(status, detail)
             return None
         if event in _NO_MORE:
-            if client_h11.their_state is h11.SEND_BODY and bare_lf_chunk_line(
-                client_h11.trailing_data[0]
-            ):
+            if _stuck_on_bare_lf(client_h11):
                 self._fail(400, f"malformed request body: {BARE_LF_CHUNK_LINE}")
             return None
         return event
@@ -1657,9 +1661,7 @@ class Session:
                         self._backend_invalid(str(e))
                     return
                 if event in _NO_MORE:
-                    if backend_h11.their_state is h11.SEND_BODY and bare_lf_chunk_line(
-                        backend_h11.trailing_data[0]
-                    ):
+                    if _stuck_on_bare_lf(backend_h11):
                         if body:
                             self._body_to_client(body)
                         self._backend_invalid(BARE_LF_CHUNK_LINE)
