@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import time
 
+import h11
 import pytest
 from peers import ScriptedConn, assert_serves, simple_get
 
 from rawproxy.http import bare_lf_chunk_line
+from rawproxy.session import _stuck_on_bare_lf
 
 OTHER = "/still-ok"  # the target assert_serves uses
 
@@ -43,6 +45,23 @@ def test_a_chunk_line_ended_by_a_bare_lf_is_seen(pending):
 )
 def test_other_pending_bytes_are_not_a_bare_lf_chunk_line(pending):
     assert not bare_lf_chunk_line(pending)
+
+
+def _waiting_server(data: bytes) -> h11.Connection:
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(data)
+    while conn.next_event() is not h11.NEED_DATA:
+        pass
+    return conn
+
+
+def test_only_a_body_waiting_on_a_bare_lf_chunk_line_is_stuck():
+    """The check looks at what h11 holds only while it reads a body: a head that is not over
+    yet may hold the same bytes (here a request line that starts like a chunk size)."""
+    head = b"POST /up HTTP/1.1\r\nHost: b.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    assert _stuck_on_bare_lf(_waiting_server(head + b"5\nhello\n"))
+    assert not _stuck_on_bare_lf(_waiting_server(head + b"5\r\nhel"))
+    assert not _stuck_on_bare_lf(_waiting_server(b"ABC\n"))  # a head, not a body
 
 
 def test_a_request_body_with_bare_lf_chunk_lines_gets_400_at_once(
