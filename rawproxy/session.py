@@ -1333,8 +1333,13 @@ class Session:
     def _client_drained(self) -> None:
         if self.phase == CLOSING:
             self._shutdown_client()
-        elif self.phase == IDLE and self.draining:
-            self._close()  # the last answer is out (see is_idle)
+        elif self.phase == IDLE:
+            if self.draining:
+                self._close()  # the last answer is out (see is_idle)
+            elif self not in self.server.idle:
+                # Passed over at --max-connections while its last answer was going out
+                # (Server._oldest_idle drops such entries): it may make room from now on.
+                self.server.became_idle(self)
         elif self.phase == HEAD:
             # The answers are out: the pipelined request that waited for them is read now.
             self._arm(self.config.header_timeout, self._on_timeout)

@@ -128,3 +128,29 @@ def test_a_client_that_half_closed_gets_the_whole_answer(inprocess_server) -> No
     got = _read_all(server, client)
     client.close()
     assert got.endswith(b"\r\n\r\n" + BODY), f"{len(got)} bytes arrived"
+
+
+def test_an_idle_connection_passed_over_while_flushing_may_make_room_later(
+    inprocess_server,
+) -> None:
+    """At --max-connections the longest idle kept-alive connection makes room for a new
+    client, but not one whose last answer is still going out (closing it would cut that
+    answer): the scan drops it from the idle register. Once its answer was out it stayed
+    unregistered until its next request, so it could no longer make room (new clients waited
+    in the backlog for its --idle-timeout). Now it registers again when flushed."""
+    server, backend = inprocess_server
+    client, session = _idle_with_backlog(server, backend)
+    assert server._oldest_idle() is None  # still sending: passed over, and dropped
+    assert session not in server.idle
+    got = bytearray()
+    for _ in range(2000):
+        _turn(server)
+        with contextlib.suppress(BlockingIOError):
+            got += client.recv(65536)
+        if got.endswith(BODY):
+            break
+    assert got.endswith(b"\r\n\r\n" + BODY), f"{len(got)} bytes arrived"
+    _turn(server, 3)
+    assert session.is_idle()
+    assert server._oldest_idle() is session
+    client.close()
