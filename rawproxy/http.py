@@ -245,7 +245,9 @@ def trailer_error(
 
 # A chunk-size line (hex size, optional whitespace and extensions) ended by a bare LF: no CR
 # may come before its LF.
-_BARE_LF_CHUNK_LINE = re.compile(rb"[0-9A-Fa-f]+[ \t]*(?:;[^\r\n]*)?\n")
+# The extension may hold a CR (h11 takes `5;a\rb\r\n`); the line's first LF without a CR
+# right before it is one h11 can never end the line with (its extension stops at a LF).
+_BARE_LF_CHUNK_LINE = re.compile(rb"[0-9A-Fa-f]+[ \t]*(?:;[^\n]*)?(?<!\r)\n")
 
 
 def bare_lf_chunk_line(pending: bytes) -> bool:

@@ -21,10 +21,24 @@ OTHER = "/still-ok"  # the target assert_serves uses
 
 @pytest.mark.parametrize(
     "pending",
-    [b"5\nhello\n0\n\n", b"5\n", b"a;ext=1\n", b"0 \n\n", b"FF\t;x\n"],
+    [
+        b"5\nhello\n0\n\n",
+        b"5\n",
+        b"a;ext=1\n",
+        b"0 \n\n",
+        b"FF\t;x\n",
+        b"5;a\rb\n",  # a CR inside the extension, then a bare LF
+        b"5;\r\r;x\nhello",
+    ],
 )
 def test_a_chunk_line_ended_by_a_bare_lf_is_seen(pending):
     assert bare_lf_chunk_line(pending)
+    # Refusing it at once refuses nothing h11 would take: whatever follows, h11 fails it.
+    head = b"POST /up HTTP/1.1\r\nHost: b.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    conn = _waiting_server(head + pending)
+    conn.receive_data(b"hello\r\n0\r\n\r\n")
+    with pytest.raises(h11.RemoteProtocolError):
+        _events_until_waiting(conn)
 
 
 @pytest.mark.parametrize(
@@ -34,6 +48,8 @@ def test_a_chunk_line_ended_by_a_bare_lf_is_seen(pending):
         b"5",  # the line is not over yet
         b"5\r",
         b"5;ext",
+        b"5;a\rb\r\n",  # a CR inside the extension is h11's to judge (it takes this line)
+        b"5;a\rb",
         b"5\r\n",  # what h11 takes itself (never held, but must not be called bare)
         b"5;ext=1\r\nhello",
         b"X-Trailer: 1\n",  # a trailer line: h11 takes bare LF there
@@ -45,6 +61,11 @@ def test_a_chunk_line_ended_by_a_bare_lf_is_seen(pending):
 )
 def test_other_pending_bytes_are_not_a_bare_lf_chunk_line(pending):
     assert not bare_lf_chunk_line(pending)
+
+
+def _events_until_waiting(conn: h11.Connection) -> None:
+    while conn.next_event() not in (h11.NEED_DATA, h11.PAUSED):
+        pass
 
 
 def _waiting_server(data: bytes) -> h11.Connection:
