@@ -243,10 +243,9 @@ def trailer_error(
     return None
 
 
-# A chunk-size line (hex size, optional whitespace and extensions) ended by a bare LF: no CR
-# may come before its LF.
-# The extension may hold a CR (h11 takes `5;a\rb\r\n`); the line's first LF without a CR
-# right before it is one h11 can never end the line with (its extension stops at a LF).
+# A chunk-size line (hex size, optional whitespace and extensions) ended by a bare LF: its
+# first LF has no CR right before it. The extension may hold a CR (h11 takes `5;a\rb\r\n`)
+# but not a LF, so h11 can never end such a line.
 _BARE_LF_CHUNK_LINE = re.compile(rb"[0-9A-Fa-f]+[ \t]*(?:;[^\n]*)?(?<!\r)\n")
 
 
