@@ -178,12 +178,7 @@ class Pair:
             self.state = 1
             return
         assert self.backend is not None
-        if data:
-            self.backend.sendall(data)
-            return
-        self.backend.shutdown(socket.SHUT_WR)
-        self.relay.epoll.modify(self.client.fileno(), 0)
-        self.ended()
+        self.carry(data, self.client, self.backend)
 
     def on_backend(self, _mask: int) -> None:
         assert self.backend is not None
@@ -201,14 +196,16 @@ class Pair:
             self.state = 2
             self.relay.epoll.modify(self.client.fileno(), READ)
             return
-        if data:
-            self.client.sendall(data)
-            return
-        self.client.shutdown(socket.SHUT_WR)
-        self.relay.epoll.modify(self.backend.fileno(), 0)
-        self.ended()
+        self.carry(data, self.backend, self.client)
 
-    def ended(self) -> None:
+    def carry(self, data: bytes, src: socket.socket, dst: socket.socket) -> None:
+        """In the tunnel: what `src` sent goes to `dst`; its end of stream becomes a
+        half-close of `dst`, and the pair closes when both ends came."""
+        if data:
+            dst.sendall(data)
+            return
+        dst.shutdown(socket.SHUT_WR)
+        self.relay.epoll.modify(src.fileno(), 0)
         self.ends += 1
         if self.ends == 2:
             self.close()
