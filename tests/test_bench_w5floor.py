@@ -15,30 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import LOOPBACK, free_port
+from tests.peers import LOOPBACK, free_port, recv_until, wait_closed
 
 ROOT = Path(__file__).resolve().parent.parent
 SWITCH = (
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
 )
-
-
-def read_until_closed(sock: socket.socket) -> bytes:
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    return data
-
-
-def read_head(sock: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 Start = Callable[..., int]
@@ -84,9 +67,12 @@ def handshake(port: int, backend: socket.socket, request: bytes) -> tuple[bytes,
         conn, _ = backend.accept()
         with conn:
             conn.settimeout(5)
-            got["head"] = read_head(conn)
+            rest = bytearray()
+            got["head"] = recv_until(conn, rest, b"\r\n\r\n")
             conn.sendall(SWITCH + b"from backend")
-            got["tunnel"] = read_until_closed(conn)  # ends with the client's half-close
+            how, tunnel = wait_closed(conn, 5)  # ends with the client's half-close
+            assert how == "eof"
+            got["tunnel"] = bytes(rest) + tunnel
             conn.sendall(b" after client end")
             conn.shutdown(socket.SHUT_WR)
 
@@ -97,7 +83,8 @@ def handshake(port: int, backend: socket.socket, request: bytes) -> tuple[bytes,
         time.sleep(0.2)
         client.sendall(b"from client")
         client.shutdown(socket.SHUT_WR)
-        answer = read_until_closed(client)
+        how, answer = wait_closed(client, 5)
+        assert how == "eof"
     thread.join(5)
     return got["head"] + b"|" + got.get("tunnel", b""), answer
 
@@ -136,7 +123,7 @@ def test_the_floor_refuses_what_is_no_upgrade(floor: tuple[Start, socket.socket]
     backend.settimeout(0.5)
     with socket.create_connection((LOOPBACK, port), timeout=5) as client:
         client.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
-        assert read_until_closed(client) == b""
+        assert wait_closed(client, 5) == ("eof", b"")
     with pytest.raises(TimeoutError):
         backend.accept()  # never connected to the backend
 
