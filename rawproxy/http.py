@@ -304,12 +304,31 @@ def framing_error(headers: Iterable[Header], http_version: bytes = b"1.1") -> st
     9112 6.1 says such framing is faulty (a recipient of HTTP/1.0 reads no body there, and
     takes the chunks for the next request), so we refuse that too, as nginx does.
     """
+    headers = list(headers)
     names = {key.lower() for key, _ in headers}
     if b"transfer-encoding" in names:
         if b"content-length" in names:
             return "both Content-Length and Transfer-Encoding"
         if http_version < b"1.1":
             return f"Transfer-Encoding in an HTTP/{http_version.decode('latin-1')} request"
+    elif b"content-length" in names:
+        return length_error(headers)
+    return None
+
+
+# The largest Content-Length passed on: a signed 64-bit length (nginx's off_t limit). h11
+# takes up to 20 digits, beyond 2**64; a peer that holds the length in 64 bits without an
+# overflow check would wrap it (2**64 + 1 read as 1) and take the rest of the body for the
+# next message (RFC 9110 8.6 asks recipients to guard against such overflow).
+MAX_CONTENT_LENGTH = 2**63 - 1
+
+
+def length_error(headers: Iterable[Header]) -> str | None:
+    """Why a message's Content-Length (as h11 let it through: digits, one value) is not
+    passed on, or None."""
+    for key, value in headers:
+        if key.lower() == b"content-length" and int(value.split(b",")[0]) > MAX_CONTENT_LENGTH:
+            return f"Content-Length over {MAX_CONTENT_LENGTH} (2**63 - 1)"
     return None
 
 

@@ -59,6 +59,7 @@ from rawproxy.http import (
     framing_error,
     head_error,
     header_lines,
+    length_error,
     looks_like_plain_http,
     origin_of_host,
     parse_simple_request,
@@ -1699,7 +1700,7 @@ class Session:
     def _relay_response_event(self, event: object) -> bool:
         """Relay one event of the backend's answer; False when the exchange is over."""
         if isinstance(event, (h11.Response, h11.InformationalResponse)):
-            problem = self._head_over_limit(event)
+            problem = self._head_over_limit(event) or length_error(event.headers)
             if problem is not None:
                 self._backend_invalid(problem)
                 return False

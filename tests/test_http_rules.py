@@ -25,6 +25,7 @@ from rawproxy.http import (
     error_response,
     framing_error,
     head_error,
+    length_error,
     origin,
     request_line_of,
     resolve_request,
@@ -587,6 +588,22 @@ def test_content_length_with_transfer_encoding_refused() -> None:
     assert framing_error(H(("transfer-encoding", "chunked"), ("CONTENT-LENGTH", "0")))
     assert framing_error(H(("Content-Length", "5"))) is None
     assert framing_error(H(("Transfer-Encoding", "chunked"))) is None
+
+
+def test_content_length_beyond_63_bits_refused() -> None:
+    """h11 takes Content-Length up to 20 digits; past a signed 64-bit length a request is
+    refused and an answer is a 502 (length_error), as nginx does: a peer keeping the length
+    in 64 bits would wrap it and read the rest of the body as the next message."""
+    largest = str(2**63 - 1)
+    for value in ("0", "005", largest):
+        assert framing_error(H(("Content-Length", value))) is None
+        assert length_error(H(("content-length", value))) is None
+    for value in (str(2**63), str(2**64 + 1), "9" * 20):
+        assert framing_error(H(("Content-Length", value))) == length_error(
+            H(("Content-Length", value))
+        )
+        assert length_error(H(("Content-Length", value))) is not None
+    assert length_error(H(("X-Size", "9" * 20))) is None
 
 
 def test_transfer_encoding_in_http10_refused() -> None:
