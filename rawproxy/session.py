@@ -1100,6 +1100,10 @@ class Session:
                 budget -= 1
                 event = self._next_client_event(client_h11)
                 if event is None:
+                    if self.phase == REJECT and client_h11.they_are_waiting_for_100_continue:
+                        # Its body comes only when asked for (RFC 9110 10.1.1): the 404 goes
+                        # now, and the connection closes without reading it.
+                        self._fail(404, "no route for this path (request body not read)")
                     return
                 if isinstance(event, h11.Data) and self.phase == EXCHANGE:
                     body.append(event.data)

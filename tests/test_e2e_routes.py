@@ -356,6 +356,21 @@ def test_no_route_for_a_request_with_a_body(api_only, client):
     assert_logged_once(proxy, mark, 404, "/api/after")
 
 
+@pytest.mark.parametrize("body", [b"", b"sent-at-once"], ids=["no-body", "body-not-waited"])
+def test_no_route_with_expect_100_continue_goes_on_when_nothing_waits(api_only, client, body):
+    """Expect: 100-continue with no body, or with the body sent without waiting for the 100:
+    the 404 goes as for any request, and the connection goes on. (A client that does wait
+    for the 100 gets the 404 at once and a closed connection; test_e2e_adversarial.)"""
+    proxy, api = api_only
+    c = client(proxy.port)
+    headers = [("Host", HOST), ("Expect", "100-continue"), ("Content-Length", str(len(body)))]
+    resp = c.request(request_bytes("POST", "/nowhere", headers, body), "POST")
+    assert resp.status == 404, resp
+    assert header_tokens(resp.headers, "connection") != [b"close"], resp
+    assert get(c, "/api/after") == b"GET /api/after"
+    assert targets(api) == [b"/api/after"]
+
+
 def test_no_route_for_an_upgrade_request(api_only, client):
     proxy, api = api_only
     mark = proxy.mark()
