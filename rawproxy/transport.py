@@ -244,9 +244,14 @@ class TlsSocket:
         while True:
             try:
                 chunk = self._obj.read(_RAW_CHUNK)
-            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            except ssl.SSLWantReadError:
                 break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                chunk = b""
             if not chunk:
+                # The peer's end was among them: later reads report it once _plain is
+                # handed out (it is not read again; the kernel may never announce it).
+                self._tls_eof = True
                 break
             self._plain += chunk
         with contextlib.suppress(ssl.SSLError, ValueError):
