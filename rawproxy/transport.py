@@ -541,12 +541,16 @@ class Leg:
         if self.interest:
             self.loop.forget(self.fd)  # the socket is closed below: no EPOLL_CTL_DEL needed
             self.interest = 0
+        if not reset:
+            if self.queued is not None:
+                with contextlib.suppress(OSError):
+                    self.push()  # best effort: the last answer of an orderly close
+            # What the kernel did not take is lost: a reset says so, where an orderly end
+            # would tell the peer it got everything (an answer framed by the close).
+            reset = self.backlog is not None
         if reset:
             abort_on_close(self.sock)
-        elif self.queued is not None:
-            with contextlib.suppress(OSError):
-                self.push()  # best effort: the last answer of an orderly close
-        if not reset and self.tls:
+        elif self.tls:
             # An orderly TLS close says so (close_notify), or the peer sees a truncation.
             with contextlib.suppress(OSError):
                 send_close_notify(self.sock)

@@ -619,6 +619,11 @@ class Tunnel:
             return
         if self.timer is not None:
             self.timer.cancel()
+        c2b, b2c = self.c2b, self.b2c
+        if c2b.backlog is not None or b2c.backlog is not None or c2b.in_pipe or b2c.in_pipe:
+            # Cut (idle timeout, shutdown) with bytes read and not delivered: a reset says so.
+            # An orderly end would tell the peer it got everything.
+            reset = True
         for fd, interest in (
             (self.client_fd, self.client_interest),
             (self.backend_fd, self.backend_interest),
@@ -626,7 +631,7 @@ class Tunnel:
             if interest >= 0:
                 self.loop.forget(fd)  # closed below: no EPOLL_CTL_DEL needed
         self.client_interest = self.backend_interest = UNREGISTERED
-        for d in (self.c2b, self.b2c):
+        for d in (c2b, b2c):
             self._release_pipe(d)
         for sock in (self.client, self.backend):
             if reset:

@@ -384,6 +384,33 @@ def test_tunnel_idle_timeout_closes_idle_tunnel(open_tunnel):
     assert t.backend.result(5) == "eof"
 
 
+def test_a_tunnel_cut_with_bytes_undelivered_resets_the_client(open_tunnel):
+    """--tunnel-idle-timeout cuts a tunnel whose client stopped reading while the proxy
+    still holds bytes of the backend's (in its pipe or buffer: the kernel queues are full).
+    The client must see a reset once it reads what reached it, not an orderly end after
+    fewer bytes than were sent: a silent truncation."""
+    total = 32 * 1024 * 1024
+
+    def push(sc: ScriptedConn) -> str:
+        sc.sock.sendall(RESPONSE_101)
+        sc.sock.settimeout(10)
+        chunk = b"x" * 65536
+        sent = 0
+        try:
+            while sent < total:
+                sent += sc.sock.send(chunk)
+        except OSError as e:
+            return type(e).__name__  # the proxy closed its end while we were blocked
+        return "all sent"
+
+    t = open_tunnel(push, "--tunnel-idle-timeout", "1")
+    line = t.proxy.wait_for_log(r"ended=.*idle for 1s", timeout=10)
+    kind, got = wait_closed(t.sock, timeout=10)
+    assert len(t.buf) + len(got) < total, line
+    assert kind == "reset", f"an orderly end after {len(t.buf) + len(got)} of {total} bytes"
+    assert t.backend.result(10) != "all sent"
+
+
 def test_tunnel_idle_timeout_spares_active_tunnel(open_tunnel):
     t = open_tunnel(echo, "--tunnel-idle-timeout", "1")
     start = time.monotonic()
