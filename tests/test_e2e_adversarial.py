@@ -633,33 +633,25 @@ def test_pipelined_requests_one_byte_at_a_time(rig):
     assert got == PIPELINE_ANSWERS
 
 
-def test_a_simple_answer_cut_at_every_byte(rig):
-    """The backend's answer in two sends, cut at each byte in turn (the fast path's first read
-    then has no whole head, or a head without its body, or all of it): one client connection
-    gets every answer whole, and the backend connection is kept throughout."""
-    answer = ok(b"0123456789", b"X-A: b")
-    cut = [0]
-
-    def split(seen: Seen, sock: socket.socket) -> bool:
-        send_in_pieces(sock, answer, [cut[0]])
-        return True
-
-    r = rig(answer=split)
-    with r.client() as c:
-        for at in range(1, len(answer)):
-            cut[0] = at
-            resp = c.request(simple_get(f"/{at}"))
-            assert (resp.status, resp.body) == (200, b"0123456789"), (at, resp)
-            assert resp.header("x-a") == b"b", (at, resp.raw_head)
-    seen = r.backend.wait_seen(len(answer) - 1)
-    assert {s.conn for s in seen} == {0}
-
-
-def test_a_chunked_answer_cut_at_every_byte(rig):
-    answer = (
+SPLIT_ANSWERS = {
+    "length": (ok(b"0123456789", b"X-A: b"), b"0123456789", False, b"b"),
+    "chunked": (
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"3;e=1\r\nabc\r\n000002\r\nde\r\n0\r\nX-T: 1\r\n\r\n"
-    )
+        b"3;e=1\r\nabc\r\n000002\r\nde\r\n0\r\nX-T: 1\r\n\r\n",
+        b"abcde",
+        True,
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("framing", SPLIT_ANSWERS)
+def test_an_answer_cut_at_every_byte(rig, framing):
+    """The backend's answer in two sends, cut at each byte in turn (the fast path's first read
+    then has no whole head, or a head without its body, or all of it; a chunked answer goes
+    to h11): one client connection gets every answer whole, and the backend connection is
+    kept throughout."""
+    answer, body, chunked, x_a = SPLIT_ANSWERS[framing]
     cut = [0]
 
     def split(seen: Seen, sock: socket.socket) -> bool:
@@ -671,7 +663,8 @@ def test_a_chunked_answer_cut_at_every_byte(rig):
         for at in range(1, len(answer)):
             cut[0] = at
             resp = c.request(simple_get(f"/{at}"))
-            assert (resp.status, resp.body, resp.chunked) == (200, b"abcde", True), (at, resp)
+            assert (resp.status, resp.body, resp.chunked) == (200, body, chunked), (at, resp)
+            assert resp.header("x-a") == x_a, (at, resp.raw_head)
     seen = r.backend.wait_seen(len(answer) - 1)
     assert {s.conn for s in seen} == {0}
 

@@ -644,6 +644,24 @@ def test_client_reset_mid_transfer_both_ways_resets_backend(make_rig, background
     rig.proxy.wait_for_log(r'ended="client reset"', since=mark)
 
 
+def stream_until_refused(
+    background: Callable[..., Any], stream: Any, data: bytes
+) -> tuple[Any, list[str]]:
+    """Send `data` 20 times over in a background thread (a 10 s timeout per send) until a
+    send fails: the thread, and the list that gets the failing error's name."""
+    raw_socket(stream).settimeout(10)
+    failed: list[str] = []
+
+    def send() -> None:
+        try:
+            for _ in range(20):
+                send_blob(stream, data, 64 * KiB)
+        except OSError as e:
+            failed.append(type(e).__name__)
+
+    return background(send), failed
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_backend_reset_mid_transfer_resets_client(make_rig, background, mode):
     """The client streams into the backend, which resets after 2 MiB: the client's leg ends
@@ -658,18 +676,8 @@ def test_backend_reset_mid_transfer_resets_client(make_rig, background, mode):
 
     rig = make_rig(mode, script)
     client = rig.open()
-    raw_socket(client.stream).settimeout(10)
-    sent_error: list[str] = []
-
-    def send() -> None:
-        try:
-            for _ in range(20):
-                send_blob(client.stream, data, 64 * KiB)
-        except OSError as e:
-            sent_error.append(type(e).__name__)
-
     mark = rig.proxy.mark()
-    sender = background(send)
+    sender, sent_error = stream_until_refused(background, client.stream, data)
     assert rig.backend.result(15) == "reset"
     kind = stream_ended(client.stream, 10)
     assert kind in ("eof", "reset", "error"), kind
@@ -1019,18 +1027,8 @@ def test_backend_reset_after_its_half_close_resets_client(make_rig, background, 
     rig = make_rig(mode, script)
     client = rig.open()
     assert client.read_to_eof() == (4, sha256(b"done"))
-    raw_socket(client.stream).settimeout(10)
-    failed: list[str] = []
-
-    def send() -> None:
-        try:
-            for _ in range(20):
-                send_blob(client.stream, data, 64 * KiB)
-        except OSError as e:
-            failed.append(type(e).__name__)
-
     mark = rig.proxy.mark()
-    sender = background(send)
+    sender, failed = stream_until_refused(background, client.stream, data)
     assert rig.backend.result(15) == "reset"
     sender.join(15)
     assert failed, "the client could send 120 MiB into a tunnel whose backend reset"
