@@ -279,6 +279,22 @@ def rig(raw_backend, start_proxy) -> Callable[..., Rig]:
     return make
 
 
+def sends(data: bytes) -> Answer:
+    """An answer for RawBackend.answers: `data` as it is, and the connection read on."""
+
+    def answer(_seen: Seen, sock: socket.socket) -> bool:
+        sock.sendall(data)
+        return True
+
+    return answer
+
+
+def get_on(request_path: str, target: str) -> bytes:
+    """A GET the fast path takes (`fast`), or one with bare LF line ends that goes to h11."""
+    request = simple_get(target)
+    return request if request_path == "fast" else request.replace(b"\r\n", b"\n")
+
+
 def refused_then_closed(c: HttpClient, status: int = 400, method: str = "POST") -> None:
     """The proxy answers `status` itself, says it closes, and closes with nothing after."""
     resp = c.read_response(method)
@@ -858,16 +874,9 @@ BAD_ANSWERS = {
 @pytest.mark.parametrize("answer", list(BAD_ANSWERS.values()), ids=list(BAD_ANSWERS))
 @pytest.mark.parametrize("request_path", ["fast", "h11"])
 def test_a_malformed_answer_is_a_502_and_never_relayed(rig, answer, request_path):
-    def bad(seen: Seen, sock: socket.socket) -> bool:
-        if seen.target == b"/bad":
-            sock.sendall(answer)
-            return True
-        return echo(seen, sock)
-
-    r = rig(answer=bad)
-    request = simple_get("/bad")
-    if request_path == "h11":
-        request = request.replace(b"\r\n", b"\n")
+    r = rig()
+    r.backend.answers[b"/bad"] = sends(answer)
+    request = get_on(request_path, "/bad")
     with r.client() as c:
         assert c.request(simple_get("/first")).body == b"GET /first"
         c.send(request)
@@ -947,16 +956,9 @@ def test_an_accepted_answer_reaches_the_client_framed_once(rig, case, request_pa
     framing header, and the next request is answered on the same client connection."""
     answer, parts = ACCEPTED_ANSWERS[case]
 
-    def odd(seen: Seen, sock: socket.socket) -> bool:
-        if seen.target == b"/odd":
-            sock.sendall(answer)
-            return True
-        return echo(seen, sock)
-
-    r = rig(answer=odd)
-    request = simple_get("/odd")
-    if request_path == "h11":
-        request = request.replace(b"\r\n", b"\n")
+    r = rig()
+    r.backend.answers[b"/odd"] = sends(answer)
+    request = get_on(request_path, "/odd")
     with r.client() as c:
         c.send(request)
         resp = c.read_response()
@@ -1011,13 +1013,8 @@ def test_a_body_where_none_may_be_is_never_an_answer(rig, case):
     backend connection is not used again)."""
     method, answer, status = BODILESS[case]
 
-    def bodiless(seen: Seen, sock: socket.socket) -> bool:
-        if seen.target == b"/x":
-            sock.sendall(answer)
-            return True
-        return echo(seen, sock)
-
-    r = rig(answer=bodiless)
+    r = rig()
+    r.backend.answers[b"/x"] = sends(answer)
     with r.client() as c:
         c.send(request_bytes(method, "/x", [("Host", "b.test")]))
         resp = c.read_response(method)
@@ -1060,9 +1057,7 @@ def test_an_answer_cut_short_is_never_complete_to_the_client(rig, case, request_
         return False
 
     r = rig(answer=cut)
-    request = simple_get("/cut")
-    if request_path == "h11":
-        request = request.replace(b"\r\n", b"\n")
+    request = get_on(request_path, "/cut")
     with r.client() as c:
         c.send(request)
         start = time.monotonic()
