@@ -2253,6 +2253,13 @@ class Session:
             )
             self._close(reset=True)
         elif phase == HANDSHAKE:
+            sock = self.client.sock
+            if isinstance(sock, TlsSocket) and not sock.first_bytes:
+                # Connected and silent (a port check, a spare connection): closed with a
+                # FIN, as on a plain listener; a handshake begun and stalled is reset.
+                log.debug("%s closed: no TLS within %gs", self.peer, config.header_timeout)
+                self._close()
+                return
             log.info(
                 "%s TLS handshake not complete within %gs (--header-timeout); closed",
                 self.peer,
