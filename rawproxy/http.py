@@ -1393,13 +1393,19 @@ def error_headers(length: int) -> list[Header]:
     ]
 
 
+def closing_error_head(status: int, length: int) -> bytes:
+    """The head of an error response of ours with a body of `length` bytes, closing the
+    connection."""
+    reason = REASONS.get(status, "Error")
+    head = b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("ascii"))
+    for name, value in error_headers(length):
+        head += name + b": " + value + b"\r\n"
+    return head + b"Connection: close\r\n\r\n"
+
+
 def error_response(status: int, detail: str, head_only: bool = False) -> bytes:
     """The complete bytes of an error response the proxy writes itself, closing the
     connection. `detail` is a short text for humans; it is the whole body."""
-    reason = REASONS.get(status, "Error")
     body = error_body(status, detail)
-    head = b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("ascii"))
-    for name, value in error_headers(len(body)):
-        head += name + b": " + value + b"\r\n"
-    head += b"Connection: close\r\n\r\n"
+    head = closing_error_head(status, len(body))
     return head if head_only else head + body

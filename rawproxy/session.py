@@ -48,6 +48,7 @@ from rawproxy.http import (
     bare_lf_chunk_line,
     client_response_headers,
     client_scheme,
+    closing_error_head,
     decide_upgrade,
     decided_upgrade,
     error_body,
@@ -2212,11 +2213,14 @@ class Session:
             self._report(status, detail)
             self._close(reset=True)
             return
-        head_only = self.request is not None and self.request.method == b"HEAD"
-        self._report(status, detail, own=0 if head_only else len(error_body(status, detail)))
+        body = error_body(status, detail)
+        head = closing_error_head(status, len(body))
+        if self.request is not None and self.request.method == b"HEAD":
+            body = b""
+        self._report(status, detail, own=len(body))
         self._drop_backend()
         try:
-            self.client.send(error_response(status, detail, head_only))
+            self.client.send(head + body)
         except OSError:
             self._close(reset=True)
             return

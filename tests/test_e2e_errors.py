@@ -18,9 +18,11 @@ from peers import (
     ScriptedConn,
     assert_serves,
     connect,
+    header_value,
     refused_port,
     request_bytes,
     simple_get,
+    wait_closed,
 )
 
 OTHER = "/still-ok"  # the target assert_serves uses; its access line is not the error's
@@ -311,6 +313,26 @@ def test_backend_refused_gets_502(start_proxy, client):
             assert time.monotonic() - start < 2, "a refused connection is not a timeout"
             proxy.wait_for_logs(status_pattern(502), i, since=mark)
         assert len(proxy.logs_matching(status_pattern(502), mark)) == 2, proxy.log_text(mark)
+    finally:
+        holder.close()
+
+
+def test_a_head_request_gets_our_502_without_its_body(start_proxy, client):
+    """Our own error answer to HEAD says the length of the body a GET would get, sends none,
+    and closes."""
+    holder, port = refused_port()
+    try:
+        proxy = start_proxy(port)
+        c = client(proxy.port, timeout=5)
+        get = c.request(simple_get("/refused"))
+        c = client(proxy.port, timeout=5)
+        c.send(request_bytes("HEAD", "/refused", [("Host", "b.test")]))
+        head = c.read_response("HEAD")
+        assert (get.status, head.status) == (502, 502)
+        assert header_value(head.headers, "content-length") == str(len(get.body)).encode()
+        assert head.body == b""
+        after = bytes(c.buf) + wait_closed(c.sock, timeout=2)[1]
+        assert after == b"", f"bytes after the head: {after!r}"
     finally:
         holder.close()
 
