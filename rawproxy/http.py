@@ -527,7 +527,10 @@ def forwarded_headers(
         shown_host = kept(FORWARDED_HOST) or host
         if shown_host is not None:
             out.append((b"X-Forwarded-Host", shown_host))
-        out.append((b"X-Forwarded-Port", kept(FORWARDED_PORT) or port))
+        shown_port = kept(FORWARDED_PORT) or _implied_port(
+            kept(FORWARDED_HOST), kept(FORWARDED_PROTO)
+        )
+        out.append((b"X-Forwarded-Port", shown_port or port))
     else:
         for name in (FORWARDED_FOR, FORWARDED_PROTO, FORWARDED_HOST, FORWARDED_PORT):
             value = kept(name)
@@ -542,6 +545,23 @@ def forwarded_headers(
     elif chain is not None:
         out.append((b"Forwarded", chain))
     return out
+
+
+_HOST_PORT = re.compile(rb"(?:\[[^\]]*\]|[^:\[\]]*):([0-9]{1,5})")
+_DEFAULT_PORTS = {b"https": b"443", b"wss": b"443", b"http": b"80", b"ws": b"80"}
+
+
+def _implied_port(passed_host: bytes | None, passed_proto: bytes | None) -> bytes | None:
+    """The port the first proxy's client reached it on, when that trusted proxy passed on a
+    Host or a Proto but no Port: the port in its Host, else its scheme's default. Ours
+    would be wrong next to its Proto (https://host:8080/ links behind a TLS front on 443)."""
+    if passed_host:
+        m = _HOST_PORT.fullmatch(passed_host.split(b",", 1)[0].strip())
+        if m:
+            return m.group(1)
+    if passed_proto:
+        return _DEFAULT_PORTS.get(passed_proto.split(b",", 1)[0].strip().lower())
+    return None
 
 
 def client_response_headers(

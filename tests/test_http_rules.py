@@ -278,6 +278,35 @@ def test_trusted_proxy_headers_are_extended() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("sent", "port"),
+    [
+        ([("X-Forwarded-Proto", "https")], b"443"),
+        ([("X-Forwarded-Proto", "HTTP")], b"80"),
+        ([("X-Forwarded-Proto", "https, http")], b"443"),  # the first proxy's
+        ([("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "first.test:8443")], b"8443"),
+        ([("X-Forwarded-Host", "[2001:db8::1]:8443, second.test:81")], b"8443"),
+        ([("X-Forwarded-Host", "[2001:db8::1]")], b"8080"),  # no port said: ours
+        ([("X-Forwarded-Host", "first.test")], b"8080"),
+        ([("X-Forwarded-Proto", "gopher")], b"8080"),
+        ([("X-Forwarded-For", "203.0.113.1")], b"8080"),
+        ([("X-Forwarded-Proto", "https"), ("X-Forwarded-Port", "4443")], b"4443"),
+    ],
+)
+def test_a_trusted_proxy_that_names_no_port_implies_it(
+    sent: list[tuple[str, str]], port: bytes
+) -> None:
+    """The port a trusted proxy's client reached it on, when that proxy sent no
+    X-Forwarded-Port: the port of the Host it passed on, else the default port of the scheme
+    it passed on; ours (8080 here) only when it said neither. Sending ours next to its Proto
+    would tell the backend to build links to https://host:8080/."""
+    trusted = ClientSide("10.0.0.2", "http", 8080, trusted=True)
+    out = backend_request_headers(
+        H(("Host", "front.test:8080"), *sent), decide_upgrade([]), trusted, default_host=b"b"
+    )
+    assert value(out, "x-forwarded-port") == port
+
+
 @pytest.mark.parametrize("mode", ["x-forwarded", "rfc7239", "both", "none"])
 def test_untrusted_forwarded_headers_never_pass(mode: str) -> None:
     out = backend_request_headers(
