@@ -1842,6 +1842,14 @@ class Session:
 
     def _backend_lost(self, detail: str) -> None:
         """The backend connection failed or closed in the middle of an exchange."""
+        backend = self.backend
+        if backend is not None:
+            sock = backend.sock
+            if isinstance(sock, TlsSocket) and sock.refused_renegotiation:
+                detail += (
+                    " after it asked for a TLS renegotiation, which rawproxy refuses (a "
+                    "client certificate must be asked for in the first handshake)"
+                )
         if self.phase == CONNECTING:
             # Still being set up (a PROXY header or TLS handshake under way): a failed
             # connection, answered now, not when --connect-timeout runs out.

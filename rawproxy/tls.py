@@ -336,7 +336,9 @@ def backend_context(
     client_pair: CertPair | None,
 ) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.options |= TOLERATE_BARE_FIN
+    # A backend's renegotiation (TLS 1.2) is refused, as HAProxy does: OpenSSL answers its
+    # HelloRequest with a no_renegotiation alert and the connection goes on as it was.
+    context.options |= ssl.OP_NO_RENEGOTIATION | TOLERATE_BARE_FIN
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
     if insecure:

@@ -61,6 +61,7 @@ class TlsSocket:
         "_unacked",
         "first_bytes",
         "raw",
+        "refused_renegotiation",
     )
 
     def __init__(
@@ -93,6 +94,8 @@ class TlsSocket:
         # The start of what the peer sent, as it came (a failed handshake may have been
         # plain HTTP: OpenSSL names only some methods).
         self.first_bytes = b""
+        # The peer asked for a renegotiation (TLS 1.2) and our no_renegotiation alert went.
+        self.refused_renegotiation = False
 
     # -- the socket API the proxy uses -------------------------------------------------------
 
@@ -204,6 +207,13 @@ class TlsSocket:
                 n = self._obj.read(len(view), view)  # type: ignore[assignment]
             except ssl.SSLWantReadError:
                 if not kernel or not self._read_raw():
+                    if self._outgoing.pending:
+                        # Records the read made that carry no data: an alert refusing a
+                        # renegotiation (TLS 1.2), or a TLS 1.3 key update's answer. They go
+                        # now, as no send may follow.
+                        if self._obj.version() != "TLSv1.3":
+                            self.refused_renegotiation = True
+                        self._flush()
                     raise
                 continue
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
@@ -226,7 +236,12 @@ class TlsSocket:
             return n
         if self._out and not self._flush():
             raise ssl.SSLWantWriteError()
-        size = self._obj.write(data)
+        try:
+            size = self._obj.write(data)
+        except ssl.SSLWantReadError:
+            # Only a renegotiation under way makes a write wait for a read, and our contexts
+            # refuse renegotiation: waiting for writability here would spin.
+            raise ssl.SSLError("TLS write blocked by a renegotiation") from None
         if self._flush():
             return size
         self._unacked = size
