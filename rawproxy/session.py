@@ -1342,10 +1342,12 @@ class Session:
         elif self.phase == IDLE:
             if self.draining:
                 self._close()  # the last answer is out (see is_idle)
-            elif self not in self.server.idle:
+                return
+            if self not in self.server.idle:
                 # Passed over at --max-connections while its last answer was going out
                 # (Server._oldest_idle drops such entries): it may make room from now on.
                 self.server.became_idle(self)
+            self._read_client_soon()
         elif self.phase == HEAD:
             # The answers are out: the pipelined request that waited for them is read now.
             self._arm(self.config.header_timeout, self._on_timeout)
@@ -2053,13 +2055,32 @@ class Session:
                 # client's pump, and pumping again from it, answer after answer, went as deep
                 # as the client pipelined (a RecursionError some 140 requests down).
                 self._pump_next_turn()
-        elif closed and self.client.backlog is None and self.client.queued is None:
+        elif closed and self.client.backlog is None and self._push_client():
+            # The client ended its side and its answers are out (pushed now if queued).
             self._close()
         else:
             # (Closed by the client: its end is read again once its answers are out.)
             self.phase = IDLE
             self._arm(self.config.idle_timeout, self._on_timeout)
             self.server.became_idle(self)
+            self._read_client_soon()
+
+    def _push_client(self) -> bool:
+        try:
+            return self.client.push()
+        except OSError as e:
+            raise _Broken("client", e) from e
+
+    def _read_client_soon(self) -> None:
+        """What the client's SSL object holds raises no readiness event: bytes decrypted with
+        the request, or its close_notify (read with the request, when both came in one
+        flight). Read them in the next turn, as a readiness event would."""
+        if self.client.pending():
+            self.loop.call_later(0, self._read_pending_client)
+
+    def _read_pending_client(self) -> None:
+        if self.phase in (IDLE, HEAD) and self.client.pending() and self._client_wants_read():
+            self._on_client(READ)
 
     def _refuse_switch(self, headers: Iterable[Header]) -> bool:
         """Answer 502 (and say True) if the backend's 101 names a protocol not offered."""

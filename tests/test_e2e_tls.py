@@ -64,7 +64,7 @@ from peers import (
     ws_accept,
     ws_key,
 )
-from tls_peers import CertFiles, Pki, TlsStream, client_hello, tls_wait_closed
+from tls_peers import Pki, TlsStream, cert_flags, client_hello, tls_wait_closed
 from wsproto.events import CloseConnection
 
 MiB = 1024 * 1024
@@ -76,13 +76,6 @@ MiB = 1024 * 1024
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(tmp_path_factory.mktemp("pki"))
-
-
-def cert_flags(*certs: CertFiles) -> list[str]:
-    flags: list[str] = []
-    for cert in certs:
-        flags += ["--cert", str(cert.cert), "--key", str(cert.key)]
-    return flags
 
 
 def startup_lines(proxy: ProxyProcess) -> list[str]:

@@ -342,6 +342,14 @@ class CertFiles:
         return encrypt_key(self.key, path, traditional)
 
 
+def cert_flags(*certs: CertFiles) -> list[str]:
+    """--cert/--key for each certificate, in order (the first is the default)."""
+    flags: list[str] = []
+    for cert in certs:
+        flags += ["--cert", str(cert.cert), "--key", str(cert.key)]
+    return flags
+
+
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
