@@ -34,6 +34,7 @@ import h11
 
 from rawproxy.http import (
     IDEMPOTENT_METHODS,
+    MAX_CONTENT_LENGTH,
     REASONS,
     REWRITTEN_HEADERS,
     ClientSide,
@@ -114,6 +115,7 @@ LINGER_SECONDS = 2.0
 _NO_MORE = (h11.NEED_DATA, h11.PAUSED)
 # Why a chunked body is refused when h11 would wait for the end of its chunk line forever.
 BARE_LF_CHUNK_LINE = "a chunk line ended by a bare LF (chunked framing needs CRLF)"
+HUGE_CHUNK = f"a chunk size over {MAX_CONTENT_LENGTH} (2**63 - 1)"
 # The longest PROXY header we read: v2's fixed part and its largest accepted block.
 PROXY_HEADER_LIMIT = 16 + 4096
 # A request without a route is answered 404 on the same connection when what is left of its
@@ -242,6 +244,24 @@ def _stuck_on_bare_lf(conn: h11.Connection) -> bool:
     """`conn` asks for more of its peer's body and holds a chunk line it will never end
     (bare_lf_chunk_line): the exchange would hang until a timeout."""
     return conn.their_state is h11.SEND_BODY and bare_lf_chunk_line(conn.trailing_data[0])
+
+
+def _chunk_too_large(conn: h11.Connection, event: object) -> bool:
+    """The chunk whose size line h11 has just read is larger than MAX_CONTENT_LENGTH. h11
+    takes sizes of up to 20 hex digits (80 bits); a peer that keeps them in 64 bits without
+    an overflow check reads 2**64 + 5 as 5 and the rest as its next message (RFC 9112 7.1).
+    Call with each event of a body: a chunk's size is what h11 has left of it (its reader's
+    count, which no public API shows) when it waits for the chunk's first byte, plus that
+    first data when the chunk begins in the event."""
+    if isinstance(event, h11.Data):
+        if not event.chunk_start:
+            return False
+        first = len(event.data)
+    elif event is h11.NEED_DATA:
+        first = 0
+    else:
+        return False
+    return getattr(conn._reader, "_bytes_in_chunk", 0) + first > MAX_CONTENT_LENGTH
 
 
 def _no_deadline() -> None:
@@ -1177,6 +1197,9 @@ class Session:
                 detail = f"malformed request: {e}"
             self._fail(status, detail)
             return None
+        if client_h11.their_state is h11.SEND_BODY and _chunk_too_large(client_h11, event):
+            self._fail(400, f"malformed request body: {HUGE_CHUNK}")
+            return None
         if event in _NO_MORE:
             if _stuck_on_bare_lf(client_h11):
                 self._fail(400, f"malformed request body: {BARE_LF_CHUNK_LINE}")
@@ -1672,6 +1695,11 @@ class Session:
                         self._backend_lost("closed the connection before answering")
                     else:
                         self._backend_invalid(str(e))
+                    return
+                if _chunk_too_large(backend_h11, event):
+                    if body:
+                        self._body_to_client(body)
+                    self._backend_invalid(HUGE_CHUNK)
                     return
                 if event in _NO_MORE:
                     if _stuck_on_bare_lf(backend_h11):

@@ -109,6 +109,8 @@ BAD_BODIES = {
     # skipped any two bytes there (CVE-2025-43859) and read a complete request.
     "chunk-data-not-followed-by-crlf": b"5\r\nhelloXX0\r\n\r\n",
     "chunk-size-overflow": b"5\r\nhello\r\nffffffffffffffffffffffff\r\nx\r\n0\r\n\r\n",
+    # 2**64 + 5 (h11 reads 20 hex digits; a 64-bit reader reads 5): tests/test_chunk_sizes.py
+    "chunk-size-over-63-bits": b"10000000000000005\r\nhello\r\n0\r\n\r\n",
 }
 
 
