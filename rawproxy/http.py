@@ -26,10 +26,10 @@ Header = tuple[bytes, bytes]
 ForwardedLines = tuple[bytes, list[Header], bytes]
 
 # Headers that describe one hop and never travel on, whatever Connection says (RFC 9110 7.6.1),
-# plus Proxy-Connection, which old clients send and which has no meaning to a backend.
-HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"}
-)
+# plus Proxy-Connection, which old clients send and which has no meaning to a backend. Trailer
+# is not one (RFC 2616 listed it, RFC 9110 does not): it announces the trailer fields, which
+# travel on, and HAProxy keeps it too.
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade"})
 # Headers that a Connection token must never remove: they decide framing and routing, and
 # removing them on a client's say-so is how a proxy and a backend come to disagree on where a
 # message ends.
@@ -212,7 +212,7 @@ def _protocol_names(offered: bytes) -> frozenset[bytes]:
 # Fields a trailer must not carry on (RFC 9110 6.5.1): framing and routing are decided by the
 # header section, and a recipient that merged one of these from a trailer would frame or route
 # the message otherwise than the proxy did; hop-by-hop fields never travel on.
-_NOT_IN_TRAILERS = HOP_BY_HOP | NEVER_NOMINATED
+_NOT_IN_TRAILERS = HOP_BY_HOP | NEVER_NOMINATED | {b"trailer"}
 
 
 def fields_size(fields: Iterable[Header]) -> int:
@@ -565,7 +565,7 @@ def _implied_port(passed_host: bytes | None, passed_proto: bytes | None) -> byte
 
 
 def client_response_headers(
-    raw_headers: Iterable[Header], switching: bool, status: int = 200
+    raw_headers: Iterable[Header], switching: bool, status: int = 200, trailers: bool = True
 ) -> list[Header]:
     """The headers to send to the client for a backend's response.
 
@@ -577,6 +577,8 @@ def client_response_headers(
     answer is a 101 whatever `status` says: the bytes after its head are the tunnel's, and
     a client that framed them by its Content-Length would eat the first of them.
     For a 101 the backend's Upgrade value is kept and `Connection: upgrade` is sent.
+    Without `trailers` (an HTTP/1.0 client, which gets no chunked body) the Trailer header,
+    which announces trailer fields, is dropped with them.
     """
     raw_headers = list(raw_headers)
     lowers = [name.lower() for name, _ in raw_headers]
@@ -596,6 +598,8 @@ def client_response_headers(
         if (chunked or bodiless) and lower == b"content-length":
             continue
         if bodiless and lower == b"transfer-encoding":
+            continue
+        if not trailers and lower == b"trailer":
             continue
         out.append((name, value))
     if switching:

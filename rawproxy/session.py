@@ -1815,7 +1815,10 @@ class Session:
         self, raw: Iterable[tuple[bytes, bytes]], status: int
     ) -> list[tuple[bytes, bytes]]:
         """The headers of a backend's (non-101) answer as the client gets them."""
-        headers = client_response_headers(raw, False, status)
+        request = self.request
+        headers = client_response_headers(
+            raw, False, status, request is None or request.http_version != b"1.0"
+        )
         # Most answers carry nothing to rewrite: build the rule only when one could apply.
         if not REWRITTEN_HEADERS.isdisjoint([name.lower() for name, _ in headers]):
             rule = self._response_rewrite()

@@ -189,7 +189,9 @@ def test_trailers_pass_without_framing_and_hop_by_hop_fields(scripted_backend, s
     """Trailer fields travel both ways, but not Content-Length, Transfer-Encoding, Host or
     hop-by-hop ones (RFC 9110 6.5.1): a recipient that merged those into the header section
     would frame or route the message otherwise than the proxy did. Nor a client's claims
-    about itself (X-Forwarded-For, X_Real_IP), which the header section drops."""
+    about itself (X-Forwarded-For, X_Real_IP), which the header section drops. The Trailer
+    header that announces them travels too (end to end, RFC 9110 6.6.2; HAProxy keeps it),
+    but not a Trailer field inside a trailer section."""
 
     def script(sc):
         while not sc.extra.endswith(b"\r\n\r\n") or b"0\r\n" not in sc.extra:
@@ -198,8 +200,9 @@ def test_trailers_pass_without_framing_and_hop_by_hop_fields(scripted_backend, s
                 break
             sc.extra += chunk
         sc.sock.sendall(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
-            b"X-Sig: 1\r\nContent-Length: 99\r\nHost: evil.test\r\nConnection: close\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sig\r\n\r\n"
+            b"5\r\nhello\r\n0\r\nX-Sig: 1\r\nContent-Length: 99\r\nHost: evil.test\r\n"
+            b"Connection: close\r\nTrailer: X-Late\r\n\r\n"
         )
         return bytes(sc.extra)
 
@@ -215,6 +218,7 @@ def test_trailers_pass_without_framing_and_hop_by_hop_fields(scripted_backend, s
     )
     assert (resp.status, resp.body) == (200, b"hello")
     assert resp.trailers == [(b"X-Sig", b"1")]
+    assert resp.values("trailer") == [b"X-Sig"]
     sent = backend.result()
     trailer_section = sent[sent.index(b"0\r\n") + 3 :]
     assert trailer_section == b"X-Checksum: abc\r\n\r\n"
@@ -285,10 +289,11 @@ def test_hop_by_hop_stripped_and_forwarded_headers_added(proxy, http_backend, cl
     assert resp.status == 200
     [req] = http_backend.wait_for_requests(1)
     names = {k.lower() for k, _ in req.headers}
-    for gone in (b"keep-alive", b"proxy-connection", b"te", b"trailer", b"x-private", b"upgrade"):
+    for gone in (b"keep-alive", b"proxy-connection", b"te", b"x-private", b"upgrade"):
         assert gone not in names, f"{gone!r} reached the backend: {req.headers}"
     assert b"x-private" not in header_tokens(req.headers, "connection")
     assert req.values("x-public") == [b"visible"]
+    assert req.values("trailer") == [b"X-Checksum"]  # end to end (RFC 9110 6.6.2)
     assert req.values("host") == [b"Example.COM:8080"]
     assert req.values("x-forwarded-for") == [b"127.0.0.1"]
     assert req.values("x-forwarded-proto") == [b"http"]

@@ -22,7 +22,7 @@ from wsproto.events import CloseConnection
 
 HANDSHAKES = Path(__file__).resolve().parent / "data" / "handshakes"
 PATH = "/chat?room=1"
-HOP_BY_HOP = {b"connection", b"upgrade", b"keep-alive", b"proxy-connection", b"te", b"trailer"}
+HOP_BY_HOP = {b"connection", b"upgrade", b"keep-alive", b"proxy-connection", b"te"}
 FORWARDED = {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port"}
 
 

@@ -236,6 +236,7 @@ def test_hop_by_hop_stripped_and_forwarded_headers_added() -> None:
     out = backend_request_headers(headers, decision, CLIENT, default_host=b"backend")
     assert names(out) == [
         b"host",
+        b"trailer",  # end to end (RFC 9110 6.6.2)
         b"content-length",
         b"cookie",
         b"x-forwarded-for",
