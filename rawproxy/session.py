@@ -88,7 +88,7 @@ from rawproxy.proxyproto import (
     encode_v2,
     parse_proxy_header,
 )
-from rawproxy.transport import Leg, TlsSocket, set_nodelay
+from rawproxy.transport import Leg, TlsSocket, send_queue, set_nodelay
 from rawproxy.tunnel import Tunnel
 
 if TYPE_CHECKING:
@@ -115,6 +115,8 @@ LINGER_SECONDS = 2.0
 _NO_MORE = (h11.NEED_DATA, h11.PAUSED)
 # Why a chunked body is refused when h11 would wait for the end of its chunk line forever.
 BARE_LF_CHUNK_LINE = "a chunk line ended by a bare LF (chunked framing needs CRLF)"
+# Seconds between the two looks at a send queue that decide whether a peer is silent.
+QUEUE_LOOK_AGAIN = 1.0
 HUGE_CHUNK = f"a chunk size over {MAX_CONTENT_LENGTH} (2**63 - 1)"
 # The longest PROXY header we read: v2's fixed part and its largest accepted block.
 PROXY_HEADER_LIMIT = 16 + 4096
@@ -321,6 +323,7 @@ class Session:
         "progress",
         "proxy_buffer",
         "pump_later",
+        "queue_seen",
         "rejected_bytes",
         "relayed_tls_version",
         "request",
@@ -396,6 +399,9 @@ class Session:
         self.response_bytes = 0
         self.exchange_start = self.loop.now
         self.progress = self.loop.now
+        # The kernel's send queue toward the peer whose backlog waits, at the last look of a
+        # timeout (_look_again); -1: not looked at since the last progress.
+        self.queue_seen = -1
         self.head_bytes: bytearray | None = bytearray()
         self.head_lines = 0  # LFs in head_bytes: a cheap bound on its header fields
         # The exchange under way bypasses h11 (see _take_simple_request): its request head as
@@ -651,7 +657,7 @@ class Session:
                 self.server.idle.pop(self, None)  # under way: no longer a spare connection
                 self._client_handshake_step()
             else:
-                if mask & WRITE and self.client.flush():
+                if mask & WRITE and self._flush(self.client):
                     self._client_drained()
                 if mask & READ and self.phase != DONE:
                     if self._awaiting_answer():
@@ -1359,6 +1365,41 @@ class Session:
             trusted = address is not None and any(address in net for net in self.runtime.trusted)
         return ClientSide(ip, self.scheme, self.local_port, trusted)
 
+    def _flush(self, leg: Leg) -> bool:
+        """leg.flush(); a peer that took any of the backlog made progress. A slow reader that
+        keeps reading is not silent: --response-timeout counts silence, not slowness (as
+        nginx's send_timeout does)."""
+        backlog = leg.backlog
+        if backlog is None:
+            return True
+        waiting = len(backlog)
+        if leg.flush():
+            self.progress = self.loop.now
+            self.queue_seen = -1
+            return True
+        if len(leg.backlog or b"") < waiting:
+            self.progress = self.loop.now
+            self.queue_seen = -1
+        return False
+
+    def _look_again(self, leg: Leg) -> float | None:
+        """At --response-timeout with a backlog for `leg`, nothing taken from it: is the peer
+        silent? It may be reading all along while the socket stays unwritable (a large send
+        buffer becomes writable again only once a third of it is free: seconds, for a slow
+        reader). The kernel's send queue tells: shrunk since the last look is progress (wait
+        --response-timeout again); the first look notes its size and looks again shortly.
+        Returns the delay to the next look, or None: the peer took nothing."""
+        seen = self.queue_seen
+        queued = self.queue_seen = send_queue(leg.sock)
+        if queued < 0:
+            return None
+        if seen < 0:
+            return QUEUE_LOOK_AGAIN
+        if queued < seen:
+            self.progress = self.loop.now
+            return self.config.response_timeout
+        return None
+
     def _client_drained(self) -> None:
         if self.phase == CLOSING:
             self._shutdown_client()
@@ -1366,6 +1407,8 @@ class Session:
             if self.draining:
                 self._close()  # the last answer is out (see is_idle)
                 return
+            # Idle from now on (is_idle): the wait for the next request starts.
+            self._arm(self.config.idle_timeout, self._on_timeout)
             if self not in self.server.idle:
                 # Passed over at --max-connections while its last answer was going out
                 # (Server._oldest_idle drops such entries): it may make room from now on.
@@ -1548,7 +1591,7 @@ class Session:
             elif state != _READY:
                 self._backend_handshake_step()
             else:
-                if mask & WRITE and backend.flush():
+                if mask & WRITE and self._flush(backend):
                     self._pump_client()
                     self._read_client_tls_rest()
                 if mask & READ and self.backend is backend:
@@ -2092,7 +2135,12 @@ class Session:
         else:
             # (Closed by the client: its end is read again once its answers are out.)
             self.phase = IDLE
-            self._arm(self.config.idle_timeout, self._on_timeout)
+            if self._push_client():
+                self._arm(self.config.idle_timeout, self._on_timeout)
+            else:
+                # The answer is still going out: the client's silence is watched until it is
+                # (_on_timeout); the idle wait starts after (_client_drained).
+                self._arm(self.config.response_timeout, self._on_timeout)
             self.server.became_idle(self)
             self._read_client_soon()
 
@@ -2330,15 +2378,27 @@ class Session:
                 config.header_timeout,
             )
             self._close(reset=True)
+        elif phase in (HEAD, IDLE) and self.client.backlog is not None:
+            # Answers still going out (the next request waits for them, or none came yet):
+            # cut only when the client took none of them for --response-timeout.
+            quiet = self.loop.now - self.progress
+            if quiet < config.response_timeout:
+                self._arm(config.response_timeout - quiet, self._on_timeout)
+                return
+            again = self._look_again(self.client)
+            if again is not None:
+                self._arm(again, self._on_timeout)
+                return
+            log.info(
+                "%s took none of its answers for %gs (--response-timeout); connection reset "
+                "with %d bytes undelivered",
+                self.peer,
+                config.response_timeout,
+                len(self.client.backlog),
+            )
+            self._close()
         elif phase == HEAD:
-            if self.client.backlog is not None:
-                log.debug(
-                    "%s did not take its answers within %gs (--idle-timeout); closed",
-                    self.peer,
-                    config.idle_timeout,
-                )
-                self._close()
-            elif self.head_bytes:
+            if self.head_bytes:
                 self._fail(
                     408,
                     f"request head not complete within {config.header_timeout:g}s "
@@ -2374,6 +2434,19 @@ class Session:
             if quiet < config.response_timeout:
                 self._arm(config.response_timeout - quiet, self._on_timeout)
                 return
+            # Whose silence stops the exchange: the client's, which takes none of the answer,
+            # or the backend's, which takes none of the body (the other side is not read
+            # meanwhile: backpressure). Either may be reading slowly all along.
+            waiting = None
+            if self.response_started and self.client.backlog is not None:
+                waiting = self.client
+            elif not self.request_done and self.backend is not None and self.backend.backlog:
+                waiting = self.backend
+            if waiting is not None:
+                again = self._look_again(waiting)
+                if again is not None:
+                    self._arm(again, self._on_timeout)
+                    return
             if self.response_started:
                 # One line, in the access log too: the status, the bytes the client got, why,
                 # and whose silence it was (the backend is not read while the client has not

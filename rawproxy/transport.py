@@ -16,9 +16,12 @@ broken pipe, TLS alerts) propagate to the session, which knows what they mean fo
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import socket
 import ssl
 import struct
+import sys
+import termios
 from collections.abc import Sequence
 
 from rawproxy.loop import READ, WRITE, Callback, Loop
@@ -584,6 +587,17 @@ def abort_on_close(sock: Stream) -> None:
     """Make close() send a reset instead of a FIN (SO_LINGER with a zero timeout)."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def send_queue(sock: Stream) -> int:
+    """Bytes in the kernel's send queue not yet taken by the peer (SIOCOUTQ: unsent plus
+    unacknowledged); -1 when the kernel does not say."""
+    raw = sock.raw if isinstance(sock, TlsSocket) else sock
+    try:
+        out = fcntl.ioctl(raw.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return -1
+    return int.from_bytes(out, sys.byteorder, signed=True)
 
 
 def set_nodelay(sock: Stream) -> None:
