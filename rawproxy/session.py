@@ -2129,20 +2129,21 @@ class Session:
                 # client's pump, and pumping again from it, answer after answer, went as deep
                 # as the client pipelined (a RecursionError some 140 requests down).
                 self._pump_next_turn()
-        elif closed and self.client.backlog is None and self._push_client():
-            # The client ended its side and its answers are out (pushed now if queued).
-            self._close()
+            return
+        answered = self._push_client()  # the last answer, queued by this event, goes now
+        if closed and answered:
+            self._close()  # the client ended its side and its answers are out
+            return
+        # (Closed by the client: its end is read again once its answers are out.)
+        self.phase = IDLE
+        if answered:
+            self._arm(self.config.idle_timeout, self._on_timeout)
         else:
-            # (Closed by the client: its end is read again once its answers are out.)
-            self.phase = IDLE
-            if self._push_client():
-                self._arm(self.config.idle_timeout, self._on_timeout)
-            else:
-                # The answer is still going out: the client's silence is watched until it is
-                # (_on_timeout); the idle wait starts after (_client_drained).
-                self._arm(self.config.response_timeout, self._on_timeout)
-            self.server.became_idle(self)
-            self._read_client_soon()
+            # The answer is still going out: the client's silence is watched until it is
+            # (_on_timeout); the idle wait starts after (_client_drained).
+            self._arm(self.config.response_timeout, self._on_timeout)
+        self.server.became_idle(self)
+        self._read_client_soon()
 
     def _push_client(self) -> bool:
         try:
