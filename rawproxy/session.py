@@ -1404,8 +1404,11 @@ class Session:
         if self.phase == CLOSING:
             self._shutdown_client()
         elif self.phase == IDLE:
-            if self.draining:
-                self._close()  # the last answer is out (see is_idle)
+            if self.draining or self.client.ended:
+                # The last answer is out (see is_idle), or the client ended its side before
+                # it was: a FIN is read again now, a TLS close_notify was read once (the leg
+                # has ended) and no readiness event will announce it again.
+                self._close()
                 return
             # Idle from now on (is_idle): the wait for the next request starts.
             self._arm(self.config.idle_timeout, self._on_timeout)
