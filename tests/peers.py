@@ -1141,6 +1141,16 @@ class ProxyProcess:
                     return int(line.split()[1])
         raise AssertionError("no VmRSS line")
 
+    def peak_rss_kib(self, seconds: float) -> int:
+        """The largest VmRSS (KiB) over the next `seconds` (a test's deliberate stall),
+        sampled every 50 ms."""
+        peak = self.rss_kib()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.05)  # the sampling period, not a wait for an event
+            peak = max(peak, self.rss_kib())
+        return peak
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int | None:
         """Send `sig`, wait for the exit; returns the exit code, or None if it had to be killed."""
         code: int | None

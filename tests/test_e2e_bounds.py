@@ -17,13 +17,14 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import peers
 import pytest
 from peers import (
     RESPONSE_101,
     ProxyProcess,
+    ScriptedBackend,
     assert_serves,
     connect,
     proxy_args,
@@ -75,72 +76,18 @@ def get_latency(port: int, timeout: float = 5.0) -> float:
     return time.monotonic() - start
 
 
-class RawBackend:
-    """A loopback backend of one accept thread and a thread per connection that runs
-    `handle(sock)` after reading the request head (the head is handed over too)."""
-
-    def __init__(self, handle: Callable[[socket.socket, bytes, bytearray], None]) -> None:
-        self.handle = handle
-        self.listener = socket.create_server(("127.0.0.1", 0), backlog=512)
-        self.port = self.listener.getsockname()[1]
-        self.stopping = threading.Event()
-        self.conns: list[socket.socket] = []
-        self.threads: list[threading.Thread] = []
-        self.lock = threading.Lock()
-        self.accept_thread = threading.Thread(target=self._accept, daemon=True)
-        self.accept_thread.start()
-
-    def _accept(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            with self.lock:
-                self.conns.append(conn)
-                thread = threading.Thread(target=self._run, args=(conn,), daemon=True)
-                self.threads.append(thread)
-            thread.start()
-
-    def _run(self, conn: socket.socket) -> None:
-        buf = bytearray()
-        with contextlib.suppress(OSError, EOFError, ValueError):
-            head = recv_until(conn, buf, b"\r\n\r\n")
-            self.handle(conn, head, buf)
-        with self.lock:
-            if conn in self.conns:
-                self.conns.remove(conn)
-        conn.close()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        self.accept_thread.join(5)
-        with self.lock:
-            conns, threads = list(self.conns), list(self.threads)
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        for thread in threads:
-            thread.join(5)
-        for conn in conns:
-            conn.close()
+Handler = Callable[[socket.socket, bytes, bytearray], object]
 
 
 @pytest.fixture
-def raw_backend() -> Iterator[Callable[..., RawBackend]]:
-    made: list[RawBackend] = []
+def raw_backend(make_backend) -> Callable[[Handler], ScriptedBackend]:
+    """`raw_backend(handle)`: a backend that runs `handle(sock, head, bytes after the head)`
+    for each connection, in its own thread, after reading the request head."""
 
-    def make(handle: Callable[[socket.socket, bytes, bytearray], None]) -> RawBackend:
-        backend = RawBackend(handle)
-        made.append(backend)
-        return backend
+    def make(handle: Handler) -> ScriptedBackend:
+        return make_backend(ScriptedBackend, lambda sc: handle(sc.sock, sc.head, sc.extra))
 
-    yield make
-    for backend in made:
-        backend.stop()
+    return make
 
 
 class SelectorTunnelBackend:
@@ -208,7 +155,7 @@ class SelectorTunnelBackend:
 
 
 def tunnel_echo(sock: socket.socket, head: bytes, buf: bytearray) -> None:
-    """Answer 101, then echo until the end (a RawBackend handler)."""
+    """Answer 101, then echo until the end (a raw_backend handler)."""
     sock.sendall(RESPONSE_101)
     if buf:
         sock.sendall(bytes(buf))
@@ -244,6 +191,15 @@ def echo_round_trip(sock: socket.socket, message: bytes = b"ping") -> None:
 
 
 # --- 1. a slow but steady reader is progress, not silence ---------------------------------------
+
+
+def serve_tail(sock: socket.socket, head: bytes, buf: bytearray) -> None:
+    """Answer GET /tail/N with N bytes (a raw_backend handler), then wait for the end."""
+    size = int(re.search(rb"/tail/(\d+) ", head).group(1))
+    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+    sock.sendall(b"t" * size)
+    while sock.recv(65536):
+        pass
 
 
 def queued_for_a_silent_client(proxy: ProxyProcess, prefix: str) -> int:
@@ -767,14 +723,7 @@ def test_the_tail_of_a_relayed_answer_is_not_reset_while_the_client_reads_it(
     answer the access log called complete, with no line at info. The idle wait now starts
     when the last answer is out; until then the client's silence is what counts."""
 
-    def handle(sock: socket.socket, head: bytes, buf: bytearray) -> None:
-        size = int(re.search(rb"/tail/(\d+) ", head).group(1))
-        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
-        sock.sendall(b"t" * size)
-        while sock.recv(65536):
-            pass
-
-    backend = raw_backend(handle)
+    backend = raw_backend(serve_tail)
     proxy = start_proxy(backend.port, "--idle-timeout", "2", "--response-timeout", "30")
     mark = proxy.mark()
     queued = queued_for_a_silent_client(proxy, "/tail/")
@@ -837,14 +786,7 @@ def test_a_client_that_takes_none_of_its_answer_tail_is_cut(start_proxy, raw_bac
     waits in the proxy is cut after --response-timeout and one look more at its send queue,
     with a reset (bytes were lost) and one line at info saying how many."""
 
-    def handle(sock: socket.socket, head: bytes, buf: bytearray) -> None:
-        size = int(re.search(rb"/tail/(\d+) ", head).group(1))
-        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
-        sock.sendall(b"t" * size)
-        while sock.recv(65536):
-            pass
-
-    backend = raw_backend(handle)
+    backend = raw_backend(serve_tail)
     proxy = start_proxy(backend.port, "--idle-timeout", "30", "--response-timeout", "2")
     mark = proxy.mark()
     queued = queued_for_a_silent_client(proxy, "/tail/")

@@ -27,6 +27,7 @@ import pytest
 from peers import (
     RESPONSE_101,
     HttpBackend,
+    ProxyProcess,
     ScriptedBackend,
     ScriptedConn,
     connect,
@@ -162,6 +163,24 @@ def direct_request(port: int, pki: Pki, data: bytes, until: bytes) -> bytes:
         return got
 
 
+def tls_backend_proxy(start_proxy, backend, pki: Pki, *flags: str) -> ProxyProcess:
+    """A proxy that speaks verified TLS to `backend` (certificate `localhost` of the test CA)."""
+    return start_proxy(
+        backend.port,
+        *flags,
+        "--backend-ca",
+        str(pki.ca_file),
+        backend=f"https://localhost:{backend.port}",
+    )
+
+
+def tls_client(proxy: ProxyProcess, pki: Pki, sockets: list) -> TlsStream:
+    """A TLS connection to the proxy, closed with the test (the `sockets` fixture)."""
+    stream = TlsStream.connect(proxy.port, pki.client_context(), timeout=10)
+    sockets.append(stream)
+    return stream
+
+
 # --- renegotiation: refused on both legs, at once -------------------------------------------
 
 
@@ -183,14 +202,7 @@ def test_a_backend_tls12_renegotiation_does_not_stall_the_answer(
     assert direct_request(backend.port, pki, simple_get("/client-cert"), b"renegotiated")
     assert backend.result(5) == "answered"
 
-    proxy = start_proxy(
-        backend.port,
-        "--backend-ca",
-        str(pki.ca_file),
-        "--response-timeout",
-        "5",
-        backend=f"https://localhost:{backend.port}",
-    )
+    proxy = tls_backend_proxy(start_proxy, backend, pki, "--response-timeout", "5")
     c = client(proxy.port, timeout=10)
     start = time.monotonic()
     resp = c.request(simple_get("/client-cert"))
@@ -228,14 +240,7 @@ def test_a_backend_renegotiation_does_not_make_the_proxy_spin(
         backend = make_backend(ScriptedBackend, script, ssl_context=tls12_backend_context(pki))
     else:
         backend = renegotiating_backend(make_backend, pki, after)
-    proxy = start_proxy(
-        backend.port,
-        "--backend-ca",
-        str(pki.ca_file),
-        "--response-timeout",
-        "8",
-        backend=f"https://localhost:{backend.port}",
-    )
+    proxy = tls_backend_proxy(start_proxy, backend, pki, "--response-timeout", "8")
     sock = connect(proxy.port, timeout=10)
     sockets.append(sock)
     buf = bytearray()
@@ -315,8 +320,7 @@ def test_a_client_end_before_its_answer_closes_the_connection_after_it(
 
     backend = make_backend(ScriptedBackend, script)
     proxy = start_proxy(backend.port, *cert_flags(pki.server), "--idle-timeout", "8")
-    stream = TlsStream.connect(proxy.port, pki.client_context(), timeout=10)
-    sockets.append(stream)  # type: ignore[arg-type]
+    stream = tls_client(proxy, pki, sockets)
     if when == "with-the-request":
         with stream._ssl_lock:  # request and close_notify in one flight
             stream.obj.write(simple_get("/x"))
@@ -364,15 +368,8 @@ def test_key_updates_in_a_tls_tunnel(make_backend, start_proxy, sockets, pki, wh
         return "ok"
 
     backend = make_backend(ScriptedBackend, script, ssl_context=pki.server_context())
-    proxy = start_proxy(
-        backend.port,
-        *cert_flags(pki.server),
-        "--backend-ca",
-        str(pki.ca_file),
-        backend=f"https://localhost:{backend.port}",
-    )
-    stream = TlsStream.connect(proxy.port, pki.client_context(), timeout=10)
-    sockets.append(stream)  # type: ignore[arg-type]
+    proxy = tls_backend_proxy(start_proxy, backend, pki, *cert_flags(pki.server))
+    stream = tls_client(proxy, pki, sockets)
     assert stream.version() == "TLSv1.3"
     stream.sendall(tunnel_request())
     buf = bytearray()
@@ -496,8 +493,7 @@ def test_close_notify_in_the_middle_of_a_request_body(make_backend, start_proxy,
     (no complete request)."""
     backend = make_backend(ScriptedBackend, _reading_backend)
     proxy = start_proxy(backend.port, *cert_flags(pki.server))
-    stream = TlsStream.connect(proxy.port, pki.client_context(), timeout=10)
-    sockets.append(stream)  # type: ignore[arg-type]
+    stream = tls_client(proxy, pki, sockets)
     stream.sendall(request_bytes("POST", "/up", [("Host", "x"), ("Content-Length", "100000")]))
     stream.sendall(b"a" * 5000)
     time.sleep(0.2)
@@ -516,8 +512,7 @@ def test_a_bad_record_in_the_middle_of_a_request_body(
     backend = make_backend(ScriptedBackend, _reading_backend)
     proxy = start_proxy(backend.port, *cert_flags(pki.server))
     mark = proxy.mark()
-    stream = TlsStream.connect(proxy.port, pki.client_context(), timeout=10)
-    sockets.append(stream)  # type: ignore[arg-type]
+    stream = tls_client(proxy, pki, sockets)
     stream.sendall(request_bytes("POST", "/up", [("Host", "x"), ("Content-Length", "100000")]))
     stream.sendall(b"a" * 5000)
     time.sleep(0.2)
@@ -536,8 +531,7 @@ def test_close_notify_while_a_large_answer_streams(start_proxy, http_backend, so
     """The client ends its direction (close_notify, TCP stays open) while 8 MiB come to it:
     the answer is still delivered whole, then the proxy's close_notify."""
     proxy = start_proxy(http_backend.port, *cert_flags(pki.server))
-    stream = TlsStream.connect(proxy.port, pki.client_context(), timeout=10)
-    sockets.append(stream)  # type: ignore[arg-type]
+    stream = tls_client(proxy, pki, sockets)
     n = 8 * MiB
     stream.sendall(simple_get(f"/big?n={n}&cl=1"))
     buf = bytearray()
@@ -575,14 +569,7 @@ def test_a_backend_close_notify_on_a_kept_alive_connection(
         return tls_wait_closed(stream, 8)
 
     backend = make_backend(ScriptedBackend, script, ssl_context=pki.server_context())
-    proxy = start_proxy(
-        backend.port,
-        "--backend-ca",
-        str(pki.ca_file),
-        "--response-timeout",
-        "5",
-        backend=f"https://localhost:{backend.port}",
-    )
+    proxy = tls_backend_proxy(start_proxy, backend, pki, "--response-timeout", "5")
     c = client(proxy.port, timeout=8)
     assert c.request(simple_get("/first")).body == b"first"
     if not together:
@@ -600,35 +587,19 @@ def test_a_backend_close_notify_on_a_kept_alive_connection(
 RSS_GROWTH_LIMIT_KIB = 8 * 1024
 
 
-def _peak_rss(proxy: Any, seconds: float) -> int:
-    peak = proxy.rss_kib()
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        time.sleep(0.1)
-        peak = max(peak, proxy.rss_kib())
-    return peak
-
-
 def test_a_slow_tls_client_reader_keeps_memory_flat(make_backend, start_proxy, sockets, pki):
     """TLS on both legs, a 48 MiB answer, a client that reads 1 MiB and then nothing for 2 s:
     the proxy's RSS grows by less than 8 MiB, and the answer then arrives intact."""
     n = 48 * MiB
     backend = make_backend(HttpBackend, ssl_context=pki.server_context())
-    proxy = start_proxy(
-        backend.port,
-        *cert_flags(pki.server),
-        "--backend-ca",
-        str(pki.ca_file),
-        backend=f"https://localhost:{backend.port}",
-    )
-    stream = TlsStream.connect(proxy.port, pki.client_context(), timeout=10)
-    sockets.append(stream)  # type: ignore[arg-type]
+    proxy = tls_backend_proxy(start_proxy, backend, pki, *cert_flags(pki.server))
+    stream = tls_client(proxy, pki, sockets)
     stream.sendall(simple_get(f"/big?n={n}&cl=1"))
     buf = bytearray()
     recv_until(stream, buf, b"\r\n\r\n")  # type: ignore[arg-type]
     digest = hashlib.sha256(recv_exact(stream, MiB, buf))  # type: ignore[arg-type]
     baseline = proxy.rss_kib()
-    grown = _peak_rss(proxy, 2.0) - baseline
+    grown = proxy.peak_rss_kib(2.0) - baseline
     assert grown < RSS_GROWTH_LIMIT_KIB, f"the proxy grew by {grown} KiB"
     got = MiB
     while got < n:
@@ -663,21 +634,14 @@ def test_a_slow_tls_backend_reader_keeps_memory_flat(
         return "ok"
 
     backend = make_backend(ScriptedBackend, script, ssl_context=pki.server_context())
-    proxy = start_proxy(
-        backend.port,
-        *cert_flags(pki.server),
-        "--backend-ca",
-        str(pki.ca_file),
-        backend=f"https://localhost:{backend.port}",
-    )
-    stream = TlsStream.connect(proxy.port, pki.client_context(), timeout=10)
-    sockets.append(stream)  # type: ignore[arg-type]
+    proxy = tls_backend_proxy(start_proxy, backend, pki, *cert_flags(pki.server))
+    stream = tls_client(proxy, pki, sockets)
     stream.sendall(request_bytes("POST", "/up", [("Host", "x"), ("Content-Length", str(n))]))
     time.sleep(0.3)
     baseline = proxy.rss_kib()
     sender = background(send_blob, stream, data)
     try:
-        grown = _peak_rss(proxy, 2.0) - baseline
+        grown = proxy.peak_rss_kib(2.0) - baseline
         held_back = sender.thread.is_alive()
     finally:
         go.set()

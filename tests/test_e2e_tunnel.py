@@ -497,17 +497,6 @@ STALL_SECONDS = 3.0
 RSS_LIMIT_KIB = 32 * 1024
 
 
-def peak_rss_during(proxy: ProxyProcess, seconds: float) -> int:
-    """The largest VmRSS (KiB) of the proxy over the next `seconds` (the deliberate stall of
-    the test), sampled every 50 ms."""
-    peak = proxy.rss_kib()
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        time.sleep(0.05)  # the sampling period, not a wait for an event
-        peak = max(peak, proxy.rss_kib())
-    return peak
-
-
 def test_slow_client_reader_keeps_proxy_memory_flat(open_tunnel, blob):
     """The backend writes 256 MiB as fast as it can; the client reads nothing for 3 s. The
     proxy must stop reading from the backend instead of buffering: RSS stays within 32 MiB of
@@ -529,7 +518,7 @@ def test_slow_client_reader_keeps_proxy_memory_flat(open_tunnel, blob):
     t = open_tunnel(source, timeout=20)
     baseline = t.proxy.rss_kib()
     t.sock.sendall(b"g")
-    peak = peak_rss_during(t.proxy, STALL_SECONDS)
+    peak = t.proxy.peak_rss_kib(STALL_SECONDS)
     stalled_at = progress["sent"]
     assert peak - baseline <= RSS_LIMIT_KIB, (
         f"proxy RSS grew by {(peak - baseline) / 1024:.1f} MiB while the client did not read "
@@ -566,7 +555,7 @@ def test_slow_backend_reader_keeps_proxy_memory_flat(open_tunnel, background, bl
 
     sender = background(client_send)
     try:
-        peak = peak_rss_during(t.proxy, STALL_SECONDS)
+        peak = t.proxy.peak_rss_kib(STALL_SECONDS)
         stalled_at = progress["sent"]
     finally:
         go.set()

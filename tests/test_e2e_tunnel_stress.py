@@ -508,15 +508,9 @@ def stall(proxy: ProxyProcess, progress: dict[str, int]) -> tuple[int, int, int]
     kernel's buffers on the way are full by then (how much they take depends on the
     machine's autotuning: tcp_rmem may allow 32 MiB per socket, so no fixed share of the
     offered bytes is a sound bound)."""
-    peak = proxy.rss_kib()
-    start = time.monotonic()
-    middle = -1
-    while (elapsed := time.monotonic() - start) < STALL:
-        time.sleep(0.05)  # the sampling period of the stall, not a wait for an event
-        peak = max(peak, proxy.rss_kib())
-        if middle < 0 and elapsed >= STALL / 2:
-            middle = progress["sent"]
-    return peak, middle, progress["sent"]
+    first = proxy.peak_rss_kib(STALL / 2)
+    middle = progress["sent"]
+    return max(first, proxy.peak_rss_kib(STALL / 2)), middle, progress["sent"]
 
 
 def piece(i: int) -> bytes:
