@@ -807,3 +807,87 @@ def test_a_client_that_takes_none_of_its_answer_tail_is_cut(start_proxy, raw_bac
     finally:
         for sock in clients:
             sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_the_idle_wait_after_a_drained_answer_lasts_the_idle_timeout(start_proxy, raw_backend):
+    """When the last answer of a kept-alive connection has left the proxy's backlog, the wait
+    for the next request starts and lasts --idle-timeout: not the header timeout, and not the
+    --response-timeout that watched the backlog. "Left" means handed to the kernel, as nginx
+    counts keepalive_timeout: megabytes may still wait in the socket buffers for the client,
+    and the FIN queues behind them, so a client sees every byte and then the end. Clients
+    read their answers slowly for longer than the idle timeout, then take the rest at once and
+    send nothing: each gets all its bytes, then a FIN (never a reset), at most --idle-timeout
+    after its last byte (sooner when its backlog drained long before). That the wait does not
+    start while the backlog is still in the proxy is the test above."""
+    idle = 2.0
+    backend = raw_backend(serve_tail)
+    proxy = start_proxy(
+        backend.port,
+        "--idle-timeout",
+        str(idle),
+        "--header-timeout",
+        "9",
+        "--response-timeout",
+        "30",
+    )
+    queued = queued_for_a_silent_client(proxy, "/tail/")
+    mark = proxy.mark()
+    sizes = [queued - 384 * KiB + i * 48 * KiB for i in range(12)]
+    clients: dict[int, socket.socket] = {}
+    waited: dict[int, tuple[str, float]] = {}
+
+    def read_then_wait(size: int) -> None:
+        sock = clients[size]
+        got = 0
+        start = time.monotonic()
+        try:
+            while got < size and time.monotonic() - start < idle + 1.0:  # 8 KiB every 50 ms
+                chunk = sock.recv(8 * KiB)
+                if not chunk:
+                    break
+                got += len(chunk)
+                time.sleep(0.05)
+            while got < size:  # then the rest at once
+                chunk = sock.recv(256 * KiB)
+                if not chunk:
+                    break
+                got += len(chunk)
+            last_byte = time.monotonic()
+            if got < size:
+                waited[size] = (f"cut after {got} bytes", 0.0)
+                return
+            how, _ = wait_closed(sock, idle + 6.0)
+            waited[size] = (how, time.monotonic() - last_byte)
+        except OSError as e:
+            waited[size] = (f"{e!r} after {got} bytes", 0.0)
+
+    try:
+        for size in sizes:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(10)
+            sock.connect(("127.0.0.1", proxy.port))
+            sock.sendall(simple_get(f"/tail/{size}"))
+            clients[size] = sock
+        time.sleep(0.3)  # answers that fit in the proxy and the kernel are complete by now
+        readers = [threading.Thread(target=read_then_wait, args=(s,)) for s in sizes]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(20)
+    finally:
+        for sock in clients.values():
+            sock.close()
+    log = proxy.log_text(mark)
+    assert len(waited) == len(sizes), f"readers unfinished: {waited}"
+    wrong = {
+        size: (how, round(after, 2))
+        for size, (how, after) in waited.items()
+        if how != "eof" or after > idle + 1.5
+    }
+    assert not wrong, (
+        f"--idle-timeout {idle}: each connection should end with a FIN at most {idle} s after "
+        f"its answer's last byte (size: how it ended, seconds after the last byte): {wrong}; "
+        f"log:\n{log}"
+    )
