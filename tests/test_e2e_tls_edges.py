@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import os
+import re
 import socket
 import ssl
 import threading
@@ -43,6 +44,7 @@ from peers import (
 from tls_peers import Pki, TlsStream, cert_flags, client_hello, tls_wait_closed
 
 MiB = 1024 * 1024
+KiB = 1024
 
 
 @pytest.fixture(scope="session")
@@ -298,7 +300,7 @@ def test_a_client_renegotiation_is_refused_at_once(start_proxy, http_backend, cl
 
 
 @pytest.mark.parametrize("size", [2, 4 * MiB], ids=["small-answer", "answer-backlogged"])
-@pytest.mark.parametrize("when", ["with-the-request", "before-the-answer"])
+@pytest.mark.parametrize("when", ["with-the-request", "before-the-answer", "after-the-answer"])
 @pytest.mark.parametrize("how", ["close_notify", "close_notify+fin"])
 def test_a_client_end_before_its_answer_closes_the_connection_after_it(
     make_backend, start_proxy, sockets, pki, when, how, size
@@ -329,7 +331,8 @@ def test_a_client_end_before_its_answer_closes_the_connection_after_it(
         stream._flush()
     else:
         stream.sendall(simple_get("/x"))
-        time.sleep(0.1)
+        # before: while the backend waits; after: once its answer is in the proxy, unread.
+        time.sleep(0.1 if when == "before-the-answer" else 0.8)
         stream.close_notify()
     if how == "close_notify+fin":
         stream.raw.shutdown(socket.SHUT_WR)
@@ -347,6 +350,68 @@ def test_a_client_end_before_its_answer_closes_the_connection_after_it(
     assert kind == "close_notify"
     assert time.monotonic() - start < 2
     assert backend.result(5) == "answered"
+
+
+@pytest.mark.timeout(60)
+def test_a_close_notify_read_while_a_whole_answer_waits_closes_after_it(
+    make_backend, start_proxy, sockets, pki
+):
+    """The race of the test above, pinned down. A client sends its request and its
+    close_notify (no FIN) and reads nothing for a while. When the backend's whole answer is in
+    the proxy while part of it still waits in the proxy's backlog (answers a little larger
+    than what the kernel holds for a silent client), the exchange ends with the client's end
+    already read: nothing announces it again. The connection must close once the answer is
+    out, not at --idle-timeout. The backend answers 0.3 s late, so that the client's end is
+    read while the answer is awaited. Answers of a spread of sizes around what the proxy takes for a
+    silent client make some of them end that way on every run."""
+
+    def serve(sc: ScriptedConn) -> str:
+        size = int(re.search(rb"/size/(\d+) ", sc.head).group(1))
+        time.sleep(0.3)  # the client's end comes before the answer
+        sc.sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        sc.sock.sendall(b"a" * size)
+        return "answered"
+
+    backend = make_backend(ScriptedBackend, serve)
+    proxy = start_proxy(backend.port, *cert_flags(pki.server), "--idle-timeout", "20")
+    # What the proxy takes at once for a client that reads nothing: the bytes it relayed to
+    # one that leaves after a while, as its access line counts them.
+    mark = proxy.mark()
+    probe = tls_client(proxy, pki, sockets)
+    probe.sendall(simple_get(f"/size/{16 * MiB}"))
+    time.sleep(0.8)
+    probe.raw.close()
+    line = proxy.wait_for_log(r"GET /size/\d+ .*client went away", since=mark)
+    queued = int(re.search(r'" 200 (\d+) ', line).group(1))
+    sizes = [queued - 320 * KiB + i * 32 * KiB for i in range(14)]
+    streams = {}
+    for size in sizes:
+        stream = tls_client(proxy, pki, sockets)
+        stream.sendall(simple_get(f"/size/{size}"))
+        time.sleep(0.1)  # in a flight of its own, read while the answer is awaited
+        stream.close_notify()
+        streams[size] = stream
+    time.sleep(1.0)  # the answers come; nobody reads
+    stuck: dict[int, str] = {}
+
+    def read_all(size: int) -> None:
+        try:
+            kind, got = tls_wait_closed(streams[size], 6)
+        except TimeoutError:
+            stuck[size] = "still open 6 s after the answer was read"
+            return
+        if kind != "close_notify" or not got.endswith(b"a" * 64) or len(got) < size:
+            stuck[size] = f"{kind} after {len(got)} bytes"
+
+    readers = [threading.Thread(target=read_all, args=(size,)) for size in sizes]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(15)
+    assert not stuck, (
+        f"clients that ended with close_notify before their answers (size: what happened): "
+        f"{stuck}; log:\n{proxy.log_text(mark)}"
+    )
 
 
 # --- TLS 1.3 KeyUpdate ------------------------------------------------------------
