@@ -2,19 +2,45 @@
 
 Formats: Apache's "combined" (what log tools read), with the tunnel's duration, bytes each way
 and ending appended to its line; or one JSON object per line. Lines go to the `rawproxy.access`
-logger (stderr, so journald) or to a file of their own, reopened on SIGHUP for logrotate.
+logger (stderr, so journald; a JSON line there is the object alone, so that the journal's
+message parses) or to a file of their own, reopened on SIGHUP for logrotate.
+
+A line that cannot be written (a full disk) is dropped, and said on stderr at most once a
+minute: the request it tells of is served all the same, as nginx does.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
-from typing import IO
+from typing import overload
 
 logger = logging.getLogger("rawproxy.access")
+log = logging.getLogger("rawproxy")
 
 FORMATS = ("combined", "json")
+# A value from the wire (target, Referer, User-Agent) is cut to this many characters in a
+# line: escaped (up to 4 characters a byte in combined, 6 in JSON) the three stay well under
+# journald's 48 KiB line limit, past which a line would be split into entries whose
+# continuations begin with text the client chose. HAProxy logs 1024 characters of a URI.
+FIELD_LIMIT = 2048
+CUT_MARK = "...[cut]"
+# How often a failing access log file is said again on stderr, at most (seconds).
+WRITE_FAILURE_LOG_EVERY = 60.0
+
+
+@overload
+def _bounded(value: str) -> str: ...
+@overload
+def _bounded(value: None) -> None: ...
+def _bounded(value: str | None) -> str | None:
+    """A value from the wire as a line shows it: cut to FIELD_LIMIT characters, marked."""
+    if value is None or len(value) <= FIELD_LIMIT:
+        return value
+    return value[:FIELD_LIMIT] + CUT_MARK
 
 
 def _quoted(value: str) -> str:
@@ -37,40 +63,79 @@ def _clf_time(now: float) -> str:
     return time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(now))
 
 
+def _bare_json_on_stderr(on: bool) -> None:
+    """JSON lines on stderr go without the logging prefix (time and level), each the object
+    alone; combined lines keep it, as every other line of ours has it."""
+    for handler in logger.handlers[:]:
+        if getattr(handler, "rawproxy_bare", False):
+            logger.removeHandler(handler)
+    logger.propagate = not on
+    if on:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.rawproxy_bare = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+
+
 class AccessLog:
     def __init__(self, path: str | None = None, fmt: str = "combined") -> None:
         self.path = path
         self.fmt = fmt
-        self.file: IO[str] | None = None
+        # The file's descriptor, written with one unbuffered write a line: a line that fails
+        # is gone, never written again later (a buffer would keep it and fail at close).
+        self.fd: int | None = None
+        self.failures = 0  # lines dropped because the file could not take them
+        self.failure_logged = -WRITE_FAILURE_LOG_EVERY
         if path is not None:
-            self.file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            self.fd = self._open(path)
+        else:
+            _bare_json_on_stderr(fmt == "json")
+
+    @staticmethod
+    def _open(path: str) -> int:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def reopen(self) -> None:
         """After logrotate moved the file away: write to a new one under the same name."""
         if self.path is None:
             return
-        old = self.file
-        self.file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        old = self.fd
+        self.fd = self._open(self.path)
         if old is not None:
-            old.close()
+            os.close(old)
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def enabled(self) -> bool:
-        return self.file is not None or logger.isEnabledFor(logging.INFO)
+        return self.fd is not None or logger.isEnabledFor(logging.INFO)
 
     def _write(self, line: str, level: int = logging.INFO) -> None:
-        if self.file is not None:
-            self.file.write(line + "\n")
-        else:
+        if self.fd is None:
             logger.log(level, "%s", line)
+            return
+        data = (line + "\n").encode("utf-8", "backslashreplace")
+        try:
+            while data:
+                data = data[os.write(self.fd, data) :]
+        except OSError as e:
+            self.failures += 1
+            now = time.monotonic()
+            if now >= self.failure_logged + WRITE_FAILURE_LOG_EVERY:
+                self.failure_logged = now
+                log.error(
+                    "cannot write to the access log %s: %s; its lines are dropped meanwhile "
+                    "(%d so far), requests are served as usual",
+                    self.path,
+                    e.strerror or e,
+                    self.failures,
+                )
 
     @property
     def to_file(self) -> bool:
-        return self.file is not None
+        return self.fd is not None
 
     def request(
         self,
@@ -96,6 +161,7 @@ class AccessLog:
         if not self.enabled() and (error is None or not logger.isEnabledFor(level)):
             return
         now = time.time()
+        target, referer, user_agent = _bounded(target), _bounded(referer), _bounded(user_agent)
         if self.fmt == "json":
             self._write(
                 json.dumps(
@@ -138,12 +204,14 @@ class AccessLog:
         error: str,
         line: tuple[str, str, str] | None = None,
         size: int = 0,
+        level: int = logging.WARNING,
+        stderr: bool = True,
     ) -> None:
-        """An answer to a request whose head never parsed (400, 408, 431): for the access log
-        file, which has a line for every answer (request "-", or `line`, the method, target
-        and version of a complete request line); on stderr the error's own line says it
-        already."""
-        if self.file is not None:
+        """An answer to a request whose head never parsed (400, 408, 431), with request "-",
+        or `line` (the method, target and version of a complete request line). The access
+        log has a line for every answer: in its file, or on stderr, where it is the error's
+        one line (at `level`) unless `stderr` is False (another line said it there)."""
+        if self.fd is not None or stderr:
             method, target, version = line if line is not None else (None, None, None)
             self.request(
                 client=client,
@@ -157,6 +225,7 @@ class AccessLog:
                 duration=duration,
                 backend=None,
                 error=error,
+                level=level,
             )
 
     def tunnel(
@@ -177,6 +246,7 @@ class AccessLog:
         if not self.enabled():
             return
         now = time.time()
+        target, referer, user_agent = _bounded(target), _bounded(referer), _bounded(user_agent)
         if self.fmt == "json":
             self._write(
                 json.dumps(

@@ -148,7 +148,7 @@ def decide_upgrade(headers: Iterable[Header], http_version: bytes = b"1.1") -> U
             None, f"not an upgrade: an HTTP/{version} request, Upgrade dropped", True, *seen
         )
     value = b", ".join(kept)
-    return UpgradeDecision(value, f"upgrade to {value.decode('latin-1')}", True, *seen)
+    return UpgradeDecision(value, f"upgrade to {_token_text(value)}", True, *seen)
 
 
 # decided_upgrade's memo: the decisions made, by the lines they were made on. Browsers send a
@@ -287,10 +287,28 @@ def _split_tokens(line: bytes) -> list[bytes]:
     return [t for t in (e.strip(b" \t") for e in line.split(b",")) if t]
 
 
+# How much of one header value a debug line shows.
+SHOWN_VALUE_LIMIT = 200
+
+
 def _show(values: tuple[bytes, ...]) -> str:
+    """Header values for a log line: quoted, controls escaped, each cut to a bound."""
     if not values:
         return "(absent)"
-    return " | ".join(repr(v.decode("latin-1")) for v in values)
+    return " | ".join(_quoted_value(v) for v in values)
+
+
+def _quoted_value(value: bytes) -> str:
+    shown = repr(value[:SHOWN_VALUE_LIMIT].decode("latin-1"))
+    return shown if len(value) <= SHOWN_VALUE_LIMIT else shown + "..."
+
+
+def _token_text(value: bytes) -> str:
+    """Tokens as they are when they are plain printable ASCII (the usual `websocket`), else
+    quoted like _show: a log line never carries a client's control bytes raw."""
+    if len(value) <= SHOWN_VALUE_LIMIT and value.isascii() and value.decode().isprintable():
+        return value.decode()
+    return _quoted_value(value)
 
 
 def framing_error(headers: Iterable[Header], http_version: bytes = b"1.1") -> str | None:

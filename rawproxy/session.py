@@ -248,6 +248,23 @@ def _stuck_on_bare_lf(conn: h11.Connection) -> bool:
     return conn.their_state is h11.SEND_BODY and bare_lf_chunk_line(conn.trailing_data[0])
 
 
+# What h11 says when the peer's end of stream comes before the end of a head or a body.
+_H11_BODY_CUT = "peer closed connection without sending complete message body"
+_H11_HEAD_CUT = "peer unexpectedly closed connection"
+
+
+def _client_ended_early(conn: h11.Connection, error: h11.RemoteProtocolError) -> str | None:
+    """Why the client's request is incomplete, when `error` is h11 seeing the client's end of
+    stream in the middle of it (a detail for the log), else None."""
+    text = str(error)
+    if not text.startswith((_H11_BODY_CUT, _H11_HEAD_CUT)) or not conn.trailing_data[1]:
+        return None
+    if text.startswith(_H11_HEAD_CUT):
+        return "client closed its side in the middle of its request head"
+    rest = text[len(_H11_BODY_CUT) :].strip(" ()")
+    return f"client closed its side before the end of its request body ({rest})"
+
+
 def _chunk_too_large(conn: h11.Connection, event: object) -> bool:
     """The chunk whose size line h11 has just read is larger than MAX_CONTENT_LENGTH. h11
     takes sizes of up to 20 hex digits (80 bits); a peer that keeps them in 64 bits without
@@ -763,6 +780,7 @@ class Session:
                 duration=self.loop.now - self.exchange_start,
                 error=_PLAIN_HTTP,
                 line=request_line_of(sock.first_bytes),
+                stderr=False,
             )
             self._close_gracefully()
             return
@@ -827,6 +845,10 @@ class Session:
                 self._close()
                 return
             self.server.idle.pop(self, None)  # its first request begins
+            # Timed from its first byte, as nginx's $request_time: not from the accept (a
+            # browser's spare connection may wait long, and a TLS handshake is not the
+            # request's).
+            self.exchange_start = self.loop.now
         self._take_client_bytes(data)
 
     def _take_client_bytes(self, data: memoryview, fast: bool = True) -> None:
@@ -1185,6 +1207,12 @@ class Session:
             event = client_h11.next_event()
         except h11.RemoteProtocolError as e:
             _drop_traceback(e)
+            early = _client_ended_early(client_h11, e)
+            if early is not None:
+                # Not a malformed request: a client that gave up (an upload cancelled), as
+                # nginx's "client prematurely closed connection"; a 400 all the same.
+                self._fail(400, early, logging.INFO)
+                return None
             limit = self.config.max_header_size
             status = 431 if e.error_status_hint == 431 else 400
             if self.phase in (EXCHANGE, REJECT):
@@ -2011,8 +2039,9 @@ class Session:
             self.server.metrics.count_request(status)
             # A head that never completed may still have a complete request line: name it.
             line = request_line_of(self.head_bytes) if self.head_bytes else None
-            described = self.peer if line is None else _described(self.peer, *line)
-            log.log(level, "%s -> %d: %s", described, status, detail)
+            if self.server.access.to_file:
+                described = self.peer if line is None else _described(self.peer, *line)
+                log.log(level, "%s -> %d: %s", described, status, detail)
             self.server.access.unparsed(
                 client=self.client_ip,
                 status=status,
@@ -2020,6 +2049,7 @@ class Session:
                 error=detail,
                 line=line,
                 size=own,
+                level=level,
             )
             return
         if self.server.access.to_file:
@@ -2318,18 +2348,19 @@ class Session:
 
     # -- errors, timeouts and closing ------------------------------------------------------
 
-    def _fail(self, status: int, detail: str) -> None:
-        """Answer `status` ourselves (one log line), then close the client connection."""
+    def _fail(self, status: int, detail: str, level: int = logging.WARNING) -> None:
+        """Answer `status` ourselves (one log line, at `level`), then close the client
+        connection."""
         detail = shortened(detail)
         if self.response_started:
-            self._report(status, detail)
+            self._report(status, detail, level)
             self._close(reset=True)
             return
         body = error_body(status, detail)
         head = closing_error_head(status, len(body))
         if self.request is not None and self.request.method == b"HEAD":
             body = b""
-        self._report(status, detail, own=len(body))
+        self._report(status, detail, level, own=len(body))
         self._drop_backend()
         try:
             self.client.send(head + body)
