@@ -825,7 +825,9 @@ def main(argv: list[str] | None = None) -> int:
     checking = getattr(args, "check_config", None) is not None
     activated = systemd.activated() and not checking
     try:
-        config, path = load_settings(args, activated)
+        # A file checked for a socket-activated service has no listen (rawproxy.socket
+        # brings the listeners): valid, with a note below.
+        config, path = load_settings(args, activated or checking)
     except ConfigError as e:
         print(f"rawproxy: error: {e}", file=sys.stderr)
         return 1 if checking or getattr(args, "config", None) else 2
@@ -838,6 +840,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rawproxy: error: {path}: {e}", file=sys.stderr)
             return 1
         sys.stdout.write(describe_config(config))
+        if not config.listen:
+            print(
+                "rawproxy: note: no listen address: valid for socket activation only "
+                "(rawproxy.socket passes the listeners); otherwise add --listen or "
+                "listen = [...]",
+                file=sys.stderr,
+            )
         return 0
     setup_logging(config.log_level)
     from rawproxy.server import (
@@ -851,7 +860,11 @@ def main(argv: list[str] | None = None) -> int:
     def reread() -> Config:
         return load_settings(args, activated)[0]
 
-    inherited = systemd.listen_fds()
+    try:
+        inherited = systemd.listen_fds()
+    except systemd.ActivationError as e:
+        print(f"rawproxy: error: {e}", file=sys.stderr)
+        return 1
     # Before any worker forks: each inherits the raised limit (and the supervisor says once,
     # as the single process does once it listens, whether --max-connections fits it).
     raise_nofile_limit(descriptors_needed(config, len(inherited)))

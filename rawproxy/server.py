@@ -33,6 +33,20 @@ from rawproxy.tunnel import LaterKeepalive, PipePool, Tunnel
 
 log = logging.getLogger("rawproxy")
 
+# Signals beyond SIGTERM/SIGINT (drain; a second one stops at once) and SIGHUP (reload):
+# SIGUSR1 reopens the access log, as in nginx; SIGUSR2 is the supervisor's "stop at once"
+# to its workers (workers ignore a repeated SIGTERM, which systemd or a terminal may send
+# them beside the supervisor's own).
+REOPEN_LOGS_SIGNAL = signal.SIGUSR1
+STOP_NOW_SIGNAL = signal.SIGUSR2
+WORKER_SIGNALS = {
+    signal.SIGHUP,
+    signal.SIGTERM,
+    signal.SIGINT,
+    REOPEN_LOGS_SIGNAL,
+    STOP_NOW_SIGNAL,
+}
+
 ACCEPTS_PER_EVENT = 64
 # When the process runs out of file descriptors, accepting stops for this long: the pending
 # connections wait in the kernel's backlog instead of the loop spinning on EMFILE.
@@ -360,8 +374,19 @@ def _in_use_hint(port: int) -> str:
     return f"the address is in use, but no program listens on port {port}: {why}"
 
 
+# The ports of the sockets systemd passed (inherited_listener): a listen address on one of
+# them is in use by systemd, on our behalf.
+_passed_ports: set[int] = set()
+
+
 def _listen_error(where: ListenAddress, e: OSError) -> StartupError:
-    if e.errno == errno.EADDRINUSE:
+    if e.errno == errno.EADDRINUSE and where.port in _passed_ports:
+        hint = (
+            "systemd already passed rawproxy a socket on this port (socket activation, "
+            "rawproxy.socket); leave this address out of --listen and listen = [...], or "
+            "do not enable the socket unit"
+        )
+    elif e.errno == errno.EADDRINUSE:
         hint = _in_use_hint(where.port)
     elif e.errno == errno.EACCES:
         hint = (
@@ -443,7 +468,12 @@ def _tune_listener(sock: socket.socket, keepalive: int) -> int:
 
 
 def _shown(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
+    address = sock.getsockname()
+    if sock.family == socket.AF_UNIX:  # passed by systemd (ListenStream=/path or @name)
+        if isinstance(address, bytes):  # the abstract namespace: a NUL, then the name
+            return "unix:@" + address[1:].decode("utf-8", "backslashreplace")
+        return f"unix:{address}" if address else "unix:(unnamed)"
+    host, port = address[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -833,12 +863,12 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.loop.add_signal_handler(sig, self._on_stop_signal)
         self.loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+        self.loop.add_signal_handler(REOPEN_LOGS_SIGNAL, self._on_reopen_signal)
         if self.worker is not None:
+            self.loop.add_signal_handler(STOP_NOW_SIGNAL, self._on_stop_now_signal)
             # The supervisor forked us with these blocked (see workers.spawn): now they have
             # handlers, let them in, including any that arrived meanwhile.
-            signal.pthread_sigmask(
-                signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
-            )
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
         if self.worker is not None:
             log.info("worker %d (pid %d) serving", self.worker, os.getpid())
             self._tell_supervisor(self.worker)
@@ -1065,6 +1095,14 @@ class Server:
 
     def _on_stop_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
+        if self.draining and self.worker is not None:
+            # A worker gets one stop twice when systemd signals the whole control group
+            # (KillMode=control-group) or Ctrl-C reaches the process group: from there and
+            # from the supervisor. Only the supervisor says when to stop at once.
+            log.info(
+                "worker %d: %s received again while draining; still draining", self.worker, name
+            )
+            return
         if self.draining:
             log.info(
                 "%s received while draining; stopping now: closing %d connection(s) still open",
@@ -1089,6 +1127,20 @@ class Server:
             self.loop.stop()
             return
         self.drain_timer = self.loop.call_later(drain, self._drain_over)
+
+    def _on_stop_now_signal(self, _signum: int) -> None:
+        """A worker told by its supervisor to stop at once (a second stop signal there)."""
+        log.info(
+            "worker %s: stopping now: closing %d connection(s) still open",
+            self.worker,
+            len(self.connections),
+        )
+        self.loop.stop()
+
+    def _on_reopen_signal(self, _signum: int) -> None:
+        """SIGUSR1, as nginx: the access log reopened (logrotate), nothing else."""
+        self._reopen_access_log()
+        log.info("SIGUSR1: access log reopened")
 
     def _drain_over(self) -> None:
         log.info("drain time over: closing %d connection(s) still open", len(self.connections))
@@ -1136,6 +1188,10 @@ def inherited_listener(name: str, sock: socket.socket, config: Config) -> Listen
             f"the socket systemd passed as {name!r} (FileDescriptorName=) is a TLS listener, "
             "but no certificate is configured: add --cert/--key, or name it tcp"
         )
+    with contextlib.suppress(OSError):
+        address = sock.getsockname()
+        if isinstance(address, tuple):
+            _passed_ports.add(address[1])
     return f"systemd:{name}", [sock], tls
 
 

@@ -287,8 +287,13 @@ def _no_deadline() -> None:
     """The deadline callback of a session that is done (its timer is cancelled)."""
 
 
-def format_peer(address: tuple[str, int] | tuple[str, int, int, int] | str) -> tuple[str, str]:
-    """(address for X-Forwarded-For, address:port for logs), IPv4-mapped IPv6 shown as IPv4."""
+def format_peer(
+    address: tuple[str, int] | tuple[str, int, int, int] | str | bytes,
+) -> tuple[str, str]:
+    """(address for X-Forwarded-For, address:port for logs), IPv4-mapped IPv6 shown as IPv4.
+    An AF_UNIX address (a path, or bytes in the abstract namespace) is "unix"."""
+    if isinstance(address, bytes):
+        return "unix", "unix"
     if isinstance(address, str):
         return address or "unix", address or "unix"
     host, port = address[0], address[1]
@@ -552,7 +557,8 @@ class Session:
             try:
                 sock = self.client.sock
                 name = (sock.raw if isinstance(sock, TlsSocket) else sock).getsockname()
-                local = (format_peer(name)[0], name[1])
+                # An AF_UNIX listener (from systemd) has a path or bytes here, and no port.
+                local = (format_peer(name)[0], name[1]) if isinstance(name, tuple) else ("unix", 0)
             except (OSError, IndexError, TypeError):
                 local = ("0.0.0.0", 0)
             self.local_address = local

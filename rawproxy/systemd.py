@@ -12,7 +12,13 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import stat
 import time
+
+
+# How long a state change (READY, RELOADING, STOPPING) waits for room in systemd's queue of
+# notifications (net.unix.max_dgram_qlen), at most: a busy boot fills it for a moment.
+STATE_WAIT = 3.0
 
 
 class Notifier:
@@ -38,22 +44,32 @@ class Notifier:
             # Half the period, as sd_watchdog_enabled(3) recommends.
             self.watchdog_interval = int(usec) / 2_000_000
 
-    def send(self, *lines: str) -> None:
+    def send(self, *lines: str, wait: float = 0.0) -> None:
+        """Best effort (STATUS, WATCHDOG): dropped when systemd's queue is full. A state
+        change (`wait` > 0) waits that long for room: lost, READY=1 would have systemd kill
+        the service at TimeoutStartSec= and start it again, as libsystemd's blocking send
+        avoids."""
         if self.sock is None or self.address is None:
             return
         with contextlib.suppress(OSError):
-            self.sock.sendto("\n".join(lines).encode(), self.address)
+            if wait:
+                self.sock.settimeout(wait)
+            try:
+                self.sock.sendto("\n".join(lines).encode(), self.address)
+            finally:
+                if wait:
+                    self.sock.setblocking(False)
 
     def ready(self, status: str) -> None:
-        self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+        self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}", wait=STATE_WAIT)
 
     def reloading(self) -> None:
         # MONOTONIC_USEC lets Type=notify-reload units match the reload to the signal.
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        self.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
+        self.send("RELOADING=1", f"MONOTONIC_USEC={usec}", wait=STATE_WAIT)
 
     def stopping(self, status: str) -> None:
-        self.send("STOPPING=1", f"STATUS={status}")
+        self.send("STOPPING=1", f"STATUS={status}", wait=STATE_WAIT)
 
     def status(self, status: str) -> None:
         self.send(f"STATUS={status}")
@@ -76,9 +92,16 @@ class Notifier:
 LISTEN_FDS_START = 3
 
 
+class ActivationError(Exception):
+    """A descriptor systemd passed (or a wrapper said it passed) cannot be a listener."""
+
+
 def listen_fds(environ: dict[str, str] | None = None) -> list[tuple[str, socket.socket]]:
     """The sockets systemd passed us, with their names, and the variables removed so that no
-    child takes them for its own. Empty when we were not socket-activated."""
+    child takes them for its own. Empty when we were not socket-activated. Each descriptor
+    is checked as sd_listen_fds(3) asks (sd_is_socket): a listening stream socket, else
+    ActivationError. Taken as it was, a UDP socket or one that is not listening made the
+    loop spin on an accept() that always failed."""
     env = os.environ if environ is None else environ
     pid = env.get("LISTEN_PID", "")
     count = env.get("LISTEN_FDS", "")
@@ -90,18 +113,38 @@ def listen_fds(environ: dict[str, str] | None = None) -> list[tuple[str, socket.
     labels = names.split(":") if names else []
     out = []
     for index in range(int(count)):
-        fd = LISTEN_FDS_START + index
-        os.set_inheritable(fd, False)
-        sock = socket.socket(fileno=fd)
-        sock.setblocking(False)
         label = labels[index] if index < len(labels) else "unknown"
-        out.append((label, sock))
+        out.append((label, _listening_socket(LISTEN_FDS_START + index, count, label)))
     return out
 
 
+def _listening_socket(fd: int, count: str, label: str) -> socket.socket:
+    where = f"LISTEN_FDS={count}: descriptor {fd} ({label!r})"
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        raise ActivationError(
+            f"{where} is not open; check the socket unit, or the program that set LISTEN_FDS"
+        ) from None
+    if not stat.S_ISSOCK(mode):
+        raise ActivationError(f"{where} is not a socket")
+    os.set_inheritable(fd, False)
+    sock = socket.socket(fileno=fd)
+    if sock.type != socket.SOCK_STREAM:
+        raise ActivationError(
+            f"{where} is not a stream socket (ListenDatagram=?); rawproxy needs ListenStream="
+        )
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise ActivationError(
+            f"{where} is not listening (a socket unit with Accept=yes passes connections, "
+            "not listeners; rawproxy needs Accept=no)"
+        )
+    sock.setblocking(False)
+    return sock
+
+
 def activated() -> bool:
-    """Whether systemd passed us sockets (before listen_fds() consumed the variables)."""
-    return (
-        os.environ.get("LISTEN_PID") == str(os.getpid())
-        and os.environ.get("LISTEN_FDS", "").isdigit()
-    )
+    """Whether systemd passed us sockets (before listen_fds() consumed the variables).
+    LISTEN_FDS=0 is none: sd_listen_fds(3) returns 0, not activated."""
+    count = os.environ.get("LISTEN_FDS", "")
+    return os.environ.get("LISTEN_PID") == str(os.getpid()) and count.isdigit() and int(count) > 0

@@ -19,6 +19,9 @@ from collections.abc import Callable
 from rawproxy.config import Config, ConfigError
 from rawproxy.loop import READ, Loop
 from rawproxy.server import (
+    REOPEN_LOGS_SIGNAL,
+    STOP_NOW_SIGNAL,
+    WORKER_SIGNALS,
     Listener,
     Server,
     StartupError,
@@ -35,7 +38,6 @@ log = logging.getLogger("rawproxy")
 # A worker that dies sooner than this after its start is restarted only after this long, so
 # that a worker crashing at start-up does not make the supervisor spin.
 QUICK_DEATH = 1.0
-WORKER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
@@ -179,13 +181,19 @@ def run_workers(
         name = signal.Signals(signum).name
         if stopping:
             log.info("%s received again: workers stop at once", name)
+            halt(STOP_NOW_SIGNAL)
         else:
             stopping = True
             log.info("%s received; the workers drain", name)
             notifier.stopping("draining")
-        halt(signum)
+            halt(signal.SIGTERM)
         if not children:
             loop.stop()
+
+    def reopen_logs(signum: int) -> None:
+        log.info("SIGUSR1 received; passed to the workers (access log reopened)")
+        for pid in list(children):
+            os.kill(pid, signum)
 
     def reload(signum: int) -> None:
         nonlocal config
@@ -231,6 +239,7 @@ def run_workers(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
     loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(REOPEN_LOGS_SIGNAL, reopen_logs)
     loop.add(serving_r, READ, on_serving)
     for index in range(count):
         spawn(index)
