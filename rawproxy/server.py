@@ -379,6 +379,17 @@ def _in_use_hint(port: int) -> str:
 _passed_ports: set[int] = set()
 
 
+def served_by_systemd(where: ListenAddress) -> bool:
+    """A --listen :PORT (every address) on a port systemd passed a socket for: that socket
+    serves it. The example config's listen = [":443"] beside rawproxy.socket's
+    ListenStream=443 is then one listener, not a start-up failure (daemon(7): use the
+    sockets passed instead of opening them)."""
+    if where.host is None and where.port in _passed_ports:
+        log.info("listen %s: served by the socket systemd passed for port %d", where, where.port)
+        return True
+    return False
+
+
 def _listen_error(where: ListenAddress, e: OSError) -> StartupError:
     if e.errno == errno.EADDRINUSE and where.port in _passed_ports:
         hint = (
@@ -674,7 +685,8 @@ class Server:
             for name, sock in self.inherited:
                 self._add_listener(*inherited_listener(name, sock, self.config))
             for where in self.config.listen:
-                self._add_listener(where, open_listener(where), where.tls)
+                if not served_by_systemd(where):
+                    self._add_listener(where, open_listener(where), where.tls)
         except StartupError:
             self.close_listeners()
             raise
@@ -968,6 +980,8 @@ class Server:
         opened: list[tuple[ListenAddress, list[socket.socket]]] = []
         try:
             for where in config.listen:
+                if served_by_systemd(where):
+                    continue
                 same = next((i for i in unmatched if self.listening[i][0] == where), None)
                 if same is not None:
                     unmatched.remove(same)

@@ -15,7 +15,6 @@ import socket
 import stat
 import time
 
-
 # How long a state change (READY, RELOADING, STOPPING) waits for room in systemd's queue of
 # notifications (net.unix.max_dgram_qlen), at most: a busy boot fills it for a moment.
 STATE_WAIT = 3.0

@@ -29,6 +29,7 @@ from rawproxy.server import (
     check_config,
     inherited_listener,
     open_listener,
+    served_by_systemd,
     warn_if_descriptors_short,
 )
 from rawproxy.systemd import Notifier
@@ -62,7 +63,8 @@ def run_workers(
 ) -> int:
     listeners: list[Listener] = [inherited_listener(name, sock, config) for name, sock in inherited]
     for where in config.listen:
-        listeners.append((where, open_listener(where), where.tls))
+        if not served_by_systemd(where):
+            listeners.append((where, open_listener(where), where.tls))
     for _, socks, tls in listeners:
         for sock in socks:
             kind = bool(config.certs) if tls is None else tls

@@ -31,6 +31,7 @@ from peers import (
     HttpBackend,
     HttpClient,
     NotifySocket,
+    WsClient,
     cpu_seconds,
     free_port,
     has,
@@ -359,10 +360,14 @@ def test_listen_on_the_address_systemd_already_passed(activated, owned, tmp_path
     config = tmp_path / "rawproxy.toml"
     config.write_text(f'listen = [":{port}"]\nbackend = "http://127.0.0.1:9"\n')
     proxy = activated([sock], "--config", str(config), names="tcp")
-    outcome = proxy.finish(wait=6.0)
-    if outcome.code is None:
-        return  # it ran, using the passed socket: fine (a fix may take this road)
-    assert re.search(r"systemd|socket activation|LISTEN_FDS|passed", outcome.stderr, re.I), (
+    assert proxy.wait_for_log(r"\bready\b", timeout=10), proxy.stderr()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        c.sendall(simple_get("/through-the-passed-socket"))
+        answer = c.recv(100)
+    outcome = proxy.finish(wait=0.1)
+    assert outcome.code is None, outcome.stderr  # still running: it served
+    assert answer.startswith(b"HTTP/1.1 502 "), (answer, outcome.stderr)  # no backend at :9
+    assert re.search(rf"listen \*?:{port}: served by the socket systemd passed", outcome.stderr), (
         outcome.stderr
     )
 
@@ -619,6 +624,16 @@ def _kill_mode() -> str:
     return mode
 
 
+def echo_tunnels(port: int, n: int, into: list[tuple[HttpClient, WsClient]]) -> None:
+    """Open `n` WebSockets through the proxy on `port` to a WsBackend, each checked with one
+    echo, appended to `into` as they open (the caller closes them)."""
+    for i in range(n):
+        c = HttpClient(port, timeout=5)
+        into.append((c, open_websocket(c)))
+        into[-1][1].send(f"hello {i}")
+        assert into[-1][1].recv() == f"hello {i}"
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kill_mode", ["unit", "control-group"])
 def test_systemctl_stop_with_workers_drains(run_proxy, ws_backend, kill_mode):
@@ -642,14 +657,9 @@ def test_systemctl_stop_with_workers_drains(run_proxy, ws_backend, kill_mode):
     )
     kids = _wait_children(proxy.pid, 2)
     proxy.wait_for_logs(r"worker \d+ \(pid \d+\) serving", 2)
-    tunnels = []
+    tunnels: list[tuple[HttpClient, WsClient]] = []
     try:
-        for i in range(6):
-            c = HttpClient(proxy.port, timeout=5)
-            ws = open_websocket(c)
-            ws.send(f"hello {i}")
-            assert ws.recv() == f"hello {i}"
-            tunnels.append((c, ws))
+        echo_tunnels(proxy.port, 6, tunnels)
         mark = proxy.mark()
         mode = _kill_mode() if kill_mode == "unit" else kill_mode
         if mode == "control-group":  # or Ctrl-C in a terminal: the whole group
@@ -694,14 +704,9 @@ def test_second_sigterm_stops_workers_at_once(run_proxy, ws_backend):
         "30",
     )
     proxy.wait_for_logs(r"worker \d+ \(pid \d+\) serving", 2)
-    clients = []
+    tunnels: list[tuple[HttpClient, WsClient]] = []
     try:
-        for i in range(4):
-            c = HttpClient(proxy.port, timeout=5)
-            ws = open_websocket(c)
-            ws.send(f"m{i}")
-            assert ws.recv() == f"m{i}"
-            clients.append(c)
+        echo_tunnels(proxy.port, 4, tunnels)
         mark = proxy.mark()
         proxy.proc.send_signal(signal.SIGTERM)
         proxy.wait_for_log(r"the workers drain", since=mark)
@@ -711,12 +716,12 @@ def test_second_sigterm_stops_workers_at_once(run_proxy, ws_backend):
         proxy.proc.send_signal(signal.SIGTERM)
         assert proxy.proc.wait(10) == 0
         assert time.monotonic() - started < 5
-        for c in clients:
+        for c, _ws in tunnels:
             how, _ = c.wait_closed(5)
             assert how in ("eof", "reset"), how
         proxy.wait_for_log(r"stopped: every worker ended", since=mark)
     finally:
-        for c in clients:
+        for c, _ws in tunnels:
             c.close()
 
 

@@ -25,7 +25,6 @@ from peers import (
     HttpClient,
     Metrics,
     ProxyProcess,
-    ScriptedBackend,
     ScriptedConn,
     connect,
     proxy_args,
@@ -68,20 +67,6 @@ def backend() -> Iterator[HttpBackend]:
     yield b
     b.gate.set()
     b.stop()
-
-
-@pytest.fixture
-def scripted() -> Iterator[Callable[..., ScriptedBackend]]:
-    made: list[ScriptedBackend] = []
-
-    def start(script: Callable[[ScriptedConn], object]) -> ScriptedBackend:
-        b = ScriptedBackend(script)
-        made.append(b)
-        return b
-
-    yield start
-    for b in made:
-        b.stop()
 
 
 def wait_lines(path: Path, count: int, timeout: float = 8.0) -> list[str]:
@@ -237,7 +222,7 @@ def test_first_request_duration_excludes_idle_before_it(proxies, backend, tmp_pa
 
 @pytest.mark.timeout(90)
 def test_backend_failures_have_one_line_each_with_cause_and_metrics_agree(
-    proxies, scripted, tmp_path
+    proxies, scripted_backend, tmp_path
 ):
     """Each way a backend can fail a request gives exactly one access-log record and one
     stderr line, with a status, the bytes the client got, a plausible duration and a cause
@@ -268,7 +253,7 @@ def test_backend_failures_have_one_line_each_with_cause_and_metrics_agree(
     blackhole = BlackholeBackend()
     try:
         assert blackhole.connect_hangs()
-        back = scripted(script)
+        back = scripted_backend(script)
         path = tmp_path / "access.json"
         proxy = proxies(
             "--listen",
@@ -349,7 +334,7 @@ def test_backend_failures_have_one_line_each_with_cause_and_metrics_agree(
 
 
 @pytest.mark.timeout(60)
-def test_client_closing_mid_body_is_not_called_malformed(proxies, scripted, tmp_path):
+def test_client_closing_mid_body_is_not_called_malformed(proxies, scripted_backend, tmp_path):
     """A client that stops sending its request body and closes its side (an upload
     cancelled) is logged as a client that gave up, at info, as nginx's "client prematurely
     closed connection": it was a WARNING "malformed request body", which sends an admin
@@ -364,7 +349,7 @@ def test_client_closing_mid_body_is_not_called_malformed(proxies, scripted, tmp_
             pass
         return "drained"
 
-    back = scripted(drain)
+    back = scripted_backend(drain)
     path = tmp_path / "access.log"
     proxy = proxies(*proxy_args(back.port, "--access-log", str(path)))
     head = b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n"
@@ -460,7 +445,7 @@ def test_json_escapes_controls_and_invalid_utf8(proxies, backend, tmp_path):
     assert record["referer"] == HOSTILE_REFERER.decode("latin-1")
 
 
-def test_stderr_error_lines_show_hostile_bytes_escaped(proxies, scripted, tmp_path):
+def test_stderr_error_lines_show_hostile_bytes_escaped(proxies, scripted_backend, tmp_path):
     """The stderr lines of a 400 quoting a request line with ESC and C1 bytes, and of a 502
     quoting a backend's status line and header with ESC, NUL and 0x85 (NEL), are one line
     each with every control escaped, with --access-log FILE (where stderr has the error's
@@ -476,7 +461,7 @@ def test_stderr_error_lines_show_hostile_bytes_escaped(proxies, scripted, tmp_pa
         time.sleep(0.3)
         return "done"
 
-    back = scripted(script)
+    back = scripted_backend(script)
     for flags in ((), ("--access-log", str(tmp_path / "a.log"))):
         proxy = proxies(*proxy_args(back.port, *flags))
         mark = proxy.mark()
