@@ -1416,6 +1416,21 @@ class Session:
             self.queue_seen = -1
         return False
 
+    def _not_silent_yet(self, waiting: Leg | None) -> bool:
+        """At a --response-timeout deadline: True, and the deadline armed again, when there
+        was progress less than --response-timeout ago, or when the kernel's send queue toward
+        `waiting` (the peer whose backlog waits, if any) says it is still taking bytes."""
+        timeout = self.config.response_timeout
+        quiet = self.loop.now - self.progress
+        if quiet < timeout:
+            self._arm(timeout - quiet, self._on_timeout)
+            return True
+        again = None if waiting is None else self._look_again(waiting)
+        if again is None:
+            return False
+        self._arm(again, self._on_timeout)
+        return True
+
     def _look_again(self, leg: Leg) -> float | None:
         """At --response-timeout with a backlog for `leg`, nothing taken from it: is the peer
         silent? It may be reading all along while the socket stays unwritable (a large send
@@ -2422,13 +2437,7 @@ class Session:
         elif phase in (HEAD, IDLE) and self.client.backlog is not None:
             # Answers still going out (the next request waits for them, or none came yet):
             # cut only when the client took none of them for --response-timeout.
-            quiet = self.loop.now - self.progress
-            if quiet < config.response_timeout:
-                self._arm(config.response_timeout - quiet, self._on_timeout)
-                return
-            again = self._look_again(self.client)
-            if again is not None:
-                self._arm(again, self._on_timeout)
+            if self._not_silent_yet(self.client):
                 return
             log.info(
                 "%s took none of its answers for %gs (--response-timeout); connection reset "
@@ -2471,10 +2480,6 @@ class Session:
                     f"within {config.connect_timeout:g}s (--connect-timeout)",
                 )
         elif phase == EXCHANGE:
-            quiet = self.loop.now - self.progress
-            if quiet < config.response_timeout:
-                self._arm(config.response_timeout - quiet, self._on_timeout)
-                return
             # Whose silence stops the exchange: the client's, which takes none of the answer,
             # or the backend's, which takes none of the body (the other side is not read
             # meanwhile: backpressure). Either may be reading slowly all along.
@@ -2483,11 +2488,8 @@ class Session:
                 waiting = self.client
             elif not self.request_done and self.backend is not None and self.backend.backlog:
                 waiting = self.backend
-            if waiting is not None:
-                again = self._look_again(waiting)
-                if again is not None:
-                    self._arm(again, self._on_timeout)
-                    return
+            if self._not_silent_yet(waiting):
+                return
             if self.response_started:
                 # One line, in the access log too: the status, the bytes the client got, why,
                 # and whose silence it was (the backend is not read while the client has not
