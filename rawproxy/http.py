@@ -1445,9 +1445,8 @@ def closing_error_head(status: int, length: int) -> bytes:
     return head + b"Connection: close\r\n\r\n"
 
 
-def error_response(status: int, detail: str, head_only: bool = False) -> bytes:
+def error_response(status: int, detail: str) -> bytes:
     """The complete bytes of an error response the proxy writes itself, closing the
     connection. `detail` is a short text for humans; it is the whole body."""
     body = error_body(status, detail)
-    head = closing_error_head(status, len(body))
-    return head if head_only else head + body
+    return closing_error_head(status, len(body)) + body

@@ -19,9 +19,11 @@ from rawproxy.http import (
     backend_request_headers,
     client_response_headers,
     client_scheme,
+    closing_error_head,
     comma_tokens,
     decide_upgrade,
     decided_upgrade,
+    error_body,
     error_response,
     framing_error,
     head_error,
@@ -761,7 +763,9 @@ def test_a_detail_shows_the_bytes_h11_quotes_as_text() -> None:
 
 
 def test_error_response_for_head_has_no_body() -> None:
-    raw = error_response(502, "x", head_only=True)
+    """What a HEAD request gets (Session._fail): the head alone, with the Content-Length of
+    the body a GET would get."""
+    raw = closing_error_head(502, len(error_body(502, "x")))
     assert raw.endswith(b"\r\n\r\n")
     assert b"Content-Length: " in raw
 
