@@ -170,6 +170,9 @@ def run_workers(
         for _, socks, _ in listeners:
             for sock in socks:
                 sock.close()
+        tell_workers(signum)
+
+    def tell_workers(signum: int) -> None:
         for pid in list(children):
             os.kill(pid, signum)
 
@@ -194,8 +197,7 @@ def run_workers(
 
     def reopen_logs(signum: int) -> None:
         log.info("SIGUSR1 received; passed to the workers (access log reopened)")
-        for pid in list(children):
-            os.kill(pid, signum)
+        tell_workers(signum)
 
     def reload(signum: int) -> None:
         nonlocal config
@@ -203,8 +205,7 @@ def run_workers(
             # The workers only reopen their access logs now; systemd, told STOPPING, is not
             # told RELOADING and READY, and the listeners are closed for good.
             log.info("SIGHUP received while the workers drain; passed to them")
-            for pid in list(children):
-                os.kill(pid, signum)
+            tell_workers(signum)
             return
         if announced:  # before that, systemd still waits for the first READY
             notifier.reloading()
@@ -219,8 +220,7 @@ def run_workers(
             pass  # the workers keep theirs and say why; workers restarted later keep it too
         else:
             config = fresh
-        for pid in list(children):
-            os.kill(pid, signum)
+        tell_workers(signum)
         if announced:
             notifier.ready(f"{len(children)} workers")
 
