@@ -167,11 +167,21 @@ def test_full_disk_access_log_stop_is_clean(proxies, backend):
 
 
 @pytest.mark.timeout(60)
-def test_workers_reopen_access_log_on_sighup(proxies, backend, tmp_path):
-    """logrotate's rename + SIGHUP with --workers 2: every worker writes to the new file
+@pytest.mark.parametrize(
+    ("signum", "said", "workers"),
+    [
+        (signal.SIGHUP, r"SIGHUP: reloaded", 2),
+        (signal.SIGUSR1, r"SIGUSR1: access log reopened", 2),
+        (signal.SIGUSR1, r"SIGUSR1: access log reopened", 1),
+    ],
+    ids=["SIGHUP-workers", "SIGUSR1-workers", "SIGUSR1-single"],
+)
+def test_workers_reopen_access_log_on_sighup(proxies, backend, tmp_path, signum, said, workers):
+    """logrotate's rename + SIGHUP (a reload) or SIGUSR1 (the log alone, as nginx), with
+    --workers 2 and, for SIGUSR1, one process too: every worker writes to the new file
     afterwards, the old file keeps what came before, and no request's line is lost."""
     path = tmp_path / "access.log"
-    proxy = proxies(*proxy_args(backend.port, "--access-log", str(path), "--workers", "2"))
+    proxy = proxies(*proxy_args(backend.port, "--access-log", str(path), "--workers", str(workers)))
     for i in range(6):
         with HttpClient(proxy.port, timeout=5) as c:
             assert c.request(simple_get(f"/before{i}")).status == 200
@@ -179,8 +189,8 @@ def test_workers_reopen_access_log_on_sighup(proxies, backend, tmp_path):
     rotated = tmp_path / "access.log.1"
     path.rename(rotated)
     mark = proxy.mark()
-    os.kill(proxy.pid, signal.SIGHUP)
-    proxy.wait_for_logs(r"SIGHUP: reloaded", 2, mark, timeout=10)
+    os.kill(proxy.pid, signum)
+    proxy.wait_for_logs(said, workers, mark, timeout=10)
     for i in range(12):  # new connections, spread over both workers by the kernel
         with HttpClient(proxy.port, timeout=5) as c:
             assert c.request(simple_get(f"/after{i}")).status == 200
