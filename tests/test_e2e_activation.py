@@ -341,7 +341,10 @@ def _dual_stack_listener() -> socket.socket:
 
 
 @pytest.mark.timeout(40)
-def test_listen_on_the_address_systemd_already_passed(activated, owned, tmp_path: Path):
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["single", "workers"])
+def test_listen_on_the_address_systemd_already_passed(
+    activated, owned, tmp_path: Path, workers: list[str]
+):
     """Fixed: the README's own five-command install enables rawproxy.socket
     (ListenStream=443, FileDescriptorName=tls) *and* installs examples/openqa.toml, which
     says listen = [":443"]. systemd passes [::]:443 and rawproxy then tries to bind :443 as
@@ -359,8 +362,11 @@ def test_listen_on_the_address_systemd_already_passed(activated, owned, tmp_path
     port = sock.getsockname()[1]
     config = tmp_path / "rawproxy.toml"
     config.write_text(f'listen = [":{port}"]\nbackend = "http://127.0.0.1:9"\n')
-    proxy = activated([sock], "--config", str(config), names="tcp")
+    proxy = activated([sock], "--config", str(config), *workers, names="tcp")
     assert proxy.wait_for_log(r"\bready\b", timeout=10), proxy.stderr()
+    # A reload reads the same listen address: still the passed socket's, not a new bind.
+    proxy.proc.send_signal(signal.SIGHUP)
+    assert proxy.wait_for_log(r"SIGHUP: reloaded", timeout=10), proxy.stderr()
     with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
         c.sendall(simple_get("/through-the-passed-socket"))
         answer = c.recv(100)
@@ -370,6 +376,25 @@ def test_listen_on_the_address_systemd_already_passed(activated, owned, tmp_path
     assert re.search(rf"listen \*?:{port}: served by the socket systemd passed", outcome.stderr), (
         outcome.stderr
     )
+    assert "keeping the current configuration" not in outcome.stderr, outcome.stderr
+
+
+@pytest.mark.timeout(40)
+def test_another_address_on_a_passed_port_names_socket_activation(activated, owned, tmp_path: Path):
+    """A listen address with a host, on the port of a socket systemd passed (dual-stack, so
+    it holds every address): not served by it, and start-up fails naming socket activation,
+    not "the program holding it" (that program is systemd, on rawproxy's behalf)."""
+    sock = _dual_stack_listener()
+    owned.append(sock)
+    port = sock.getsockname()[1]
+    proxy = activated(
+        [sock], "--listen", f"127.0.0.1:{port}", "--backend", "127.0.0.1:9", names="tcp"
+    )
+    outcome = proxy.finish(wait=8.0)
+    assert outcome.code == 1, outcome.stderr
+    last = outcome.stderr.strip().splitlines()[-1]
+    assert last.startswith("rawproxy: error: cannot listen on 127.0.0.1:"), last
+    assert "systemd already passed rawproxy a socket on this port" in last, last
 
 
 @pytest.mark.timeout(30)
