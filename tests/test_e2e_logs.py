@@ -370,6 +370,26 @@ def test_client_closing_mid_body_is_not_called_malformed(proxies, scripted_backe
     assert m["request"] == "POST /upload HTTP/1.1"
     assert "malformed" not in m["rest"], line
     assert re.search(r"client (went away|closed)", m["rest"]), line
+    said = [(level, x) for level, x in stderr_messages(proxy) if "client closed its side" in x]
+    assert [level for level, _ in said] == ["INFO"], said
+
+
+def test_client_closing_mid_head_is_not_called_malformed(proxies, backend, tmp_path):
+    """The same for a head: a client that sends part of a request head and closes its side
+    gets one line at info saying it closed in the middle of its head (a 400, request line
+    named), not a WARNING "malformed request"."""
+    path = tmp_path / "access.log"
+    proxy = proxies(*proxy_args(backend.port, "--access-log", str(path)))
+    exchange(proxy.port, b"GET /half HTTP/1.1\r\nHost: a\r\nUser-Ag", timeout=5, shut=True)
+    [line] = wait_lines(path, 1)
+    m = CLF.fullmatch(line)
+    assert m, line
+    assert m["request"] == "GET /half HTTP/1.1", line
+    assert m["status"] == "400", line
+    assert "client closed its side in the middle of its request head" in m["rest"], line
+    said = [(level, x) for level, x in stderr_messages(proxy) if "-> 400" in x]
+    assert [level for level, _ in said] == ["INFO"], said
+    assert "malformed" not in said[0][1], said
 
 
 # --- the access log on stderr (the default, journald) ------------------------------------------
