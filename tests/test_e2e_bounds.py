@@ -202,6 +202,17 @@ def serve_tail(sock: socket.socket, head: bytes, buf: bytearray) -> None:
         pass
 
 
+def slow_client(port: int, target: str, timeout: float | None = None) -> socket.socket:
+    """A client with a 4 KiB receive buffer (the kernel holds little for it) that has sent
+    GET `target` to the proxy on `port` and reads nothing yet."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(timeout)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(simple_get(target))
+    return sock
+
+
 def queued_for_a_silent_client(proxy: ProxyProcess, prefix: str) -> int:
     """How much the proxy queues at once for a client that reads nothing (the kernel's share,
     a few MiB on loopback, and its backlog): the bytes of an 8 MiB answer (from a backend
@@ -209,10 +220,7 @@ def queued_for_a_silent_client(proxy: ProxyProcess, prefix: str) -> int:
     access line counts them. Answers of about that size complete at once from the backend,
     some with their last piece left in the proxy for the client."""
     mark = proxy.mark()
-    probe = socket.socket()
-    probe.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    probe.connect(("127.0.0.1", proxy.port))
-    probe.sendall(simple_get(f"{prefix}{8 * MiB}"))
+    probe = slow_client(proxy.port, f"{prefix}{8 * MiB}")
     time.sleep(0.5)
     probe.close()
     line = proxy.wait_for_log(rf"GET {re.escape(prefix)}\d+ .*client went away", since=mark)
@@ -734,12 +742,7 @@ def test_the_tail_of_a_relayed_answer_is_not_reset_while_the_client_reads_it(
     clients: dict[int, socket.socket] = {}
     try:
         for size in sizes:
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.settimeout(5)
-            sock.connect(("127.0.0.1", proxy.port))
-            sock.sendall(simple_get(f"/tail/{size}"))
-            clients[size] = sock
+            clients[size] = slow_client(proxy.port, f"/tail/{size}", timeout=5)
         time.sleep(0.3)  # answers that fit are complete in milliseconds
         cut: dict[int, int] = {}
 
@@ -794,11 +797,7 @@ def test_a_client_that_takes_none_of_its_answer_tail_is_cut(start_proxy, raw_bac
     clients = []
     try:
         for i in range(40):
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect(("127.0.0.1", proxy.port))
-            sock.sendall(simple_get(f"/tail/{queued - 384 * KiB + i * 16 * KiB}"))
-            clients.append(sock)
+            clients.append(slow_client(proxy.port, f"/tail/{queued - 384 * KiB + i * 16 * KiB}"))
         start = time.monotonic()
         line = proxy.wait_for_log(r"took none of its answers for 2s", since=mark, timeout=8)
         elapsed = time.monotonic() - start
@@ -864,12 +863,7 @@ def test_the_idle_wait_after_a_drained_answer_lasts_the_idle_timeout(start_proxy
 
     try:
         for size in sizes:
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.settimeout(10)
-            sock.connect(("127.0.0.1", proxy.port))
-            sock.sendall(simple_get(f"/tail/{size}"))
-            clients[size] = sock
+            clients[size] = slow_client(proxy.port, f"/tail/{size}", timeout=10)
         time.sleep(0.3)  # answers that fit in the proxy and the kernel are complete by now
         readers = [threading.Thread(target=read_then_wait, args=(s,)) for s in sizes]
         for reader in readers:
