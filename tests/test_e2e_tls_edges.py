@@ -99,16 +99,23 @@ def key_update(stream: TlsStream) -> None:
     stream._flush()
 
 
-def server_renegotiate(stream: TlsStream, timeout: float) -> None:
-    """As a TLS 1.2 server, send a HelloRequest and run the renegotiation the client then
-    starts (what Apache does for a location with its own SSLVerifyClient). Application data
-    that comes meanwhile is kept for `recv`. Raises TimeoutError if it does not complete."""
+def start_renegotiation(stream: TlsStream) -> int:
+    """Begin a TLS 1.2 renegotiation on `stream` and send its first message (a server's
+    HelloRequest, a client's ClientHello); the SSL pointer, to follow it with."""
     pointer = ssl_pointer(stream.obj)
     with stream._ssl_lock:
         assert _libssl.SSL_renegotiate(pointer) == 1
         with contextlib.suppress(ssl.SSLWantReadError):
-            stream.obj.do_handshake()  # writes the HelloRequest
+            stream.obj.do_handshake()
     stream._flush()
+    return pointer
+
+
+def server_renegotiate(stream: TlsStream, timeout: float) -> None:
+    """As a TLS 1.2 server, send a HelloRequest and run the renegotiation the client then
+    starts (what Apache does for a location with its own SSLVerifyClient). Application data
+    that comes meanwhile is kept for `recv`. Raises TimeoutError if it does not complete."""
+    pointer = start_renegotiation(stream)  # as a server: a HelloRequest
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -273,12 +280,7 @@ def test_a_client_renegotiation_is_refused_at_once(start_proxy, http_backend, cl
     c = client(proxy.port, ssl_context=context, timeout=8)
     assert c.request(simple_get("/before")).status == 200
     stream: TlsStream = c.sock
-    pointer = ssl_pointer(stream.obj)
-    with stream._ssl_lock:
-        assert _libssl.SSL_renegotiate(pointer) == 1
-        with contextlib.suppress(ssl.SSLWantReadError):
-            stream.obj.do_handshake()  # writes the ClientHello
-    stream._flush()
+    pointer = start_renegotiation(stream)  # as a client: a ClientHello
     start = time.monotonic()
     stream.settimeout(3)
     try:
