@@ -57,6 +57,19 @@ os.execv(sys.argv[3], sys.argv[3:])
 UNIT = REPO / "contrib" / "systemd" / "rawproxy.service"
 
 
+def run_to_exit(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`python -m rawproxy ARGS` run to its exit (15 s at most), its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "rawproxy", *args],
+        env=env,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+
+
 def _base_env(**extra: str) -> dict[str, str]:
     env = {
         k: v
@@ -407,15 +420,7 @@ def test_check_config_accepts_a_file_meant_for_socket_activation(tmp_path: Path)
     relies on socket activation); --check-config checks what it can without the sockets."""
     config = tmp_path / "rawproxy.toml"
     config.write_text('backend = "http://127.0.0.1:9"\n')
-    done = subprocess.run(
-        [sys.executable, "-m", "rawproxy", "--check-config", str(config)],
-        env=_base_env(),
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=15,
-    )
+    done = run_to_exit("--check-config", str(config), env=_base_env())
     assert done.returncode == 0, done.stderr
 
 
@@ -601,25 +606,15 @@ def test_start_up_failure_sends_no_ready(tmp_path):
             notify = NotifySocket(address)
             try:
                 other = free_port()
-                done = subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "rawproxy",
-                        "--listen",
-                        f"127.0.0.1:{other}",
-                        "--listen",
-                        f"127.0.0.1:{busy.getsockname()[1]}",
-                        "--backend",
-                        "127.0.0.1:9",
-                        *workers,
-                    ],
+                done = run_to_exit(
+                    "--listen",
+                    f"127.0.0.1:{other}",
+                    "--listen",
+                    f"127.0.0.1:{busy.getsockname()[1]}",
+                    "--backend",
+                    "127.0.0.1:9",
+                    *workers,
                     env=notify_env(address),
-                    cwd=REPO,
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    text=True,
-                    timeout=15,
                 )
                 assert done.returncode == 1, done.stderr
                 assert "Traceback" not in done.stderr, done.stderr
