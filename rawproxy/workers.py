@@ -61,6 +61,12 @@ def run_workers(
     inherited: list[tuple[str, socket.socket]],
     count: int,
 ) -> int:
+    # What a single process refuses before it listens (certificates, keys, backend names) is
+    # refused here once, in one line, before any worker forks and says it N times.
+    try:
+        check_config(config)
+    except ConfigError as e:
+        raise StartupError(str(e)) from e
     listeners: list[Listener] = [inherited_listener(name, sock, config) for name, sock in inherited]
     for where in config.listen:
         if not served_by_systemd(where):

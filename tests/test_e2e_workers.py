@@ -487,6 +487,29 @@ def test_a_worker_that_cannot_start_stops_rawproxy(http_backend, sockets):
     assert not re.search(r"restarting", done.stderr), done.stderr
 
 
+@pytest.mark.parametrize("problem", ["certificate", "backend name"])
+def test_workers_refuse_a_bad_configuration_in_one_line(problem, tmp_path):
+    """What a single process refuses before it listens is refused by the supervisor too, once,
+    on the `rawproxy: error:` line, before any worker forks: it was two per-worker lines and
+    a "worker could not start", with no error line (the lifecycle review, session 22)."""
+    if problem == "certificate":
+        bad = tmp_path / "bad.pem"
+        bad.write_text("not a certificate\n")
+        args = ("--backend", "127.0.0.1:9", "--cert", str(bad), "--key", str(bad))
+        expected = "holds no PEM certificate"
+    else:
+        args = ("--backend", "no-such-host.invalid:80")
+        expected = "cannot resolve the backend host 'no-such-host.invalid'"
+    done = run_rawproxy("--listen", "127.0.0.1:0", *args, "--workers", "2", timeout=20)
+    assert done.returncode == 1, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("rawproxy: error:")]
+    assert len(errors) == 1, done.stderr
+    assert expected in errors[0], done.stderr
+    assert not re.search(r"listening on|worker \d+ (started|cannot start)", done.stderr), (
+        done.stderr
+    )
+
+
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 
 
