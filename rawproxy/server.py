@@ -601,11 +601,13 @@ class Server:
         preopened: list[Listener] | None = None,
         worker: int | None = None,
         serving_fd: int | None = None,
+        heartbeat: float | None = None,
     ) -> None:
         """`reread` gives the configuration anew on SIGHUP (from the config file and the
         flags); `inherited` are sockets passed by systemd, with their names; `preopened` are
         the listeners a --workers supervisor opened for this worker number `worker`, which
-        tells the supervisor on `serving_fd` when it serves."""
+        tells the supervisor on `serving_fd` when it serves and then, when `heartbeat` is
+        set (systemd's watchdog is on), every `heartbeat` seconds from its loop."""
         self.runtime = Runtime(config)
         self.reread = reread
         self.loop = Loop()
@@ -633,6 +635,7 @@ class Server:
         self.preopened = preopened
         self.worker = worker
         self.serving_fd = serving_fd
+        self.heartbeat = heartbeat
         self.accepting = False
         self.resume_timer: Timer | None = None
         # Set while the oldest idle entry is a new connection younger than SPARE_GRACE: the
@@ -883,7 +886,7 @@ class Server:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
         if self.worker is not None:
             log.info("worker %d (pid %d) serving", self.worker, os.getpid())
-            self._tell_supervisor(self.worker)
+            self._tell_supervisor()
         else:
             self._log_listeners(self.listeners)
             self.runtime.describe()
@@ -902,16 +905,26 @@ class Server:
         finally:
             self.stop()
 
-    def _tell_supervisor(self, worker: int) -> None:
+    def _tell_supervisor(self) -> None:
         """Say to the --workers supervisor that this worker serves (it says ready once every
-        worker has). A supervisor that is gone or not reading changes nothing here."""
+        worker has), and, with a heartbeat, that its loop still turns: the supervisor stands
+        for the workers before systemd's watchdog (workers.py). A message is this process's
+        PID, 4 bytes: one atomic pipe write. A supervisor that is gone or not reading
+        changes nothing here."""
         fd = self.serving_fd
         if fd is None:
             return
-        self.serving_fd = None
         with contextlib.suppress(OSError):
-            os.write(fd, worker.to_bytes(4, "big"))
-        os.close(fd)
+            os.write(fd, os.getpid().to_bytes(4, "big"))
+        if self.heartbeat:
+            self.loop.call_later(self.heartbeat, self._tell_supervisor)
+        else:
+            self._close_serving_fd()
+
+    def _close_serving_fd(self) -> None:
+        if self.serving_fd is not None:
+            os.close(self.serving_fd)
+            self.serving_fd = None
 
     def _log_listeners(self, socks: list[socket.socket]) -> None:
         for sock in socks:
@@ -1181,6 +1194,7 @@ class Server:
         self.pipes.close()
         self.later_keepalive.close()
         self.notifier.close()
+        self._close_serving_fd()
         self.access.close()
         self.loop.close()
         # The last line: that the process ended as asked, not by a crash or a kill.

@@ -4,10 +4,18 @@ The supervisor opens every listening socket (or takes systemd's), then forks the
 which inherit them: the kernel hands each new connection to one worker. It restarts a worker
 that dies, forwards SIGTERM/SIGINT/SIGHUP, speaks to systemd, and exits 0 when the last worker
 has drained. A worker is the single-process proxy, minus listening and minus systemd.
+
+With systemd's watchdog on (WatchdogSec=), the supervisor pings it from its own loop and
+watches the workers itself: each worker sends a heartbeat from its loop every half period,
+and one silent for a whole period is hung (an endless loop, a blocking call). The supervisor
+aborts it and starts another in its place, so only that worker's clients suffer, where
+stopping the pings would have had systemd restart every worker. A hung supervisor still
+stops the pings.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import logging
@@ -39,6 +47,9 @@ log = logging.getLogger("rawproxy")
 # A worker that dies sooner than this after its start is restarted only after this long, so
 # that a worker crashing at start-up does not make the supervisor spin.
 QUICK_DEATH = 1.0
+# A worker found hung gets SIGABRT (a core to debug with, as systemd's own watchdog does),
+# then SIGKILL if it is still there this long after (stopped, or dumping for ever).
+ABORT_GRACE = 2.0
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
@@ -87,6 +98,10 @@ def run_workers(
     os.set_blocking(serving_r, False)
     os.set_blocking(serving_w, False)
     serving: set[int] = set()
+    # With the watchdog: when each serving worker (by PID) was last heard from (loop time).
+    heard: dict[int, float] = {}
+    beat = notifier.watchdog_interval  # each worker's heartbeat (forget_in_child clears it)
+    period = 2 * beat if beat else None
     announced = False
     failed = False  # a worker's first start failed: everything stops, exit code 1
 
@@ -115,6 +130,7 @@ def run_workers(
                     preopened=listeners,
                     worker=index,
                     serving_fd=serving_w,
+                    heartbeat=beat,
                 )
                 server.open()
                 server.open_admin()
@@ -131,6 +147,7 @@ def run_workers(
         log.info("worker %d started (pid %d)", index, pid)
 
     def reap(_signum: int) -> None:
+        on_serving(0)  # what the dead said before they died, while their PIDs are known
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -139,6 +156,7 @@ def run_workers(
             if pid == 0:
                 break
             index, started = children.pop(pid, (-1, 0.0))
+            heard.pop(pid, None)
             if index < 0:
                 continue
             how = (
@@ -149,8 +167,6 @@ def run_workers(
             if stopping:
                 log.info("worker %d (pid %d) ended (%s)", index, pid, how)
                 continue
-            if index not in serving:
-                on_serving(0)  # it may have said so just before it died
             if index not in serving:
                 # Its first start failed (a backend name that does not resolve, an admin port
                 # in use): a start-up problem, which stops rawproxy with a non-zero exit code
@@ -237,7 +253,10 @@ def run_workers(
         except BlockingIOError:
             return
         for at in range(0, len(data) - 3, 4):
-            serving.add(int.from_bytes(data[at : at + 4], "big"))
+            pid = int.from_bytes(data[at : at + 4], "big")
+            if pid in children:
+                serving.add(children[pid][0])
+                heard[pid] = loop.now
         if not announced and not stopping and len(serving) >= count:
             announced = True
             log.info("ready: %d workers", count)
@@ -251,9 +270,36 @@ def run_workers(
     loop.add(serving_r, READ, on_serving)
     for index in range(count):
         spawn(index)
+
+    def abort_hung() -> None:
+        """Abort each worker silent for a whole watchdog period; reap restarts it."""
+        assert period is not None
+        on_serving(0)  # heartbeats already in the pipe count, however late this runs
+        for pid, last in list(heard.items()):
+            if loop.now - last <= period or pid not in children:
+                continue
+            del heard[pid]
+            log.error(
+                "worker %d (pid %d) hung: no heartbeat for %.1f s (the watchdog period); "
+                "aborting it (SIGABRT)",
+                children[pid][0],
+                pid,
+                loop.now - last,
+            )
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+            loop.call_later(ABORT_GRACE, lambda pid=pid: finish_off(pid))  # type: ignore[misc]
+
+    def finish_off(pid: int) -> None:
+        if pid in children:
+            log.error("worker %d (pid %d) still there: killed (SIGKILL)", children[pid][0], pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
     if notifier.watchdog_interval:
 
         def watchdog() -> None:
+            abort_hung()
             notifier.watchdog()
             assert notifier.watchdog_interval is not None
             loop.call_later(notifier.watchdog_interval, watchdog)

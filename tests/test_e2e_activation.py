@@ -3,8 +3,8 @@
 errors). Every test runs the real `python -m rawproxy` as a subprocess.
 
 They came from a review (session 22). A docstring starting "Fixed:" describes what was wrong
-before its fix; the one marked OPEN (xfail, strict) is a finding not fixed yet; the others
-cover ground no other test file covers.
+before its fix (the watchdog with --workers one was an open strict xfail until session 23);
+the others cover ground no other test file covers.
 
 Socket activation is simulated without systemd: a small launcher (LAUNCHER below) moves the
 sockets the test made to descriptors 3, 4, ... exactly as systemd does, sets LISTEN_PID to
@@ -477,23 +477,15 @@ def _wait_children(pid: int, count: int, timeout: float = 10.0) -> list[int]:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: with --workers the watchdog pings from the supervisor's loop only "
-    "(worker heartbeats not built yet)",
-)
-def test_workers_watchdog_stops_when_every_worker_is_wedged(run_proxy, http_backend, tmp_path):
-    """OPEN (review finding, not fixed yet; xfail): with --workers the supervisor sends
-    WATCHDOG=1 from its own idle loop, whatever the workers do. With every worker wedged
-    (here stopped with SIGSTOP; in real life an infinite loop, a deadlock, a blocking call
-    in the event loop) no request is answered, yet WATCHDOG=1 keeps coming every
-    WATCHDOG_USEC/2, so WatchdogSec= never restarts the service: the watchdog checks
-    nothing but the supervisor.
-    Expected: the watchdog stands for the event loops that serve: the supervisor sends
-    WATCHDOG=1 only while every worker (or at least one) has shown life within the period
-    (e.g. each worker writes a heartbeat to the serving pipe from its loop), so that
-    systemd's watchdog fires when the workers hang (systemd.service(5): the watchdog is for
-    "a service that hangs")."""
+@pytest.mark.parametrize("wedged", ["one", "every"])
+def test_workers_watchdog_replaces_a_hung_worker(wedged, run_proxy, http_backend, tmp_path):
+    """Fixed (review finding): with --workers the supervisor sent WATCHDOG=1 from its own
+    idle loop whatever the workers did, so with every worker wedged (here SIGSTOP; in real
+    life an endless loop, a deadlock, a blocking call) no request was answered and
+    WatchdogSec= never fired. Now each worker sends a heartbeat from its loop and the
+    supervisor aborts one silent for a whole period (SIGABRT, then SIGKILL: a stopped
+    process takes only that) and starts another in its place: requests are answered again,
+    a healthy worker keeps its PID, and the supervisor, alive, goes on pinging systemd."""
     address = str(tmp_path / "notify")
     notify = NotifySocket(address)
     kids: list[int] = []
@@ -505,26 +497,38 @@ def test_workers_watchdog_stops_when_every_worker_is_wedged(run_proxy, http_back
             f"127.0.0.1:{http_backend.port}",
             "--workers",
             "2",
-            env=notify_env(address, WATCHDOG_USEC="400000"),
+            env=notify_env(address, WATCHDOG_USEC="1000000"),
         )
         notify.wait_for(has("READY", "1"), timeout=10)
-        notify.wait_for(has("WATCHDOG", "1"), timeout=5)
         kids = _wait_children(proxy.pid, 2)
-        for pid in kids:
+        # Healthy workers, idle or busy, are never taken for hung: three periods of both.
+        mark = proxy.mark()
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            with HttpClient(proxy.port, timeout=5) as c:
+                assert c.request(simple_get("/healthy")).status == 200
+            time.sleep(0.2)
+        assert "hung" not in proxy.log_text(mark)
+        assert sorted(_children(proxy.pid)) == sorted(kids)
+
+        stopped = kids if wedged == "every" else kids[:1]
+        mark = proxy.mark()
+        for pid in stopped:
             os.kill(pid, signal.SIGSTOP)
-        # Let what was already on its way arrive, then watch one full period and more.
-        notify.collect(0.5)
-        mark = len(notify.messages)
-        notify.collect(1.5)
-        with HttpClient(proxy.port, timeout=1.5) as c:
-            c.send(simple_get("/wedged"))
-            with pytest.raises(TimeoutError):
-                c.read_head()  # really wedged: nobody answers
-        pings = [m for m in notify.messages[mark:] if m.get("WATCHDOG") == "1"]
-        assert not pings, (
-            f"{len(pings)} WATCHDOG=1 in 1.5 s (WatchdogSec=0.4 s) while every worker is "
-            "stopped and no request is answered"
-        )
+        for pid in stopped:
+            proxy.wait_for_log(rf"\(pid {pid}\) hung: no heartbeat", since=mark, timeout=5)
+            proxy.wait_for_log(
+                rf"\(pid {pid}\) ended \(killed by SIGKILL\); restarting", since=mark, timeout=10
+            )
+        proxy.wait_for_logs(r"worker \d+ \(pid \d+\) serving", len(stopped), since=mark, timeout=10)
+        now = _wait_children(proxy.pid, 2)
+        assert not set(now) & set(stopped), (now, stopped)
+        assert set(kids) - set(stopped) <= set(now), "a healthy worker was replaced"
+        for _ in range(4):  # either worker may take each connection
+            with HttpClient(proxy.port, timeout=5) as c:
+                assert c.request(simple_get("/again")).status == 200
+        notify.collect(0.2)  # what queued up meanwhile; then a fresh ping, one interval on
+        notify.wait_for(has("WATCHDOG", "1"), timeout=2, since=len(notify.messages))
     finally:
         for pid in kids:
             with contextlib.suppress(ProcessLookupError):
