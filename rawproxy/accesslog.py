@@ -11,6 +11,7 @@ minute: the request it tells of is served all the same, as nginx does.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -93,7 +94,20 @@ class AccessLog:
 
     @staticmethod
     def _open(path: str) -> int:
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        """Non-blocking, for a FIFO read by a log shipper: a reader that does not keep up
+        costs lines (EAGAIN, counted and reported below), never the loop's time (a regular
+        file ignores the flag). A line under PIPE_BUF (4 KiB) is written whole or not at
+        all. A FIFO that no program reads yet refuses the open (ENXIO) rather than blocking
+        start-up until one does."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            return os.open(path, flags, 0o644)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                raise OSError(
+                    e.errno, "a FIFO that no program reads: start its reader first"
+                ) from e
+            raise
 
     def reopen(self) -> None:
         """After logrotate moved the file away: write to a new one under the same name."""
@@ -129,7 +143,9 @@ class AccessLog:
                     "cannot write to the access log %s: %s; its lines are dropped meanwhile "
                     "(%d so far), requests are served as usual",
                     self.path,
-                    e.strerror or e,
+                    "its reader does not keep up (the pipe is full)"
+                    if isinstance(e, BlockingIOError)
+                    else e.strerror or e,
                     self.failures,
                 )
 

@@ -8,6 +8,8 @@ from a review of the logs (session 22); the faults it found are described in eac
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -30,6 +32,7 @@ from peers import (
     proxy_args,
     request_bytes,
     reset_close,
+    run_rawproxy,
     simple_get,
 )
 
@@ -545,3 +548,62 @@ def test_access_line_size_is_bounded(proxies, backend, tmp_path, fmt):
     [line] = wait_lines(path, 1)
     assert "/long" in line
     assert len(line.encode()) <= 48 * 1024, f"one access line of {len(line)} bytes"
+
+
+# --- a FIFO as the access log (a log shipper reading it) --------------------------------------
+
+
+F_SETPIPE_SZ = 1031  # fcntl(2), Linux
+
+
+@pytest.mark.timeout(60)
+def test_fifo_access_log_reader_that_stalls_costs_lines_not_requests(proxies, backend, tmp_path):
+    """Fixed: the access log was opened blocking, so a FIFO whose reader stopped reading (a
+    log shipper hung or slow) stalled the whole event loop at the first line that did not
+    fit: every client of the proxy waited on it. It is now opened non-blocking: the lines
+    that do not fit are dropped and counted, with an error line on stderr, and every request
+    is answered; once the reader reads again, lines come again, each whole."""
+    fifo = tmp_path / "access.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        fcntl.fcntl(reader, F_SETPIPE_SZ, 4096)  # one page: about 25 lines fill it
+        proxy = proxies(*proxy_args(backend.port, "--access-log", str(fifo)))
+        with HttpClient(proxy.port, timeout=5) as c:
+            for i in range(120):
+                assert c.request(simple_get(f"/stalled{i}")).status == 200
+        proxy.wait_for_log(r"cannot write to the access log .*reader does not keep up")
+        got = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(reader, 65536):
+                got += chunk
+        lines = got.decode().splitlines()
+        assert got.endswith(b"\n"), got[-200:]
+        assert 5 < len(lines) < 120, len(lines)
+        assert all(CLF.fullmatch(line) for line in lines), lines
+        with HttpClient(proxy.port, timeout=5) as c:
+            assert c.request(simple_get("/after")).status == 200
+        deadline = time.monotonic() + 5
+        later = b""
+        while b"/after" not in later and time.monotonic() < deadline:
+            with contextlib.suppress(BlockingIOError):
+                later += os.read(reader, 65536)
+            time.sleep(0.02)
+        assert b"GET /after HTTP/1.1" in later, later
+    finally:
+        os.close(reader)
+
+
+@pytest.mark.timeout(30)
+def test_fifo_access_log_without_reader_is_a_startup_error(tmp_path):
+    """Fixed: with a FIFO as --access-log and no program reading it yet, start-up blocked in
+    open(2) for ever (systemd's start timeout then killed it, with nothing said). It now
+    stops at once with one line that says what to do."""
+    fifo = tmp_path / "access.fifo"
+    os.mkfifo(fifo)
+    done = run_rawproxy(*proxy_args(9, "--access-log", str(fifo)), timeout=10)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"rawproxy: error: cannot open --access-log {fifo}: a FIFO that no program reads: "
+        "start its reader first"
+    ), done.stderr
