@@ -16,6 +16,7 @@ import resource
 import signal
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -297,6 +298,11 @@ def make_targets(config: Config) -> dict[tuple[str, str, int], Target]:
         if key not in targets:
             targets[key] = Target(route.backend, config)
     return targets
+
+
+def status_line(http: int, tunnels: int, draining: bool) -> str:
+    """The STATUS= of systemctl status: what is open now."""
+    return f"{http} HTTP connections, {tunnels} tunnels" + (", draining" if draining else "")
 
 
 def check_config(config: Config) -> None:
@@ -585,6 +591,9 @@ class Runtime:
 
 # How often the STATUS= line systemd shows is refreshed.
 STATUS_EVERY = 10.0
+# What a --workers worker tells its supervisor on the serving pipe (workers.py): its PID, its
+# HTTP connections and tunnels, and whether it drains. 16 bytes: one atomic pipe write.
+WORKER_REPORT = struct.Struct(">IIII")
 
 
 # A listening socket group: what it came from, its sockets, whether it is TLS (None: TLS when
@@ -607,7 +616,7 @@ class Server:
         flags); `inherited` are sockets passed by systemd, with their names; `preopened` are
         the listeners a --workers supervisor opened for this worker number `worker`, which
         tells the supervisor on `serving_fd` when it serves and then, when `heartbeat` is
-        set (systemd's watchdog is on), every `heartbeat` seconds from its loop."""
+        set (systemd listens), every `heartbeat` seconds from its loop."""
         self.runtime = Runtime(config)
         self.reread = reread
         self.loop = Loop()
@@ -907,15 +916,15 @@ class Server:
 
     def _tell_supervisor(self) -> None:
         """Say to the --workers supervisor that this worker serves (it says ready once every
-        worker has), and, with a heartbeat, that its loop still turns: the supervisor stands
-        for the workers before systemd's watchdog (workers.py). A message is this process's
-        PID, 4 bytes: one atomic pipe write. A supervisor that is gone or not reading
-        changes nothing here."""
+        worker has), and, with a heartbeat, that its loop still turns (the supervisor stands
+        for the workers before systemd's watchdog) and what it carries (for the STATUS line):
+        a WORKER_REPORT. A supervisor that is gone or not reading changes nothing here."""
         fd = self.serving_fd
         if fd is None:
             return
+        http, tunnels = self._counts()
         with contextlib.suppress(OSError):
-            os.write(fd, os.getpid().to_bytes(4, "big"))
+            os.write(fd, WORKER_REPORT.pack(os.getpid(), http, tunnels, self.draining))
         if self.heartbeat:
             self.loop.call_later(self.heartbeat, self._tell_supervisor)
         else:
@@ -932,11 +941,13 @@ class Server:
             tls = bool(self.config.certs) if wanted is None else wanted
             log.info("listening on %s (%s)", _shown(sock), "tls" if tls else "plain")
 
-    def _status(self) -> str:
+    def _counts(self) -> tuple[int, int]:
+        """HTTP connections and tunnels open now."""
         tunnels = sum(1 for c in self.connections if not isinstance(c, Session))
-        return f"{len(self.connections) - tunnels} HTTP connections, {tunnels} tunnels" + (
-            ", draining" if self.draining else ""
-        )
+        return len(self.connections) - tunnels, tunnels
+
+    def _status(self) -> str:
+        return status_line(*self._counts(), self.draining)
 
     def _report_status(self) -> None:
         self.notifier.status(self._status())

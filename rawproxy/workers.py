@@ -5,8 +5,11 @@ which inherit them: the kernel hands each new connection to one worker. It resta
 that dies, forwards SIGTERM/SIGINT/SIGHUP, speaks to systemd, and exits 0 when the last worker
 has drained. A worker is the single-process proxy, minus listening and minus systemd.
 
-With systemd's watchdog on (WatchdogSec=), the supervisor pings it from its own loop and
-watches the workers itself: each worker sends a heartbeat from its loop every half period,
+Under systemd each worker reports on a pipe from its loop, every STATUS_EVERY / 2 (the
+supervisor sums the reports into its STATUS= line) or, with the watchdog on, every half period
+if that is sooner. With
+the watchdog (WatchdogSec=) the supervisor pings systemd from its own loop and watches the
+workers itself through those reports, the workers' heartbeats:
 and one silent for a whole period is hung (an endless loop, a blocking call). The supervisor
 aborts it and starts another in its place, so only that worker's clients suffer, where
 stopping the pings would have had systemd restart every worker. A hung supervisor still
@@ -28,7 +31,9 @@ from rawproxy.config import Config, ConfigError
 from rawproxy.loop import READ, Loop
 from rawproxy.server import (
     REOPEN_LOGS_SIGNAL,
+    STATUS_EVERY,
     STOP_NOW_SIGNAL,
+    WORKER_REPORT,
     WORKER_SIGNALS,
     Listener,
     Server,
@@ -38,6 +43,7 @@ from rawproxy.server import (
     inherited_listener,
     open_listener,
     served_by_systemd,
+    status_line,
     warn_if_descriptors_short,
 )
 from rawproxy.systemd import Notifier
@@ -91,17 +97,22 @@ def run_workers(
     notifier = Notifier()
     children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, start time)
     stopping = False
-    # Each worker writes its index here once it serves (4 bytes: one atomic pipe write); the
-    # supervisor says ready when every worker has. Non-blocking at both ends: a worker never
-    # waits on it, and the supervisor reads it from its loop.
+    # Each worker writes a WORKER_REPORT here once it serves, and then every `beat` seconds;
+    # the supervisor says ready when every worker has. Non-blocking at both ends: a worker
+    # never waits on it, and the supervisor reads it from its loop.
     serving_r, serving_w = os.pipe()
     os.set_blocking(serving_r, False)
     os.set_blocking(serving_w, False)
     serving: set[int] = set()
-    # With the watchdog: when each serving worker (by PID) was last heard from (loop time).
+    # When each serving worker (by PID) was last heard from (loop time), and what it said
+    # it carries (HTTP connections, tunnels).
     heard: dict[int, float] = {}
-    beat = notifier.watchdog_interval  # each worker's heartbeat (forget_in_child clears it)
-    period = 2 * beat if beat else None
+    carries: dict[int, tuple[int, int]] = {}
+    beats = [notifier.watchdog_interval] if notifier.watchdog_interval else []
+    if notifier.sock is not None:
+        beats.append(STATUS_EVERY / 2)  # a STATUS= line then tells of at most 5 s ago
+    beat = min(beats, default=None)  # the workers' (forget_in_child clears the notifier)
+    period = 2 * notifier.watchdog_interval if notifier.watchdog_interval else None
     announced = False
     failed = False  # a worker's first start failed: everything stops, exit code 1
 
@@ -157,6 +168,7 @@ def run_workers(
                 break
             index, started = children.pop(pid, (-1, 0.0))
             heard.pop(pid, None)
+            carries.pop(pid, None)
             if index < 0:
                 continue
             how = (
@@ -252,11 +264,11 @@ def run_workers(
             data = os.read(serving_r, 4096)
         except BlockingIOError:
             return
-        for at in range(0, len(data) - 3, 4):
-            pid = int.from_bytes(data[at : at + 4], "big")
+        for pid, http, tunnels, _ in WORKER_REPORT.iter_unpack(data):
             if pid in children:
                 serving.add(children[pid][0])
                 heard[pid] = loop.now
+                carries[pid] = (http, tunnels)
         if not announced and not stopping and len(serving) >= count:
             announced = True
             log.info("ready: %d workers", count)
@@ -296,6 +308,15 @@ def run_workers(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
+    def report_status() -> None:
+        """STATUS= with what the workers said they carry, at their last report."""
+        http = sum(h for h, _ in carries.values())
+        tunnels = sum(t for _, t in carries.values())
+        notifier.status(f"{len(children)} workers: {status_line(http, tunnels, stopping)}")
+        loop.call_later(STATUS_EVERY, report_status)
+
+    if notifier.sock is not None:
+        loop.call_later(STATUS_EVERY, report_status)
     if notifier.watchdog_interval:
 
         def watchdog() -> None:

@@ -424,6 +424,40 @@ def test_only_the_main_process_speaks_to_systemd(run_proxy, http_backend, tmp_pa
         notify.close()
 
 
+@pytest.mark.timeout(60)
+def test_status_line_sums_what_the_workers_carry(run_proxy, ws_backend, client, tmp_path: Path):
+    """With --workers, `systemctl status` showed "2 workers" and nothing of the traffic, where
+    a single process shows its open connections and tunnels. Each worker now reports its
+    counts to the supervisor from its loop, and the STATUS= line, every 10 s, is their sum
+    (here a tunnel and two connections that sent nothing yet, wherever the kernel put them)."""
+    address = str(tmp_path / "notify")
+    notify = NotifySocket(address)
+    try:
+        # The watchdog makes the workers report every 0.5 s: the first STATUS is then current.
+        proxy = start_workers(
+            run_proxy, ws_backend.port, env=notify_env(address, WATCHDOG_USEC="1000000")
+        )
+        ready = notify.wait_for(has("READY", "1"))
+        ws_client = client(proxy.port)
+        ws = open_websocket(ws_client)
+        kept = [client(proxy.port) for _ in range(2)]  # nothing sent yet: HTTP connections
+        wanted = "2 workers: 2 HTTP connections, 1 tunnels"
+        notify.wait_for(lambda m: m.get("STATUS") == wanted, since=ready + 1, timeout=25)
+        ws.close()
+        ws_client.close()
+        for c in kept:
+            c.close()
+        at = notify.wait_for(
+            lambda m: m.get("STATUS") == "2 workers: 0 HTTP connections, 0 tunnels",
+            since=ready + 1,
+            timeout=25,
+        )
+        statuses = [m["STATUS"] for m in notify.messages[ready + 1 : at] if "STATUS" in m]
+        assert all(s.startswith("2 workers: ") for s in statuses), statuses
+    finally:
+        notify.close()
+
+
 def test_sighup_while_the_workers_drain_tells_systemd_nothing(
     run_proxy, ws_backend, client, tmp_path: Path
 ):
