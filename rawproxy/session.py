@@ -322,6 +322,7 @@ class Session:
         "client_side_cache",
         "config",
         "connect_started",
+        "connect_tried",
         "deadline",
         "deadline_callback",
         "decision",
@@ -405,6 +406,8 @@ class Session:
         self.backend_state = _TCP_CONNECTING
         self.backend_reused = False
         self.next_address = 0
+        # What each address of the backend's name answered, while a later one is tried.
+        self.connect_tried: list[str] | None = None
         self.timer: Timer | None = None
         # h11 holds events that the budget of a turn left for the next one (PUMP_BUDGET).
         self.pump_later = False
@@ -1560,6 +1563,7 @@ class Session:
             self._connect_failed(e.strerror or str(e), e.errno)
             return True
         self.next_address = 0
+        self.connect_tried = None
         self.backend_state = _READY
         self.server.metrics.observe_connect_latency(self.loop.now - self.connect_started)
         self.phase = EXCHANGE
@@ -1569,13 +1573,33 @@ class Session:
             backend.queue((memoryview(head)[taken:],))
         return True
 
-    def _connect_failed(self, reason: str, err: int | None = None) -> None:
+    def _connect_failed(
+        self, reason: str, err: int | None = None, alone: str | None = None, timed_out: bool = False
+    ) -> None:
+        """The address just tried failed (`reason`): the name's next address is tried, as
+        nginx goes on to the next upstream on an error or a timeout; after the last one, a
+        502 whose line names every address and what it answered (a name with one address:
+        `alone`, or the reason after the backend's name)."""
+        target = self.current_target
+        tried = self.connect_tried or []
+        address = target.addresses[self.next_address - 1][1]
+        tried.append(f"{format_peer(address)[1]}: {reason}")
         self._drop_backend()
-        if self.next_address < len(self.current_target.addresses):
+        if self.next_address < len(target.addresses):
+            self.connect_tried = tried
             self._connect()
             return
-        self.server.metrics.backend_connect_errors[classify_connect_error(err)] += 1
-        self._fail(502, f"cannot connect to backend {self.current_target.name}: {reason}")
+        self.connect_tried = None
+        cause = classify_connect_error(err, timed_out=timed_out)
+        self.server.metrics.backend_connect_errors[cause] += 1
+        if len(tried) > 1:
+            detail = (
+                f"cannot connect to backend {target.name}, at any of its addresses: "
+                + "; ".join(tried)
+            )
+        else:
+            detail = alone or f"cannot connect to backend {target.name}: {reason}"
+        self._fail(502, detail)
 
     def _send_proxy_header(self, backend: Leg) -> None:
         version = self.config.send_proxy_protocol
@@ -1606,6 +1630,7 @@ class Session:
     def _backend_ready(self) -> None:
         self.backend_state = _READY
         self.next_address = 0  # connected (TLS and all): the next connection starts afresh
+        self.connect_tried = None
         backend = self.backend
         if (
             backend is not None
@@ -2463,22 +2488,19 @@ class Session:
             )
             self._close()
         elif phase == CONNECTING:
-            self.server.metrics.backend_connect_errors["timeout"] += 1
             name = self.current_target.name
+            within = f"within {config.connect_timeout:g}s (--connect-timeout)"
             if self.backend is not None and self.backend_state not in (_TCP_CONNECTING, _READY):
                 # TCP is done, the TLS handshake is not: a port that is not TLS, most often.
-                self._fail(
-                    502,
+                reason = f"accepted the TCP connection but completed no TLS handshake {within}"
+                alone = (
                     f"backend {name} accepted the TCP connection but did not complete the TLS "
-                    f"handshake within {config.connect_timeout:g}s (--connect-timeout); is "
-                    "that port really TLS?",
+                    f"handshake {within}; is that port really TLS?"
                 )
             else:
-                self._fail(
-                    502,
-                    f"backend {name} did not accept the connection "
-                    f"within {config.connect_timeout:g}s (--connect-timeout)",
-                )
+                reason = f"did not accept the connection {within}"
+                alone = f"backend {name} {reason}"
+            self._connect_failed(reason, errno.ETIMEDOUT, alone, timed_out=True)
         elif phase == EXCHANGE:
             # Whose silence stops the exchange: the client's, which takes none of the answer,
             # or the backend's, which takes none of the body (the other side is not read
