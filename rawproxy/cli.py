@@ -679,10 +679,21 @@ def build_config(settings: dict[str, Any], activated: bool = False) -> Config:
         routes.append(Route("/", merged["backend"]))
     if not routes:
         raise ConfigError("--backend or --route is required")
-    prefixes = [route.prefix for route in routes]
-    duplicates = sorted({p for p in prefixes if prefixes.count(p) > 1})
-    if duplicates:
-        raise ConfigError(f"more than one route for {', '.join(duplicates)}")
+    # Prefixes are compared as requests are matched against them: `/api/`, `/%61pi/` and
+    # `//api/` are one prefix (http.route_prefix), and only one of such routes would ever
+    # be chosen.
+    from rawproxy.http import route_prefix  # here: --help and --version need no h11
+
+    matched: dict[bytes, list[str]] = {}
+    for route in routes:
+        matched.setdefault(route_prefix(route.prefix), []).append(route.prefix)
+    clashes = [sorted(set(same)) for same in matched.values() if len(same) > 1]
+    if clashes:
+        raise ConfigError(
+            "more than one route for "
+            + ", ".join(" and ".join(same) for same in sorted(clashes))
+            + (" (a request matches them alike)" if any(len(same) > 1 for same in clashes) else "")
+        )
     certs, keys = merged["cert"], merged["key"]
     if len(certs) != len(keys):
         raise ConfigError(

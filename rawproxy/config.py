@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 
 DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
 TLS_SCHEMES = frozenset({"https", "wss"})
@@ -217,7 +218,27 @@ def parse_route(text: str) -> Route:
             f"--route {text!r}: use PREFIX=URL with a prefix starting with '/', "
             "e.g. /api/=http://127.0.0.1:9001"
         )
+    unfit = _unmatchable(prefix)
+    if unfit:
+        raise ConfigError(f"--route {text!r}: no request could match this prefix: {unfit}")
     return Route(prefix, parse_backend(url))
+
+
+def _unmatchable(prefix: str) -> str | None:
+    """Why no request path can start with `prefix`, or None. A request's path is printable
+    ASCII without `?` and `#` (which end it), and its dot segments are resolved before a
+    route is chosen (http.resolve_request), so a prefix that breaks either rule would be
+    accepted and then never get a request: every request meant for it would silently go to
+    another route."""
+    for char in prefix:
+        if char in "?#":
+            return f"{char!r} ends a request's path (the query or fragment follows it)"
+        if not "!" <= char <= "~":
+            return f"{char!r} is never in a request's path: percent-encode it (a space is %20)"
+    segments = re.sub("%2e", ".", prefix, flags=re.IGNORECASE).split("/")
+    if "." in segments or ".." in segments:
+        return "its '.' or '..' segment is resolved away in every request before routing"
+    return None
 
 
 def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

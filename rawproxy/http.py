@@ -1231,7 +1231,7 @@ def _route_path(path: bytes, limit: int | None = None) -> tuple[bytes, list[int]
 
 
 @functools.lru_cache(maxsize=256)
-def _route_prefix(prefix: str) -> bytes:
+def route_prefix(prefix: str) -> bytes:
     """A route's prefix as select_route matches it (_route_path: `/%7Eu/` is `/~u/`)."""
     return _route_path(prefix.encode())[0]
 
@@ -1247,11 +1247,11 @@ def select_route(routes: Sequence[Route], target: bytes) -> tuple[Route, bytes] 
     ends: list[int] | None = None
     matched = path
     if b"%" in path or b"//" in path or b";" in path or b"\\" in path:
-        matched, ends = _route_path(path, max(len(_route_prefix(r.prefix)) for r in routes))
+        matched, ends = _route_path(path, max(len(route_prefix(r.prefix)) for r in routes))
     best: Route | None = None
     length = 0
     for route in routes:
-        prefix = _route_prefix(route.prefix)
+        prefix = route_prefix(route.prefix)
         if (matched.startswith(prefix) or (path == b"*" and prefix == b"/")) and (
             best is None or len(prefix) > length
         ):

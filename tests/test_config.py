@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from rawproxy.config import Backend, ConfigError, ListenAddress, parse_backend, parse_listen
+from rawproxy.config import (
+    Backend,
+    ConfigError,
+    ListenAddress,
+    parse_backend,
+    parse_listen,
+    parse_route,
+)
 
 
 @pytest.mark.parametrize(
@@ -119,3 +126,30 @@ def test_a_query_without_a_path_in_a_backend_url_is_named(text: str) -> None:
     """ "http://a:9000?x=1" used to be "port must be a number from 1 to 65535"."""
     with pytest.raises(ConfigError, match="may not hold a query"):
         parse_backend(text)
+
+
+@pytest.mark.parametrize(
+    "prefix", ["/", "/~user/", "/api/v1.0/", "/a.b", "/..x/", "/x../", "/my%20app/", "/a;b/", "/@x"]
+)
+def test_route_prefixes_a_request_can_match_are_taken(prefix):
+    assert parse_route(f"{prefix}=http://127.0.0.1:9").prefix == prefix
+
+
+@pytest.mark.parametrize(
+    ("prefix", "why"),
+    [
+        ("/my app/", "percent-encode it (a space is %20)"),
+        ("/tab\t/", "percent-encode it"),
+        ("/café/", "percent-encode it"),
+        ("/a?b/", "'?' ends a request's path"),
+        ("/a#b", "'#' ends a request's path"),
+        ("/a/../b/", "'..' segment"),
+        ("/a/./b/", "'..' segment"),
+        ("/a/%2E%2e/", "'..' segment"),
+        ("/a/..", "'..' segment"),
+    ],
+)
+def test_route_prefixes_no_request_can_match_are_refused(prefix, why):
+    with pytest.raises(ConfigError, match="no request could match this prefix") as e:
+        parse_route(f"{prefix}=http://127.0.0.1:9")
+    assert why in str(e.value)

@@ -369,14 +369,13 @@ def test_tls_listener_maps_back_an_https_location_on_the_clients_host(
 # --- route prefixes -------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="OPEN: not fixed yet")
 @pytest.mark.timeout(30)
 def test_prefix_with_a_space_is_refused_or_matches_the_encoded_path(launch, make_backend, client):
-    """OPEN: `--route "/my app/=URL"` is accepted (config.py `parse_route` checks only the
+    """Fixed: `--route "/my app/=URL"` was accepted (config.py `parse_route` checked only the
     leading slash), but no request can reach it: a request target has no spaces, and
     `/my%20app/x` is matched without decoding %20 (http.py `_route_path` decodes unreserved
-    characters only), so it silently goes to the / route. Expected: refused at start-up
-    (one line, exit 2, as the other bad --route values) or matched against `/my%20app/`.
+    characters only), so it silently went to the / route. Now refused at start-up (one line,
+    as the other bad --route values), with the hint to write it `/my%20app/`.
     Evidence: nginx's `location "/my app/"` takes `/my%20app/x` (it matches the decoded
     URI; observed here); rawproxy sent it to the / route's backend."""
     spaced, root = make_backend(), make_backend()
@@ -393,7 +392,6 @@ def test_prefix_with_a_space_is_refused_or_matches_the_encoded_path(launch, make
     )
 
 
-@pytest.mark.xfail(strict=True, reason="OPEN: not fixed yet")
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize(
     "prefix",
@@ -401,14 +399,13 @@ def test_prefix_with_a_space_is_refused_or_matches_the_encoded_path(launch, make
     ids=["query", "fragment", "dot-dot", "dot"],
 )
 def test_prefix_no_request_can_match_is_refused(prefix):
-    """OPEN: a route prefix holding `?` or `#` (never part of a request's path), or a
+    """Fixed: a route prefix holding `?` or `#` (never part of a request's path), or a
     `.`/`..` segment (resolved in every request before routing, http.py `resolve_request`),
-    is accepted by --route (and [[route]], parsed by the same `parse_route`) and by
-    --check-config (exit 0), and then never matches: the requests meant for it go to another
-    route, silently.
-    Expected: refused at start-up with one line naming --route (exit code 2; 1 under
-    --check-config, which this test uses so that nothing is left running), as a prefix
-    without its leading slash is (config.py `parse_route`)."""
+    was accepted by --route (and [[route]], parsed by the same `parse_route`) and by
+    --check-config (exit 0), and then never matched: the requests meant for it went to
+    another route, silently. Now refused at start-up with one line naming --route (exit
+    code 2; 1 under --check-config, which this test uses so that nothing is left running),
+    as a prefix without its leading slash is (config.py `parse_route`)."""
     done = run_rawproxy(
         "--listen", "127.0.0.1:0", "--check-config", "/dev/null", "--route",
         f"{prefix}=http://127.0.0.1:9", "--route", "/=http://127.0.0.1:10",
@@ -417,16 +414,15 @@ def test_prefix_no_request_can_match_is_refused(prefix):
     assert "--route" in one_line_error(done)
 
 
-@pytest.mark.xfail(strict=True, reason="OPEN: not fixed yet")
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("twin", ["/%61pi/", "//api/", "/api//"])
 def test_prefixes_that_match_the_same_paths_are_duplicates(twin):
-    """OPEN: `/api/` and `/%61pi/` (or `//api/`, `/api//`) are matched as the same prefix
-    (http.py `_route_prefix` normalises a prefix as it does a path), yet start-up takes them
-    as two routes, and one of them silently never gets a request (the first of equal
-    normalised length in the sorted route list wins). The duplicate check
-    (cli.py `build_config`, "more than one route for ...") compares the prefixes as
-    written. Expected: refused like two literal `/api/` routes: one line, exit code non-zero."""
+    """Fixed: `/api/` and `/%61pi/` (or `//api/`, `/api//`) are matched as the same prefix
+    (http.py `route_prefix` normalises a prefix as it does a path), yet start-up took them
+    as two routes, and one of them silently never got a request. The duplicate check
+    (cli.py `build_config`, "more than one route for ...") compared the prefixes as
+    written; it now compares them as matched: refused like two literal `/api/` routes, in
+    one line naming both."""
     done = run_rawproxy(
         "--listen", "127.0.0.1:0", "--route", "/api/=http://127.0.0.1:9",
         "--route", f"{twin}=http://127.0.0.1:10", "--check-config", "/dev/null",
