@@ -1301,6 +1301,11 @@ class ResponseRewrite:
     cookie_domains: tuple[tuple[str, str], ...] = ()
     cookie_paths: tuple[tuple[str, str], ...] = ()
     locations: bool = True
+    # Every route, and the backend's origin: a URL is mapped back through whichever route to
+    # this backend sends the client's request to that very URL, the most specific one
+    # (Apache tries each ProxyPassReverse line). Without them, only the route above counts.
+    routes: Sequence[Route] = ()
+    backend: tuple[str, str, int] | None = None
 
 
 LOCATION_HEADERS = frozenset({b"location", b"content-location", b"uri"})
@@ -1313,8 +1318,9 @@ _NOT_PLAIN_RESPONSE = HOP_BY_HOP | REWRITTEN_HEADERS | {b"host", b"transfer-enco
 
 
 def rewrite_url(value: bytes, rule: ResponseRewrite) -> bytes:
-    """An absolute URL pointing at the backend's own origin, moved to the client's origin;
-    anything else (relative, foreign, unparsable) unchanged."""
+    """An absolute URL pointing at the backend's own origin, moved to the client's origin with
+    the path a client asks the proxy for to reach it (map_back); anything else (relative,
+    foreign, unparsable, or a path of the backend no route leads to) unchanged."""
     try:
         text = value.decode("ascii").strip()
         parts = urlsplit(text)
@@ -1325,15 +1331,57 @@ def rewrite_url(value: bytes, rule: ResponseRewrite) -> bytes:
         return value
     if where not in rule.backend_origins:
         return value
-    path = parts.path or "/"
-    if rule.backend_path is not None and path.startswith(rule.backend_path):
-        path = rule.route_prefix + path[len(rule.backend_path) :]
+    path = map_back(parts.path or "/", rule)
+    if path is None:
+        return value  # as nginx's proxy_redirect: what cannot be mapped back stays
     out = rule.client_origin + path
     if parts.query:
         out += "?" + parts.query
     if parts.fragment:
         out += "#" + parts.fragment
     return out.encode("ascii")
+
+
+def map_back(path: str, rule: ResponseRewrite) -> str | None:
+    """The path through the proxy to the backend's `path`, or None when no route leads there.
+    Each route to this backend is a candidate (the route the request took when `rule` has
+    no routes): one without a backend path passes `path` as it is, one with a backend path
+    that starts `path` swaps it for its prefix. A candidate counts only if the proxy would
+    route that client path to this same backend and send it as `path` (a longer prefix to
+    another backend may take it); of those, the one with the longest backend path wins.
+    Mapped through the taken route alone, `http://A/login` from a route `/app/ ->
+    http://A/app2/` became `/login`, which the `/` route sends to another backend; and
+    `http://A/api/v2/x` from a route `/ -> http://A` stayed `/api/v2/x`, which a route
+    `/api/ -> http://A/api/v2/` sends as `/api/v2/v2/x`."""
+    if rule.backend is None or not rule.routes:
+        candidates: Iterable[tuple[str, str | None]] = ((rule.route_prefix, rule.backend_path),)
+    else:
+        candidates = (
+            (r.prefix, r.backend.path)
+            for r in rule.routes
+            if origin(r.backend.scheme, r.backend.host, r.backend.port) == rule.backend
+        )
+    best: str | None = None
+    specific = -1
+    for prefix, backend_path in candidates:
+        if backend_path is None:
+            mapped, length = path, 0
+        elif path.startswith(backend_path):
+            mapped, length = prefix + path[len(backend_path) :], len(backend_path)
+        else:
+            continue
+        if length <= specific:
+            continue
+        if rule.routes and rule.backend is not None:
+            chosen = select_route(rule.routes, mapped.encode("ascii"))
+            if chosen is None:
+                continue
+            route, sent = chosen
+            there = origin(route.backend.scheme, route.backend.host, route.backend.port)
+            if there != rule.backend or sent != path.encode("ascii"):
+                continue
+        best, specific = mapped, length
+    return best
 
 
 def rewrite_set_cookie(value: bytes, rule: ResponseRewrite) -> bytes:

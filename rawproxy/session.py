@@ -1965,9 +1965,13 @@ class Session:
         if sent is not None:
             sent_host = _header(sent, b"host")
             if sent_host is not None:
-                named = origin_of_host(target.origin[0], sent_host)
-                if named is not None:
-                    origins.append(named)
+                # The Host it was sent names the backend under its own scheme, and under the
+                # client's, which the forwarded headers told it (an app behind TLS that honours
+                # X-Forwarded-Proto writes https://HOST/...).
+                for scheme in {target.origin[0], self.scheme}:
+                    named = origin_of_host(scheme, sent_host)
+                    if named is not None and named not in origins:
+                        origins.append(named)
         # Without a Host (HTTP/1.0) the backend's URLs become paths on the proxy: left as
         # they were, they handed the client the backend's internal address.
         return ResponseRewrite(
@@ -1980,6 +1984,8 @@ class Session:
             cookie_domains=config.cookie_domains,
             cookie_paths=config.cookie_paths,
             locations=config.rewrite_location,
+            routes=self.runtime.routes,
+            backend=target.origin,
         )
 
     def _backend_invalid(self, detail: str) -> None:

@@ -311,7 +311,11 @@ def test_route_prefix_mapped_back(launch, make_backend, client):
     check_redirect(c, "http://APP.test/v2/a/b?c", "http://app.test/v/a/b?c", path="/v/redirect")
     check_urls(c, [(f"http://{v}/v2/cl", "http://app.test/v/cl")], path="/v/respond")
     # / (no path in the route): only the origin changes
-    check_redirect(c, f"http://{p}/api/x", "http://app.test/api/x", path="/redirect")
+    check_redirect(c, f"http://{p}/other/x", "http://app.test/other/x", path="/redirect")
+    # ... but not for a path of its that the /api/ route shadows: http://app.test/api/x would
+    # lead to the other backend (it was rewritten so until session 23); no route leads there,
+    # so it stays as it was, as nginx leaves a URL its proxy_redirect does not cover.
+    check_redirect(c, f"http://{p}/api/x", f"http://{p}/api/x", path="/redirect")
     assert [r.target.split(b"?")[0] for r in versioned.requests] == [b"/v2/redirect"] * 3 + [
         b"/v2/respond"
     ]

@@ -1,8 +1,7 @@
 """Routes and backend selection, from a review (session 23) that wrote tests to find bugs.
 
 A docstring starting "Fixed:" says what was wrong before its fix, what is expected and the
-evidence; one marked OPEN (strict xfail) is a finding not fixed yet. The others cover ground
-no other test file covers:
+evidence. The others cover ground no other test file covers:
 
 - a backend name that resolves to several addresses (IPv6 first, as `localhost` does on most
   systems): here the resolver is replaced, in the proxy process only, by a `sitecustomize`
@@ -273,24 +272,24 @@ def test_connect_failure_log_names_the_addresses_tried(run_proxy, client, dual_e
 # --- Location rewriting through several routes ----------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="OPEN: not fixed yet")
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("page", ["/login", "/app2"], ids=["other-page", "base-without-slash"])
 def test_location_outside_the_route_mapping_is_not_sent_to_another_backend(
     launch, make_backend, client, page
 ):
-    """OPEN: routes /app/ -> http://A/app2/, /c/ -> http://A/ and / -> http://B. A request
+    """Fixed: routes /app/ -> http://A/app2/, /c/ -> http://A/ and / -> http://B. A request
     on /app/ is redirected by A to `http://A/login` (a page of A outside /app2/). rawproxy
-    rewrites it to `http://app.test/login`, which the proxy routes to B: the client is sent to
-    another application. The route's mapping cannot be undone for a path outside its
-    backend path (http.py `rewrite_url` changes the origin whether or not the path starts with
-    `backend_path`). Expected: the URL is mapped back through a route that reaches A at
-    /login (here /c/: `http://app.test/c/login`), or left as it was. Evidence: nginx with the
+    rewrote it to `http://app.test/login`, which the proxy routes to B: the client was sent
+    to another application. The route's mapping cannot be undone for a path outside its
+    backend path (http.py `rewrite_url` changed the origin whether or not the path started
+    with `backend_path`; now http.map_back tries every route to A). Expected: the URL is
+    mapped back through a route that reaches A at /login (here /c/:
+    `http://app.test/c/login`), or left as it was. Evidence: nginx with the
     same locations and `proxy_redirect default` leaves `http://A/login` unchanged (observed
     here); Apache's ProxyPassReverse rewrites only URLs that start with a configured backend
     URL, trying each ProxyPassReverse line. The same goes for `http://A/app2`, the route's
     backend path without its slash (an app's redirect to its own base URL): it becomes
-    `http://app.test/app2`, which B gets."""
+    `http://app.test/app2`, which B got."""
     a, b = make_backend(), make_backend()
     proxy = launch(*route("/app/", a, "/app2/"), *route("/c/", a, "/"), *route("/", b))
     c = client(proxy.port)
@@ -304,12 +303,11 @@ def test_location_outside_the_route_mapping_is_not_sent_to_another_backend(
     assert b.requests == [], f"B was reached: {[r.target for r in b.requests]}"
 
 
-@pytest.mark.xfail(strict=True, reason="OPEN: not fixed yet")
 @pytest.mark.timeout(30)
 def test_location_mapped_back_through_the_most_specific_route(launch, make_backend, client):
-    """OPEN: routes / -> http://A and /api/ -> http://A/api/v2/. A page served through /
-    redirects to A's own `http://A/api/v2/x`. rawproxy undoes only the mapping of the route
-    the request took (/ : none) and sends `http://app.test/api/v2/x`, which the proxy itself
+    """Fixed: routes / -> http://A and /api/ -> http://A/api/v2/. A page served through /
+    redirects to A's own `http://A/api/v2/x`. rawproxy undid only the mapping of the route
+    the request took (/ : none) and sent `http://app.test/api/v2/x`, which the proxy itself
     maps to A's `/api/v2/v2/x`: a different resource (a 404 or worse). Expected: the
     Location leads back to A's /api/v2/x through the proxy, i.e. it is mapped back through
     the most specific route whose backend URL covers it: `http://app.test/api/x`. Evidence:
@@ -329,16 +327,15 @@ def test_location_mapped_back_through_the_most_specific_route(launch, make_backe
     )
 
 
-@pytest.mark.xfail(strict=True, reason="OPEN: not fixed yet")
 @pytest.mark.timeout(30)
 def test_tls_listener_maps_back_an_https_location_on_the_clients_host(
     launch, make_backend, client, pki
 ):
-    """OPEN: behind a TLS listener, route /api/ -> http://A/ and / -> http://B. rawproxy
+    """Fixed: behind a TLS listener, route /api/ -> http://A/ and / -> http://B. rawproxy
     tells A `X-Forwarded-Proto: https`; an app that honours it (Django's
     SECURE_PROXY_SSL_HEADER, Rails, Express `trust proxy`: the usual production set-up)
-    redirects to `https://localhost/login` on the Host it was sent. rawproxy leaves that URL
-    as it is, so the client lands on B's /login; the same app's `http://localhost/login`
+    redirects to `https://localhost/login` on the Host it was sent. rawproxy left that URL
+    as it was, so the client landed on B's /login; the same app's `http://localhost/login`
     (not told the scheme) is mapped back to `https://localhost/api/login`. The Host the
     backend was sent counts as the backend's origin only under the backend's own scheme
     (session.py `_response_rewrite`: `origin_of_host(target.origin[0], sent_host)`), not

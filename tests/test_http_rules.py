@@ -28,6 +28,7 @@ from rawproxy.http import (
     framing_error,
     head_error,
     length_error,
+    map_back,
     origin,
     request_line_of,
     resolve_request,
@@ -535,6 +536,38 @@ RULE = ResponseRewrite(
 )
 def test_location_rewriting(location: bytes, expected: bytes) -> None:
     assert rewrite_url(location, RULE) == expected
+
+
+MAPPED_ROUTES = tuple(
+    parse_route(text)
+    for text in (
+        "/=http://a.internal",
+        "/api/=http://a.internal/api/v2/",
+        "/app/=http://a.internal/app2/",
+        "/b/=http://b.internal/",
+        "/shadow/=http://b.internal/",
+    )
+)
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/x", "/x"),  # through / unchanged
+        ("/api/v2/x", "/api/x"),  # the most specific route, not / (which /api/ shadows)
+        ("/api/v1/x", None),  # / would send /api/v1/x to /api/v2/v1/x: no way back
+        ("/app2/y", "/app/y"),
+        ("/app2", "/app2"),  # outside /app2/: / leads there as it is
+        ("/shadow/z", None),  # b's route /shadow/ takes it: a.internal has no way back
+    ],
+)
+def test_map_back_takes_the_route_that_leads_back(path: str, expected: str | None) -> None:
+    """A backend's URL is mapped back through the route to that backend, the most specific
+    one, that the proxy would send to that very path; None when none does (the URL stays)."""
+    rule = dataclasses.replace(
+        RULE, routes=MAPPED_ROUTES, backend=origin("http", "a.internal", None)
+    )
+    assert map_back(path, rule) == expected
 
 
 def test_response_headers_rewritten() -> None:
