@@ -300,6 +300,14 @@ def make_targets(config: Config) -> dict[tuple[str, str, int], Target]:
     return targets
 
 
+def _same_address(key: ListenAddress | str, where: ListenAddress) -> bool:
+    return isinstance(key, ListenAddress) and (key.host, key.port) == (where.host, where.port)
+
+
+def _tls_word(tls: bool | None, config: Config) -> str:
+    return "tls" if (bool(config.certs) if tls is None else tls) else "plain"
+
+
 def status_line(http: int, tunnels: int, draining: bool) -> str:
     """The STATUS= of systemctl status: what is open now."""
     return f"{http} HTTP connections, {tunnels} tunnels" + (", draining" if draining else "")
@@ -323,6 +331,13 @@ def resolve_backend(backend: Backend) -> list[tuple[int, tuple[str, int]]]:
         raise StartupError(
             f"cannot resolve the backend host {backend.host!r}: {e.strerror}; check the name "
             "or give an IP address"
+        ) from e
+    except UnicodeError as e:
+        # The IDNA codec refuses the name before any lookup: an empty label (`a..b`), one
+        # over 63 characters.
+        raise StartupError(
+            f"cannot resolve the backend host {backend.host!r}: not a valid host name ({e}); "
+            "check the name or give an IP address"
         ) from e
     return _unique_addresses(infos)
 
@@ -714,6 +729,14 @@ class Server:
             if self.accepting:
                 self.loop.add(sock.fileno(), READ, self._make_acceptor(sock))
 
+    def _respell_listener(self, index: int, where: ListenAddress, config: Config) -> None:
+        """The listener at `index` stays, under its new spelling: TLS or not from now on."""
+        _key, socks = self.listening[index]
+        self.listening[index] = (where, socks)
+        for sock in socks:
+            self.listener_tls[sock.fileno()] = where.tls
+        log.info("SIGHUP: %s is now a %s listener", where, _tls_word(where.tls, config))
+
     def _remove_listener(self, index: int) -> None:
         _key, socks = self.listening.pop(index)
         for sock in socks:
@@ -995,6 +1018,41 @@ class Server:
             log.warning("SIGHUP: listeners change only with a restart when --workers is used")
             config = dataclasses.replace(config, listen=old.config.listen)
             runtime = Runtime(config)
+        # Listeners kept whatever the file says (systemd's; with --workers, all) must still
+        # find a certificate if they speak TLS: start-up refuses that, and so does a reload
+        # (a `tls` socket from rawproxy.socket would otherwise answer TLS clients in plain).
+        if not config.certs:
+            for key, socks in self.listening:
+                kept = isinstance(key, str) or self.preopened is not None
+                if kept and any(self.listener_tls.get(sock.fileno()) for sock in socks):
+                    log.error(
+                        "SIGHUP: keeping the current configuration and certificates: %s is a "
+                        "TLS listener, and the new configuration has no certificate",
+                        _shown(socks[0]),
+                    )
+                    return
+        for name in ("admin_listen", "workers"):
+            if getattr(config, name) != getattr(old.config, name):
+                log.warning(
+                    "SIGHUP: %s changes only with a restart; the rest is reloaded",
+                    name.replace("_", "-"),
+                )
+        # A new access log file or format is opened before anything changes, as listeners.
+        access: AccessLog | None = None
+        if (config.access_log, config.access_log_format) != (
+            old.config.access_log,
+            old.config.access_log_format,
+        ):
+            try:
+                access = AccessLog(config.access_log, config.access_log_format)
+            except OSError as e:
+                log.error(
+                    "SIGHUP: keeping the current configuration and certificates: cannot open "
+                    "--access-log %s: %s",
+                    config.access_log,
+                    e.strerror or e,
+                )
+                return
         # Listeners that stay are matched one to one (two equal --listen :0 are two sockets).
         unmatched = [
             i for i, (key, _) in enumerate(self.listening) if isinstance(key, ListenAddress)
@@ -1006,17 +1064,32 @@ class Server:
             for where in config.listen:
                 if served_by_systemd(where):
                     continue
-                same = next((i for i in unmatched if self.listening[i][0] == where), None)
+                # Matched by address alone: a listener that turns TLS on or off (or is only
+                # spelled anew, `:P` as `tcp://:P`) keeps its socket; binding a second one
+                # would fail on our own port.
+                same = next(
+                    (i for i in unmatched if _same_address(self.listening[i][0], where)), None
+                )
                 if same is not None:
                     unmatched.remove(same)
+                    if self.listening[same][0] != where:
+                        self._respell_listener(same, where, config)
                     continue
                 opened.append((where, open_listener(where)))
         except StartupError as e:
             for _where, socks in opened:
                 for sock in socks:
                     sock.close()
+            if access is not None:
+                access.close()
             log.error("SIGHUP: keeping the current configuration and certificates: %s", e)
             return
+        if access is not None:
+            self.access.close()
+            self.access = access
+        if config.log_level != old.config.log_level:
+            logging.getLogger().setLevel(getattr(logging, config.log_level.upper()))
+        self.splice = config.splice and hasattr(os, "splice")  # for tunnels from now on
         added: list[socket.socket] = []
         for where, socks in opened:
             self._add_listener(where, socks, where.tls)
@@ -1038,6 +1111,10 @@ class Server:
                 limit,
             )
         self.max_connections = limit
+        if not self.accepting and self.resume_timer is None and len(self.connections) < limit:
+            # Stopped at the old limit, with clients in the backlog: a raised one lets them in
+            # now, not when an old connection (a WebSocket, for hours) ends.
+            self._accept_on()
         self._log_listeners(added)
         runtime.describe()
         log.info(

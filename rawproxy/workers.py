@@ -250,13 +250,21 @@ def run_workers(
         try:
             fresh = dataclasses.replace(reread(), listen=config.listen)
             check_config(fresh)
+            if not fresh.certs and any(tls for _, _, tls in listeners):
+                raise ConfigError("a TLS listener, and no certificate")  # as in Server.reload
         except (ConfigError, StartupError):
             pass  # the workers keep theirs and say why; workers restarted later keep it too
+        except Exception:
+            # Whatever else the file does to the parser: the workers are still told (their
+            # access logs reopen for logrotate), and systemd still gets its READY.
+            log.exception("SIGHUP: the configuration could not be read; workers keep theirs")
         else:
             config = fresh
-        tell_workers(signum)
-        if announced:
-            notifier.ready(f"{len(children)} workers")
+        try:
+            tell_workers(signum)
+        finally:
+            if announced:
+                notifier.ready(f"{len(children)} workers")
 
     def on_serving(_mask: int) -> None:
         nonlocal announced
