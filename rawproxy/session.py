@@ -2328,12 +2328,14 @@ class Session:
             to_backend = request_rest + client_rest
         request = self.request
         assert request is not None
-        access = self.server.access
         # What the tunnel's access line needs, as a few strings: an open tunnel must not keep
         # the whole request (its headers are kilobytes; thousands of WebSockets stay open).
-        # Nothing when there is no access log (the log level is set once, at start-up).
+        # Nothing when there is no access log at the start of the tunnel. The line goes to
+        # the access log of its end (a reload may have opened another and closed this one),
+        # with the time from the request's first byte, the handshake's as well.
         line = None
-        if access.enabled():
+        handshake = self.loop.now - self.exchange_start
+        if self.server.access.enabled():
             line = (
                 self.client_ip,
                 request.method.decode("latin-1"),
@@ -2353,14 +2355,14 @@ class Session:
             if line is None:
                 return
             client, method, target, version, referer, user_agent, backend_name = line
-            access.tunnel(
+            server.access.tunnel(
                 client=client,
                 method=method,
                 target=target,
                 version=version,
                 referer=referer,
                 user_agent=user_agent,
-                duration=duration,
+                duration=handshake + duration,
                 to_backend=tunnel.c2b.moved,
                 to_client=tunnel.b2c.moved,
                 ended=how,
@@ -2377,7 +2379,6 @@ class Session:
         backend_sock, backend_interest = backend.hand_over()
         self.backend = None
         server = self.server
-        server.forget(self)
         tunnel = Tunnel(
             self.loop,
             server.pipes,
@@ -2395,7 +2396,11 @@ class Session:
             on_close=closed,
             later_keepalive=server.later_keepalive,
         )
+        # The tunnel is counted before the session is let go: a drain whose last connection
+        # was this handshake would otherwise find none left and stop, cutting the tunnel
+        # right after its 101 (the README promises it --drain-timeout).
         server.remember(tunnel)
+        server.forget(self)
         tunnel.start()
 
     # -- errors, timeouts and closing ------------------------------------------------------
