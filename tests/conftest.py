@@ -83,6 +83,18 @@ def http_backend() -> Iterator[peers.HttpBackend]:
 
 
 @pytest.fixture
+def backends() -> Iterator[dict[str, peers.HttpBackend]]:
+    """Two HTTP backends, "a" and "b" (peers.served_by tells which one a request reached)."""
+    made = {"a": peers.HttpBackend(), "b": peers.HttpBackend()}
+    yield made
+    for backend in made.values():
+        backend.gate.set()
+        backend.stop()
+    for backend in made.values():
+        peers.assert_no_malformed_http(backend)
+
+
+@pytest.fixture
 def make_backend() -> Iterator[Callable[..., Any]]:
     """`make_backend(cls=HttpBackend, *args, ssl_context=None)` starts a backend (TLS with a
     context); all are stopped at teardown, and an HttpBackend that received malformed HTTP

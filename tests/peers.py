@@ -1193,6 +1193,17 @@ def assert_serves(
         assert resp.body == b"GET " + target.encode()
 
 
+def served_by(port: int, backends: dict[str, HttpBackend], target: str = "/app/page") -> str:
+    """Which of `backends` (by name) a new connection's request for `target` reaches."""
+    before = {name: len(b.heads) for name, b in backends.items()}
+    with HttpClient(port, timeout=5) as c:
+        resp = c.request(simple_get(target))
+    assert resp.status == 200, resp
+    reached = [name for name, b in backends.items() if len(b.heads) > before[name]]
+    assert len(reached) == 1, reached
+    return reached[0]
+
+
 def run_rawproxy(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """Run `python -m rawproxy ARGS` to completion (for flags that exit)."""
     return subprocess.run(

@@ -17,23 +17,21 @@ import re
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from peers import (
-    HttpBackend,
     HttpClient,
     NotifySocket,
     ProxyProcess,
     admin_get,
-    assert_no_malformed_http,
     assert_refused,
     free_port,
     has,
     notify_env,
     open_websocket,
     request_bytes,
+    served_by,
     sha256,
     simple_get,
 )
@@ -362,17 +360,6 @@ def config_text(listens: list[str], routes: dict[str, str], forwarded: str = "rf
     return "\n".join(lines) + "\n"
 
 
-def served_by(port: int, backends: dict[str, HttpBackend], target: str = "/app/page") -> str:
-    """Which backend a new connection's request reaches (by name)."""
-    before = {name: len(b.heads) for name, b in backends.items()}
-    with HttpClient(port, timeout=5) as c:
-        resp = c.request(simple_get(target))
-    assert resp.status == 200, resp
-    reached = [name for name, b in backends.items() if len(b.heads) > before[name]]
-    assert len(reached) == 1, reached
-    return reached[0]
-
-
 def reload(proxy: ProxyProcess, expect: str = r"reloaded") -> int:
     mark = proxy.mark()
     proxy.proc.send_signal(signal.SIGHUP)
@@ -386,17 +373,6 @@ def listening_ports(lines: list[str]) -> list[int]:
         for line in lines
         if (m := re.search(r"listening on 127\.0\.0\.1:(\d+)", line))
     ]
-
-
-@pytest.fixture
-def backends() -> Iterator[dict[str, HttpBackend]]:
-    made = {"a": HttpBackend(), "b": HttpBackend()}
-    yield made
-    for backend in made.values():
-        backend.gate.set()
-        backend.stop()
-    for backend in made.values():
-        assert_no_malformed_http(backend)
 
 
 def test_sighup_rereads_the_config_file_for_new_connections(

@@ -32,12 +32,12 @@ from peers import (
     Metrics,
     NotifySocket,
     ProxyProcess,
-    assert_no_malformed_http,
     assert_refused,
     free_port,
     has,
     notify_env,
     open_websocket,
+    served_by,
     simple_get,
     socket_activate_launcher,
 )
@@ -78,25 +78,6 @@ def sighup(proxy: ProxyProcess, expect: str = r"SIGHUP: reloaded", count: int = 
     proxy.proc.send_signal(signal.SIGHUP)
     proxy.wait_for_logs(expect, count, since=mark, timeout=10)
     return mark
-
-
-def reached(backends: dict[str, HttpBackend], before: dict[str, int]) -> list[str]:
-    return [name for name, b in backends.items() if len(b.heads) > before[name]]
-
-
-def counts(backends: dict[str, HttpBackend]) -> dict[str, int]:
-    return {name: len(b.heads) for name, b in backends.items()}
-
-
-def served_by(port: int, backends: dict[str, HttpBackend], target: str = "/page") -> str:
-    """Which backend a new connection's request reaches."""
-    before = counts(backends)
-    with HttpClient(port, timeout=5) as c:
-        resp = c.request(simple_get(target))
-    assert resp.status == 200, resp
-    names = reached(backends, before)
-    assert len(names) == 1, names
-    return names[0]
 
 
 def fd_count(pid: int) -> int:
@@ -162,17 +143,6 @@ def proxies() -> Iterator[Callable[..., ProxyProcess]]:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.proc.wait(5)
         proc.stop()
-
-
-@pytest.fixture
-def backends() -> Iterator[dict[str, HttpBackend]]:
-    made = {"a": HttpBackend(), "b": HttpBackend()}
-    yield made
-    for backend in made.values():
-        backend.gate.set()
-        backend.stop()
-    for backend in made.values():
-        assert_no_malformed_http(backend)
 
 
 @pytest.fixture(scope="module")
@@ -512,7 +482,7 @@ def test_kept_alive_connection_stays_on_its_backend_pipelined_and_after_reconnec
         assert kept.request(simple_get("/reconnected")).status == 200
     targets_a = [r.target for r in a.heads]
     assert targets_a == [b"/one", b"/p1", b"/p2", b"/p3", b"/close", b"/reconnected"], targets_a
-    assert [r.target for r in b.heads] == [b"/page"]
+    assert [r.target for r in b.heads] == [b"/app/page"]
     assert len({r.conn_id for r in a.heads}) == 2  # it did connect again, to a
 
 

@@ -43,7 +43,7 @@ from peers import (
     wait_closed,
     websocket_request,
 )
-from tls_peers import Pki, TlsStream, tls_wait_closed
+from tls_peers import Pki, TlsStream, raw_socket, tls_wait_closed
 
 MODES = ["plain", "copy", "tls-client", "tls-backend", "tls-both"]
 
@@ -137,10 +137,6 @@ def test_upgrade_answered_during_drain_gets_the_drain_time(run_proxy, scripted_b
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(tmp_path_factory.mktemp("review-pki"))
-
-
-def raw_socket(stream: Any) -> socket.socket:
-    return stream.raw if isinstance(stream, TlsStream) else stream
 
 
 def peer_ended(stream: Any, timeout: float) -> str:

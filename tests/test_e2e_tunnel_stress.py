@@ -56,7 +56,7 @@ from peers import (
     tunnel_request,
     wait_closed,
 )
-from tls_peers import Pki, TlsStream, tls_wait_closed
+from tls_peers import Pki, TlsStream, raw_socket, tls_wait_closed
 
 MiB = 1024 * 1024
 KiB = 1024
@@ -70,11 +70,6 @@ MODES = ["plain", "copy", "tls-client", "tls-backend", "tls-both"]
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(tmp_path_factory.mktemp("stress-pki"))
-
-
-def raw_socket(stream: Any) -> socket.socket:
-    """The TCP socket under a client or backend stream (a TlsStream or a plain socket)."""
-    return stream.raw if isinstance(stream, TlsStream) else stream
 
 
 def end_with_last_data(stream: Any, data: bytes) -> None:

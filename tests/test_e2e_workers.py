@@ -22,7 +22,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -125,16 +124,6 @@ def get_ok(port: int, target: str = "/w") -> None:
     with HttpClient(port, timeout=5) as c:
         resp = c.request(simple_get(target))
     assert (resp.status, resp.body) == (200, b"GET " + target.encode()), resp
-
-
-@pytest.fixture
-def backends() -> Iterator[dict[str, HttpBackend]]:
-    made = {"a": HttpBackend(), "b": HttpBackend()}
-    yield made
-    for backend in made.values():
-        backend.stop()
-    for backend in made.values():
-        assert not [e for e in backend.protocol_errors if not e.startswith("incomplete")]
 
 
 def start_workers(

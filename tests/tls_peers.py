@@ -276,6 +276,11 @@ class TlsStream:
         self.close()
 
 
+def raw_socket(stream: TlsStream | socket.socket) -> socket.socket:
+    """The TCP socket under a client or backend stream (a TlsStream or a plain socket)."""
+    return stream.raw if isinstance(stream, TlsStream) else stream
+
+
 def tls_wait_closed(stream: TlsStream, timeout: float) -> tuple[str, bytes]:
     """Wait until the peer ends the connection: ("close_notify" | "eof" | "reset" | "error",
     bytes received meanwhile). "eof" is a TCP EOF without close_notify. Raises TimeoutError
