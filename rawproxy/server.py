@@ -1037,22 +1037,6 @@ class Server:
                     "SIGHUP: %s changes only with a restart; the rest is reloaded",
                     name.replace("_", "-"),
                 )
-        # A new access log file or format is opened before anything changes, as listeners.
-        access: AccessLog | None = None
-        if (config.access_log, config.access_log_format) != (
-            old.config.access_log,
-            old.config.access_log_format,
-        ):
-            try:
-                access = AccessLog(config.access_log, config.access_log_format)
-            except OSError as e:
-                log.error(
-                    "SIGHUP: keeping the current configuration and certificates: cannot open "
-                    "--access-log %s: %s",
-                    config.access_log,
-                    e.strerror or e,
-                )
-                return
         # Listeners that stay are matched one to one (two equal --listen :0 are two sockets).
         unmatched = [
             i for i, (key, _) in enumerate(self.listening) if isinstance(key, ListenAddress)
@@ -1060,6 +1044,7 @@ class Server:
         # Every new listener is opened before anything changes: one that cannot be (a port in
         # use) keeps the whole current configuration, as a broken file does (nginx too).
         opened: list[tuple[ListenAddress, list[socket.socket]]] = []
+        respelled: list[tuple[int, ListenAddress]] = []
         try:
             for where in config.listen:
                 if served_by_systemd(where):
@@ -1073,17 +1058,29 @@ class Server:
                 if same is not None:
                     unmatched.remove(same)
                     if self.listening[same][0] != where:
-                        self._respell_listener(same, where, config)
+                        respelled.append((same, where))
                     continue
                 opened.append((where, open_listener(where)))
+            # A new access log file or format too, before anything changes.
+            access: AccessLog | None = None
+            if (config.access_log, config.access_log_format) != (
+                old.config.access_log,
+                old.config.access_log_format,
+            ):
+                try:
+                    access = AccessLog(config.access_log, config.access_log_format)
+                except OSError as e:
+                    raise StartupError(
+                        f"cannot open --access-log {config.access_log}: {e.strerror or e}"
+                    ) from e
         except StartupError as e:
             for _where, socks in opened:
                 for sock in socks:
                     sock.close()
-            if access is not None:
-                access.close()
             log.error("SIGHUP: keeping the current configuration and certificates: %s", e)
             return
+        for index, where in respelled:
+            self._respell_listener(index, where, config)
         if access is not None:
             self.access.close()
             self.access = access

@@ -5,15 +5,13 @@ which inherit them: the kernel hands each new connection to one worker. It resta
 that dies, forwards SIGTERM/SIGINT/SIGHUP, speaks to systemd, and exits 0 when the last worker
 has drained. A worker is the single-process proxy, minus listening and minus systemd.
 
-Under systemd each worker reports on a pipe from its loop, every STATUS_EVERY / 2 (the
-supervisor sums the reports into its STATUS= line) or, with the watchdog on, every half period
-if that is sooner. With
-the watchdog (WatchdogSec=) the supervisor pings systemd from its own loop and watches the
-workers itself through those reports, the workers' heartbeats:
-and one silent for a whole period is hung (an endless loop, a blocking call). The supervisor
-aborts it and starts another in its place, so only that worker's clients suffer, where
-stopping the pings would have had systemd restart every worker. A hung supervisor still
-stops the pings.
+Under systemd each worker reports on a pipe from its loop every STATUS_EVERY / 2, or every
+half watchdog period if that is sooner; the supervisor sums the reports into its STATUS= line.
+With the watchdog on (WatchdogSec=) the supervisor pings systemd from its own loop and takes
+the reports as the workers' heartbeats: a worker silent for a whole period is hung (an
+endless loop, a blocking call), and the supervisor aborts it and starts another in its
+place. Only that worker's clients suffer, where stopping the pings would have had systemd
+restart every worker; a hung supervisor still stops the pings.
 """
 
 from __future__ import annotations

@@ -249,6 +249,39 @@ def test_reload_turning_a_plain_listener_into_tls_on_the_same_port(
         kept.close()
 
 
+@pytest.mark.timeout(40)
+def test_a_refused_reload_leaves_a_respelled_listener_as_it_was(
+    proxies, backends, pki, tmp_path: Path, sockets
+):
+    """A reload is all or nothing: one that turns a listener's TLS on and also asks for a
+    port that cannot be had is refused whole, and the listener still speaks plain HTTP (the
+    respelling waits until every new listener is open)."""
+    a = backends["a"]
+    config = tmp_path / "rawproxy.toml"
+    certs = [(pki.server.cert, pki.server.key)]
+    taken = socket.socket()
+    sockets.append(taken)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    busy = taken.getsockname()[1]
+    for attempt in range(3):
+        port = free_port()
+        config.write_text(toml([f"tcp://127.0.0.1:{port}"], {"/": url(a)}, certs=certs))
+        try:
+            proxy = proxies("--config", str(config))
+        except RuntimeError:
+            if attempt == 2:
+                raise
+            continue
+        break
+    config.write_text(
+        toml([f"tls://127.0.0.1:{port}", f"127.0.0.1:{busy}"], {"/": url(a)}, certs=certs)
+    )
+    mark = sighup(proxy, expect=r"SIGHUP: keeping the current configuration")
+    assert not proxy.logs_matching(r"is now a", since=mark), proxy.log_text(mark)
+    assert served_by(port, {"a": a}) == "a"  # plain HTTP still
+
+
 # --- a broken file ------------------------------------------------------------------------------
 
 # A backend host with a DNS label over 63 characters: Python's getaddrinfo encodes it with the
