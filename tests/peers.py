@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import h11
-from tls_peers import TlsStream
+from tls_peers import TlsStream, tls_wait_closed
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection as WsFrameConnection
 from wsproto.events import (
@@ -191,6 +191,13 @@ def wait_closed(sock: socket.socket, timeout: float) -> tuple[str, bytes]:
         if not chunk:
             return "eof", bytes(got)
         got += chunk
+
+
+def stream_ended(stream: TlsStream | socket.socket, timeout: float) -> str:
+    """How the peer ended `stream` ("eof", "reset", "close_notify", "error"), bytes ignored."""
+    if isinstance(stream, TlsStream):
+        return tls_wait_closed(stream, timeout)[0]
+    return wait_closed(stream, timeout)[0]
 
 
 def sha256(data: bytes | memoryview) -> str:
@@ -1397,3 +1404,41 @@ def socket_activate_launcher(ports: Iterable[int], names: Iterable[str]) -> list
         f"--fdname={':'.join(names)}",
         *keep,
     ]
+
+
+def first_request(port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+    """`GET /first` once `port` listens (it starts a socket-activated proxy): the status."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with HttpClient(port, timeout=10, ssl_context=ssl_context) as c:
+                return c.request(simple_get("/first")).status
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def start_activated(
+    start: Callable[..., ProxyProcess],
+    name: str,
+    *args: str,
+    ssl_context: ssl.SSLContext | None = None,
+) -> tuple[ProxyProcess, int]:
+    """`start(*args)` behind socket_activate_launcher on a free port whose socket is named
+    `name`, started by a first request, which must get 200; another port if that one was
+    taken meanwhile. The proxy and its port."""
+    for attempt in range(2):
+        port = free_port()
+        first = Background(first_request, port, ssl_context)
+        try:
+            proxy = start(*args, launcher=socket_activate_launcher([port], [name]))
+        except RuntimeError:
+            with contextlib.suppress(Exception):
+                first.join(15)
+            if attempt:
+                raise
+            continue
+        assert first.join(15) == 200
+        return proxy, port
+    raise AssertionError("unreachable")

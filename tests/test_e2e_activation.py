@@ -37,6 +37,7 @@ from peers import (
     has,
     notify_env,
     open_websocket,
+    proxy_args,
     simple_get,
 )
 
@@ -491,10 +492,7 @@ def test_workers_watchdog_replaces_a_hung_worker(wedged, run_proxy, http_backend
     kids: list[int] = []
     try:
         proxy = run_proxy(
-            "--listen",
-            "127.0.0.1:0",
-            "--backend",
-            f"127.0.0.1:{http_backend.port}",
+            *proxy_args(http_backend.port),
             "--workers",
             "2",
             env=notify_env(address, WATCHDOG_USEC="1000000"),
@@ -575,10 +573,7 @@ def test_ready_is_not_lost_when_the_notify_queue_is_momentarily_full(
     senders = _fill_notify_queue(address)
     try:
         proxy = run_proxy(
-            "--listen",
-            "127.0.0.1:0",
-            "--backend",
-            f"127.0.0.1:{http_backend.port}",
+            *proxy_args(http_backend.port),
             env=notify_env(address),
         )
         time.sleep(0.5)  # systemd busy a little longer after the proxy logged ready
@@ -672,10 +667,7 @@ def test_systemctl_stop_with_workers_drains(run_proxy, ws_backend, kill_mode):
     Expected: one `systemctl stop` drains (README: "tunnels get --drain-timeout").
     HAProxy's unit file sets KillMode=mixed for its master-worker mode for this reason."""
     proxy = run_proxy(
-        "--listen",
-        "127.0.0.1:0",
-        "--backend",
-        f"127.0.0.1:{ws_backend.port}",
+        *proxy_args(ws_backend.port),
         "--workers",
         "2",
     )
@@ -718,10 +710,7 @@ def test_second_sigterm_stops_workers_at_once(run_proxy, ws_backend):
     at once: the open tunnels are closed promptly (not after --drain-timeout) and the exit
     code is still 0, with the supervisor's orderly last line."""
     proxy = run_proxy(
-        "--listen",
-        "127.0.0.1:0",
-        "--backend",
-        f"127.0.0.1:{ws_backend.port}",
+        *proxy_args(ws_backend.port),
         "--workers",
         "2",
         "--drain-timeout",
@@ -774,10 +763,7 @@ def test_killed_worker_cuts_only_its_own_clients(run_proxy, http_backend):
     connection end (EOF or reset, promptly, not a hang), the supervisor logs the restart,
     other clients keep being served, and the supervisor still exits 0 at the stop."""
     proxy = run_proxy(
-        "--listen",
-        "127.0.0.1:0",
-        "--backend",
-        f"127.0.0.1:{http_backend.port}",
+        *proxy_args(http_backend.port),
         "--workers",
         "2",
     )

@@ -30,6 +30,7 @@ from peers import (
     has,
     notify_env,
     open_websocket,
+    proxy_args,
     request_bytes,
     served_by,
     sha256,
@@ -102,10 +103,7 @@ def test_stop_signal_with_only_idle_connections_exits_at_once(run_proxy, http_ba
 
 def test_requests_under_way_finish_then_the_proxy_exits(run_proxy, http_backend, client):
     proxy = run_proxy(
-        "--listen",
-        "127.0.0.1:0",
-        "--backend",
-        f"127.0.0.1:{http_backend.port}",
+        *proxy_args(http_backend.port),
         "--admin-listen",
         "127.0.0.1:0",
     )
@@ -183,10 +181,7 @@ def test_requests_under_way_finish_then_the_proxy_exits(run_proxy, http_backend,
 
 def test_tunnels_keep_working_while_draining_until_they_end(run_proxy, ws_backend, client, sockets):
     proxy = run_proxy(
-        "--listen",
-        "127.0.0.1:0",
-        "--backend",
-        f"127.0.0.1:{ws_backend.port}",
+        *proxy_args(ws_backend.port),
         "--admin-listen",
         "127.0.0.1:0",
     )
@@ -501,10 +496,7 @@ def read_lines(path: Path, count: int, timeout: float = 5.0) -> list[str]:
 def test_sighup_reopens_the_access_log_file(run_proxy, http_backend, tmp_path: Path):
     access = tmp_path / "access.log"
     proxy = run_proxy(
-        "--listen",
-        "127.0.0.1:0",
-        "--backend",
-        f"127.0.0.1:{http_backend.port}",
+        *proxy_args(http_backend.port),
         "--access-log",
         str(access),
     )

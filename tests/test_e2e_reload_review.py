@@ -39,7 +39,7 @@ from peers import (
     open_websocket,
     served_by,
     simple_get,
-    socket_activate_launcher,
+    start_activated,
 )
 from tls_peers import Pki
 
@@ -65,6 +65,22 @@ def toml(
     for cert, key in certs or []:
         lines += ["", "[[certificate]]", f"cert = {q(cert)}", f"key = {q(key)}"]
     return "\n".join(lines) + "\n"
+
+
+def start_on_a_free_port(
+    proxies: Callable[..., ProxyProcess], config: Path, text: Callable[[int], str]
+) -> tuple[ProxyProcess, int]:
+    """A proxy run from `config`, written as `text(port)` for a free port (another one if
+    that was taken before the proxy bound it). The proxy and the port."""
+    for attempt in range(3):
+        port = free_port()
+        config.write_text(text(port))
+        try:
+            return proxies("--config", str(config)), port
+        except RuntimeError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def url(backend: HttpBackend | int) -> str:
@@ -223,16 +239,9 @@ def test_reload_turning_a_plain_listener_into_tls_on_the_same_port(
     a, b = backends["a"], backends["b"]
     config = tmp_path / "rawproxy.toml"
     certs = [(pki.server.cert, pki.server.key)]
-    for attempt in range(3):
-        port = free_port()
-        config.write_text(toml([f"tcp://127.0.0.1:{port}"], {"/": url(a)}, certs=certs))
-        try:
-            proxy = proxies("--config", str(config))
-        except RuntimeError:
-            if attempt == 2:
-                raise
-            continue
-        break
+    proxy, port = start_on_a_free_port(
+        proxies, config, lambda p: toml([f"tcp://127.0.0.1:{p}"], {"/": url(a)}, certs=certs)
+    )
     assert served_by(port, backends) == "a"  # plain HTTP, certificates or not
     kept = HttpClient(port, timeout=5)  # a plain connection open across the reload
     try:
@@ -264,16 +273,9 @@ def test_a_refused_reload_leaves_a_respelled_listener_as_it_was(
     taken.bind(("127.0.0.1", 0))
     taken.listen(1)
     busy = taken.getsockname()[1]
-    for attempt in range(3):
-        port = free_port()
-        config.write_text(toml([f"tcp://127.0.0.1:{port}"], {"/": url(a)}, certs=certs))
-        try:
-            proxy = proxies("--config", str(config))
-        except RuntimeError:
-            if attempt == 2:
-                raise
-            continue
-        break
+    proxy, port = start_on_a_free_port(
+        proxies, config, lambda p: toml([f"tcp://127.0.0.1:{p}"], {"/": url(a)}, certs=certs)
+    )
     config.write_text(
         toml([f"tls://127.0.0.1:{port}", f"127.0.0.1:{busy}"], {"/": url(a)}, certs=certs)
     )
@@ -420,19 +422,6 @@ def test_reload_applies_a_changed_access_log_file_and_format(proxies, backends, 
 # --- certificates -------------------------------------------------------------------------------
 
 
-def _first_tls_request(port: int, context: ssl.SSLContext) -> int:
-    """Connect (over TLS) once the port listens: starts a socket-activated proxy."""
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with HttpClient(port, timeout=10, ssl_context=context) as c:
-                return c.request(simple_get("/first")).status
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.skipif(
     not os.path.exists("/usr/bin/systemd-socket-activate"), reason="no systemd-socket-activate"
@@ -457,21 +446,7 @@ def test_reload_without_certificates_keeps_a_systemd_tls_socket_tls(
     certs = [(pki.server.cert, pki.server.key)]
     config.write_text(toml(None, routes, certs=certs))
     context = pki.client_context()
-    for attempt in range(2):
-        port = free_port()
-        first = Background(_first_tls_request, port, context)
-        try:
-            proxy = proxies(
-                "--config", str(config), launcher=socket_activate_launcher([port], ["tls"])
-            )
-        except RuntimeError:
-            with contextlib.suppress(Exception):
-                first.join(15)
-            if attempt:
-                raise
-            continue
-        break
-    assert first.join(15) == 200
+    proxy, port = start_activated(proxies, "tls", "--config", str(config), ssl_context=context)
     assert proxy.logs_matching(rf"listening on 127\.0\.0\.1:{port} \(tls\)"), proxy.log_text()
     config.write_text(toml(None, routes))  # the [[certificate]] table gone
     mark = sighup(proxy, expect=r"SIGHUP: (reloaded|keeping)")
@@ -568,16 +543,9 @@ def test_removed_listener_keeps_its_connections_frees_its_port_and_comes_back(
     a = backends["a"]
     config = tmp_path / "rawproxy.toml"
     routes = {"/": url(a), "/ws": url(ws_backend.port)}
-    for attempt in range(3):
-        extra = free_port()
-        config.write_text(toml(["127.0.0.1:0", f"127.0.0.1:{extra}"], routes))
-        try:
-            proxy = proxies("--config", str(config))
-        except RuntimeError:
-            if attempt == 2:
-                raise
-            continue
-        break
+    proxy, extra = start_on_a_free_port(
+        proxies, config, lambda p: toml(["127.0.0.1:0", f"127.0.0.1:{p}"], routes)
+    )
     assert extra in proxy.ports
     kept = client(extra)
     assert kept.request(simple_get("/kept")).status == 200

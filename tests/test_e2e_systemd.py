@@ -40,6 +40,7 @@ from peers import (
     free_port,
     has,
     notify_env,
+    proxy_args,
     simple_get,
     socket_activate_launcher,
 )
@@ -79,10 +80,7 @@ def test_notify_ready_reload_status_stopping(run_proxy, http_backend, client, tm
     try:
         started = time.monotonic()
         proxy = run_proxy(
-            "--listen",
-            "127.0.0.1:0",
-            "--backend",
-            f"127.0.0.1:{http_backend.port}",
+            *proxy_args(http_backend.port),
             env=notify_env(address),
         )
         ready = notify.wait_for(has("READY", "1"))
@@ -140,18 +138,12 @@ def test_watchdog_pings_every_half_period(run_proxy, http_backend, tmp_path: Pat
     notify, bystander_notify = NotifySocket(own), NotifySocket(other)
     try:
         proxy = run_proxy(
-            "--listen",
-            "127.0.0.1:0",
-            "--backend",
-            f"127.0.0.1:{http_backend.port}",
+            *proxy_args(http_backend.port),
             env=notify_env(own, WATCHDOG_USEC="300000"),
             launcher=OWN_WATCHDOG_PID,
         )
         bystander = run_proxy(
-            "--listen",
-            "127.0.0.1:0",
-            "--backend",
-            f"127.0.0.1:{http_backend.port}",
+            *proxy_args(http_backend.port),
             env=notify_env(other, WATCHDOG_USEC="100000", WATCHDOG_PID="1"),
         )
         ready = notify.wait_for(has("READY", "1"))
@@ -185,10 +177,7 @@ def test_notify_to_an_abstract_socket(run_proxy, http_backend):
     notify = NotifySocket(b"\0" + name.encode())
     try:
         proxy = run_proxy(
-            "--listen",
-            "127.0.0.1:0",
-            "--backend",
-            f"127.0.0.1:{http_backend.port}",
+            *proxy_args(http_backend.port),
             env=notify_env(f"@{name}"),
         )
         ready = notify.wait_for(has("READY", "1"))

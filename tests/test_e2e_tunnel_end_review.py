@@ -34,16 +34,18 @@ from peers import (
     ScriptedConn,
     connect,
     open_websocket,
+    proxy_args,
     read_to_eof,
     recv_exact,
     recv_until,
     request_bytes,
     reset_close,
+    stream_ended,
     tunnel_request,
     wait_closed,
     websocket_request,
 )
-from tls_peers import Pki, TlsStream, raw_socket, tls_wait_closed
+from tls_peers import Pki, TlsStream, raw_socket
 
 MODES = ["plain", "copy", "tls-client", "tls-backend", "tls-both"]
 
@@ -97,10 +99,7 @@ def test_upgrade_answered_during_drain_gets_the_drain_time(run_proxy, scripted_b
 
     backend = scripted_backend(script)
     proxy = run_proxy(
-        "--listen",
-        "127.0.0.1:0",
-        "--backend",
-        f"127.0.0.1:{backend.port}",
+        *proxy_args(backend.port),
         "--drain-timeout",
         "20",
     )
@@ -137,13 +136,6 @@ def test_upgrade_answered_during_drain_gets_the_drain_time(run_proxy, scripted_b
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(tmp_path_factory.mktemp("review-pki"))
-
-
-def peer_ended(stream: Any, timeout: float) -> str:
-    """How the peer ended `stream`: eof, close_notify, reset or error."""
-    if isinstance(stream, TlsStream):
-        return tls_wait_closed(stream, timeout)[0]
-    return wait_closed(stream, timeout)[0]
 
 
 @dataclasses.dataclass
@@ -333,7 +325,7 @@ def test_client_reset_after_exchange(make_rig, mode):
     the backend leg ended, /metrics settled and equal to the line."""
 
     def then(sc: ScriptedConn) -> Any:
-        return peer_ended(sc.sock, 10)
+        return stream_ended(sc.sock, 10)
 
     rig = make_rig(mode, exchange_script(then))
     before = rig.metrics()
@@ -363,7 +355,7 @@ def test_backend_reset_after_exchange(make_rig, mode):
     stream, buf = rig.open()
     client_exchange(stream, buf)
     assert rig.backend.result() is True
-    assert peer_ended(stream, 10) in ("eof", "reset", "error", "close_notify")
+    assert stream_ended(stream, 10) in ("eof", "reset", "error", "close_notify")
     check_one_line(rig, "backend reset", UP, DOWN)
     check_metrics_settled(rig, before, UP, DOWN)
 
@@ -376,13 +368,13 @@ def test_idle_timeout_after_exchange(make_rig, mode):
     legs ended in order (FIN / close_notify), /metrics settled and equal to the line."""
 
     def then(sc: ScriptedConn) -> Any:
-        return peer_ended(sc.sock, 10)
+        return stream_ended(sc.sock, 10)
 
     rig = make_rig(mode, exchange_script(then), "--tunnel-idle-timeout", "1")
     before = rig.metrics()
     stream, buf = rig.open()
     client_exchange(stream, buf)
-    assert peer_ended(stream, 10) in ("eof", "close_notify")
+    assert stream_ended(stream, 10) in ("eof", "close_notify")
     assert rig.backend.result() in ("eof", "close_notify")
     duration = check_one_line(rig, r"idle for 1s .*", UP, DOWN)
     assert duration >= 0.95
@@ -398,13 +390,13 @@ def test_drain_timeout_cuts_the_tunnel_with_one_line(make_rig, mode):
     ended="proxy shutting down", duration >= the drain time) before the process exits 0."""
 
     def then(sc: ScriptedConn) -> Any:
-        return peer_ended(sc.sock, 10)
+        return stream_ended(sc.sock, 10)
 
     rig = make_rig(mode, exchange_script(then), "--drain-timeout", "1")
     stream, buf = rig.open()
     client_exchange(stream, buf)
     rig.proxy.proc.send_signal(signal.SIGTERM)
-    assert peer_ended(stream, 10) in ("eof", "close_notify")
+    assert stream_ended(stream, 10) in ("eof", "close_notify")
     assert rig.backend.result() in ("eof", "close_notify")
     assert exit_code(rig.proxy, 10) == 0
     lines = tunnel_lines(rig.proxy)
@@ -513,10 +505,7 @@ def test_proxy_header_client_is_the_tunnel_client(run_proxy, sockets, accept, cl
     send = "v2" if accept == "v1" else "v1"
     try:
         proxy = run_proxy(
-            "--listen",
-            "127.0.0.1:0",
-            "--backend",
-            f"127.0.0.1:{backend.port}",
+            *proxy_args(backend.port),
             "--accept-proxy-protocol",
             "--trusted-proxy",
             "127.0.0.1/32",
@@ -585,10 +574,7 @@ def test_workers_do_not_tear_access_lines_on_stderr(http_backend):
             sys.executable,
             "-m",
             "rawproxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--backend",
-            f"127.0.0.1:{http_backend.port}",
+            *proxy_args(http_backend.port),
             "--workers",
             "2",
         ],
@@ -724,10 +710,7 @@ def test_tunnels_at_max_connections_hold_their_places_and_end_once(run_proxy, ws
     has exactly one access line, the third client gets its 101, and once all end the open
     gauges are back to 0 with three tunnels and three 1xx counted."""
     proxy = run_proxy(
-        "--listen",
-        "127.0.0.1:0",
-        "--backend",
-        f"127.0.0.1:{ws_backend.port}",
+        *proxy_args(ws_backend.port),
         "--max-connections",
         "2",
         "--admin-listen",

@@ -53,10 +53,10 @@ from peers import (
     reset_close,
     send_blob,
     sha256,
+    stream_ended,
     tunnel_request,
-    wait_closed,
 )
-from tls_peers import Pki, TlsStream, raw_socket, tls_wait_closed
+from tls_peers import Pki, TlsStream, raw_socket
 
 MiB = 1024 * 1024
 KiB = 1024
@@ -81,13 +81,6 @@ def end_with_last_data(stream: Any, data: bytes) -> None:
     if data:
         stream.sendall(data)
     stream.shutdown(socket.SHUT_WR)  # close_notify + FIN on TLS
-
-
-def stream_ended(stream: Any, timeout: float) -> str:
-    """How the peer ended `stream` ("eof", "reset", "close_notify", "error"), bytes ignored."""
-    if isinstance(stream, TlsStream):
-        return tls_wait_closed(stream, timeout)[0]
-    return wait_closed(stream, timeout)[0]
 
 
 @dataclasses.dataclass

@@ -13,7 +13,6 @@ process, end to end:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -27,7 +26,6 @@ from pathlib import Path
 import pytest
 from peers import (
     REPO,
-    Background,
     HttpBackend,
     HttpClient,
     Metrics,
@@ -39,9 +37,10 @@ from peers import (
     has,
     notify_env,
     open_websocket,
+    proxy_args,
     run_rawproxy,
     simple_get,
-    socket_activate_launcher,
+    start_activated,
 )
 
 PROMPT = 3.0
@@ -206,10 +205,7 @@ def test_ready_to_systemd_only_once_every_worker_serves(http_backend, tmp_path: 
                 sys.executable,
                 "-m",
                 "rawproxy",
-                "--listen",
-                "127.0.0.1:0",
-                "--backend",
-                f"127.0.0.1:{http_backend.port}",
+                *proxy_args(http_backend.port),
                 "--workers",
                 "3",
             ],
@@ -538,42 +534,14 @@ SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 
 @pytest.mark.skipif(SOCKET_ACTIVATE is None, reason="no systemd-socket-activate (apt: systemd)")
 def test_workers_share_sockets_from_systemd(run_proxy, http_backend):
-    for attempt in range(2):
-        port = free_port()
-        first = Background(_first_request, port)
-        try:
-            proxy = run_proxy(
-                "--backend",
-                f"127.0.0.1:{http_backend.port}",
-                "--workers",
-                "2",
-                launcher=socket_activate_launcher([port], ["http"]),
-            )
-        except RuntimeError:
-            with contextlib.suppress(Exception):
-                first.join(15)
-            if attempt:
-                raise
-            continue
-        break
-    assert first.join(15) == 200
+    proxy, port = start_activated(
+        run_proxy, "http", "--backend", f"127.0.0.1:{http_backend.port}", "--workers", "2"
+    )
     workers = wait_for_children(proxy.pid, 2)
     for i in range(10):
         get_ok(port, f"/activated-{i}")
     assert children(proxy.pid) == workers
     assert proxy.stop() == 0
-
-
-def _first_request(port: int) -> int:
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with HttpClient(port, timeout=10) as c:
-                return c.request(simple_get("/first")).status
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
 
 
 def test_each_worker_has_its_own_admin_listener(run_proxy, http_backend):
