@@ -49,6 +49,12 @@ class Backend:
     def tls(self) -> bool:
         return self.scheme in TLS_SCHEMES
 
+    @property
+    def endpoint(self) -> tuple[str, str, int]:
+        """Scheme, host and port as written: routes with the same share one backend (one
+        connection target, whatever --backend-tls makes of the scheme)."""
+        return self.scheme, self.host, self.port
+
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}:{self.port}{self.path or ''}"

@@ -1301,9 +1301,10 @@ class ResponseRewrite:
     cookie_domains: tuple[tuple[str, str], ...] = ()
     cookie_paths: tuple[tuple[str, str], ...] = ()
     locations: bool = True
-    # Every route, and the backend's origin: a URL is mapped back through whichever route to
-    # this backend sends the client's request to that very URL, the most specific one
-    # (Apache tries each ProxyPassReverse line). Without them, only the route above counts.
+    # Every route, and the backend as routes name it (Backend.endpoint): a URL is mapped back
+    # through whichever route to this backend sends the client's request to that very URL,
+    # the most specific one (Apache tries each ProxyPassReverse line). Without them, only the
+    # route above counts.
     routes: Sequence[Route] = ()
     backend: tuple[str, str, int] | None = None
 
@@ -1357,9 +1358,7 @@ def map_back(path: str, rule: ResponseRewrite) -> str | None:
         candidates: Iterable[tuple[str, str | None]] = ((rule.route_prefix, rule.backend_path),)
     else:
         candidates = (
-            (r.prefix, r.backend.path)
-            for r in rule.routes
-            if origin(r.backend.scheme, r.backend.host, r.backend.port) == rule.backend
+            (r.prefix, r.backend.path) for r in rule.routes if r.backend.endpoint == rule.backend
         )
     best: str | None = None
     specific = -1
@@ -1377,8 +1376,7 @@ def map_back(path: str, rule: ResponseRewrite) -> str | None:
             if chosen is None:
                 continue
             route, sent = chosen
-            there = origin(route.backend.scheme, route.backend.host, route.backend.port)
-            if there != rule.backend or sent != path.encode("ascii"):
+            if route.backend.endpoint != rule.backend or sent != path.encode("ascii"):
                 continue
         best, specific = mapped, length
     return best

@@ -287,14 +287,10 @@ def _bracketed(host: str) -> str:
 TLS_SESSION_RENEW_AFTER = 600.0
 
 
-def target_key(backend: Backend) -> tuple[str, str, int]:
-    return backend.scheme, backend.host, backend.port
-
-
 def make_targets(config: Config) -> dict[tuple[str, str, int], Target]:
     targets: dict[tuple[str, str, int], Target] = {}
     for route in config.routes:
-        key = target_key(route.backend)
+        key = route.backend.endpoint
         if key not in targets:
             targets[key] = Target(route.backend, config)
     return targets
@@ -546,7 +542,7 @@ class Runtime:
                 self.only_route = (route, self.target_for(route))
 
     def target_for(self, route: Route) -> Target:
-        return self.targets[target_key(route.backend)]
+        return self.targets[route.backend.endpoint]
 
     def choose(self, target: bytes) -> tuple[Route, bytes, Target] | None:
         """The route for a request target, the target to send, and the route's backend

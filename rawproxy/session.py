@@ -1985,7 +1985,7 @@ class Session:
             cookie_paths=config.cookie_paths,
             locations=config.rewrite_location,
             routes=self.runtime.routes,
-            backend=target.origin,
+            backend=route.backend.endpoint,
         )
 
     def _backend_invalid(self, detail: str) -> None:

@@ -285,6 +285,18 @@ def test_no_rewrite_location(launch, make_backend, client, pki):
 # --- redirects through routes that replace their prefix -------------------------------------
 
 
+def test_path_mapping_undone_when_the_flags_decide_the_backend_scheme(launch, make_backend, client):
+    """--no-backend-tls with https:// routes (or --backend-tls with http:// ones) makes the
+    backend's origin another scheme than its routes spell. Its URLs are still mapped back
+    through its routes: routes count as the same backend by how they name it, as they share
+    one connection target."""
+    backend = make_backend()
+    b = f"127.0.0.1:{backend.port}"
+    proxy = launch("--no-backend-tls", "--route", f"/api/=https://{b}/v2/")
+    c = client(proxy.port)
+    check_redirect(c, f"http://{b}/v2/x", "http://app.test/api/x", path="/api/redirect")
+
+
 def test_route_prefix_mapped_back(launch, make_backend, client):
     api, versioned, plain = make_backend(), make_backend(), make_backend()
     a, v, p = (f"127.0.0.1:{x.port}" for x in (api, versioned, plain))

@@ -565,7 +565,7 @@ def test_map_back_takes_the_route_that_leads_back(path: str, expected: str | Non
     """A backend's URL is mapped back through the route to that backend, the most specific
     one, that the proxy would send to that very path; None when none does (the URL stays)."""
     rule = dataclasses.replace(
-        RULE, routes=MAPPED_ROUTES, backend=origin("http", "a.internal", None)
+        RULE, routes=MAPPED_ROUTES, backend=MAPPED_ROUTES[0].backend.endpoint
     )
     assert map_back(path, rule) == expected
 
