@@ -1574,7 +1574,7 @@ class Session:
         return True
 
     def _connect_failed(
-        self, reason: str, err: int | None = None, alone: str | None = None, timed_out: bool = False
+        self, reason: str, err: int | None = None, alone: str | None = None
     ) -> None:
         """The address just tried failed (`reason`): the name's next address is tried, as
         nginx goes on to the next upstream on an error or a timeout; after the last one, a
@@ -1590,8 +1590,7 @@ class Session:
             self._connect()
             return
         self.connect_tried = None
-        cause = classify_connect_error(err, timed_out=timed_out)
-        self.server.metrics.backend_connect_errors[cause] += 1
+        self.server.metrics.backend_connect_errors[classify_connect_error(err)] += 1
         if len(tried) > 1:
             detail = (
                 f"cannot connect to backend {target.name}, at any of its addresses: "
@@ -2511,7 +2510,7 @@ class Session:
             else:
                 reason = f"did not accept the connection {within}"
                 alone = f"backend {name} {reason}"
-            self._connect_failed(reason, errno.ETIMEDOUT, alone, timed_out=True)
+            self._connect_failed(reason, errno.ETIMEDOUT, alone)  # counted as "timeout"
         elif phase == EXCHANGE:
             # Whose silence stops the exchange: the client's, which takes none of the answer,
             # or the backend's, which takes none of the body (the other side is not read
