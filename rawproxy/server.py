@@ -300,8 +300,18 @@ def _same_address(key: ListenAddress | str, where: ListenAddress) -> bool:
     return isinstance(key, ListenAddress) and (key.host, key.port) == (where.host, where.port)
 
 
-def _tls_word(tls: bool | None, config: Config) -> str:
+def listener_kind(tls: bool | None, config: Config) -> str:
+    """What a listener speaks: "tls" or "plain" (`tls` None: TLS when certificates exist)."""
     return "tls" if (bool(config.certs) if tls is None else tls) else "plain"
+
+
+def open_access_log(config: Config) -> AccessLog:
+    try:
+        return AccessLog(config.access_log, config.access_log_format)
+    except OSError as e:
+        raise StartupError(
+            f"cannot open --access-log {config.access_log}: {e.strerror or e}"
+        ) from e
 
 
 def status_line(http: int, tunnels: int, draining: bool) -> str:
@@ -672,12 +682,7 @@ class Server:
         self.admin_timer: Timer | None = None  # the admin listener's pause (descriptors out)
         self.admin_watched = False  # the admin listeners are in the loop
         self.admin_open = 0  # admin requests open (ADMIN_MAX_OPEN)
-        try:
-            self.access = AccessLog(config.access_log, config.access_log_format)
-        except OSError as e:
-            raise StartupError(
-                f"cannot open --access-log {config.access_log}: {e.strerror or e}"
-            ) from e
+        self.access = open_access_log(config)
 
     @property
     def config(self) -> Config:
@@ -731,7 +736,7 @@ class Server:
         self.listening[index] = (where, socks)
         for sock in socks:
             self.listener_tls[sock.fileno()] = where.tls
-        log.info("SIGHUP: %s is now a %s listener", where, _tls_word(where.tls, config))
+        log.info("SIGHUP: %s is now a %s listener", where, listener_kind(where.tls, config))
 
     def _remove_listener(self, index: int) -> None:
         _key, socks = self.listening.pop(index)
@@ -956,9 +961,8 @@ class Server:
 
     def _log_listeners(self, socks: list[socket.socket]) -> None:
         for sock in socks:
-            wanted = self.listener_tls[sock.fileno()]
-            tls = bool(self.config.certs) if wanted is None else wanted
-            log.info("listening on %s (%s)", _shown(sock), "tls" if tls else "plain")
+            kind = listener_kind(self.listener_tls[sock.fileno()], self.config)
+            log.info("listening on %s (%s)", _shown(sock), kind)
 
     def _counts(self) -> tuple[int, int]:
         """HTTP connections and tunnels open now."""
@@ -1014,19 +1018,6 @@ class Server:
             log.warning("SIGHUP: listeners change only with a restart when --workers is used")
             config = dataclasses.replace(config, listen=old.config.listen)
             runtime = Runtime(config)
-        # Listeners kept whatever the file says (systemd's; with --workers, all) must still
-        # find a certificate if they speak TLS: start-up refuses that, and so does a reload
-        # (a `tls` socket from rawproxy.socket would otherwise answer TLS clients in plain).
-        if not config.certs:
-            for key, socks in self.listening:
-                kept = isinstance(key, str) or self.preopened is not None
-                if kept and any(self.listener_tls.get(sock.fileno()) for sock in socks):
-                    log.error(
-                        "SIGHUP: keeping the current configuration and certificates: %s is a "
-                        "TLS listener, and the new configuration has no certificate",
-                        _shown(socks[0]),
-                    )
-                    return
         for name in ("admin_listen", "workers"):
             if getattr(config, name) != getattr(old.config, name):
                 log.warning(
@@ -1042,6 +1033,18 @@ class Server:
         opened: list[tuple[ListenAddress, list[socket.socket]]] = []
         respelled: list[tuple[int, ListenAddress]] = []
         try:
+            # Listeners kept whatever the file says (systemd's; with --workers, all) must
+            # still find a certificate if they speak TLS: start-up refuses that, and so does
+            # a reload (a `tls` socket from rawproxy.socket would otherwise answer TLS
+            # clients in plain).
+            for key, socks in self.listening:
+                kept = isinstance(key, str) or self.preopened is not None
+                tls = any(self.listener_tls.get(sock.fileno()) for sock in socks)
+                if kept and tls and not config.certs:
+                    raise StartupError(
+                        f"{_shown(socks[0])} is a TLS listener, and the new configuration has "
+                        "no certificate"
+                    )
             for where in config.listen:
                 if served_by_systemd(where):
                     continue
@@ -1063,12 +1066,7 @@ class Server:
                 old.config.access_log,
                 old.config.access_log_format,
             ):
-                try:
-                    access = AccessLog(config.access_log, config.access_log_format)
-                except OSError as e:
-                    raise StartupError(
-                        f"cannot open --access-log {config.access_log}: {e.strerror or e}"
-                    ) from e
+                access = open_access_log(config)
         except StartupError as e:
             for _where, socks in opened:
                 for sock in socks:

@@ -39,6 +39,7 @@ from rawproxy.server import (
     _shown,
     check_config,
     inherited_listener,
+    listener_kind,
     open_listener,
     served_by_systemd,
     status_line,
@@ -88,8 +89,7 @@ def run_workers(
             listeners.append((where, open_listener(where), where.tls))
     for _, socks, tls in listeners:
         for sock in socks:
-            kind = bool(config.certs) if tls is None else tls
-            log.info("listening on %s (%s)", _shown(sock), "tls" if kind else "plain")
+            log.info("listening on %s (%s)", _shown(sock), listener_kind(tls, config))
     warn_if_descriptors_short(config, len(inherited))  # once here, not in every worker
     loop = Loop()
     notifier = Notifier()
