@@ -380,6 +380,29 @@ def lines_of(path: Path, count: int, timeout: float = 3.0) -> list[str]:
 
 
 @pytest.mark.timeout(40)
+def test_reload_applies_a_changed_log_level(proxies, backends, tmp_path: Path):
+    """log-level follows the file on reload: at "warning" the INFO lines (here the access
+    lines on stderr) stop, back at "info" they come again. Before session 23 the level of
+    start-up stayed."""
+    a = backends["a"]
+    config = tmp_path / "rawproxy.toml"
+    routes = {"/": url(a)}
+    config.write_text(toml(["127.0.0.1:0"], routes, 'log-level = "info"'))
+    proxy = proxies("--config", str(config))
+    for level, target in (("warning", "/quiet"), ("info", "/heard")):
+        config.write_text(toml(["127.0.0.1:0"], routes, f'log-level = "{level}"'))
+        if level == "info":
+            sighup(proxy)
+        else:  # the reload's own lines are INFO: not shown at "warning"
+            proxy.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.5)
+        with HttpClient(proxy.port, timeout=5) as c:
+            assert c.request(simple_get(target)).status == 200
+    proxy.wait_for_log(r'"GET /heard HTTP/1\.1" 200')
+    assert not proxy.logs_matching(r"GET /quiet"), proxy.log_text()
+
+
+@pytest.mark.timeout(40)
 def test_reload_applies_a_changed_access_log_file_and_format(proxies, backends, tmp_path: Path):
     """Fixed: `access-log` and `access-log-format` changed in the config file are ignored by
     a reload that logs "SIGHUP: reloaded configuration and certificates": the Server builds
