@@ -15,8 +15,11 @@ import errno
 import json
 import logging
 import os
+import select
+import stat
 import sys
 import time
+from collections.abc import Callable
 from typing import overload
 
 logger = logging.getLogger("rawproxy.access")
@@ -31,17 +34,76 @@ FIELD_LIMIT = 2048
 CUT_MARK = "...[cut]"
 # How often a failing access log file is said again on stderr, at most (seconds).
 WRITE_FAILURE_LOG_EVERY = 60.0
+# A write to a pipe is whole only up to PIPE_BUF bytes: past it, two writers' lines may
+# interleave mid-line, and a non-blocking write may stop half-way. Lines bound for a pipe
+# that is shared (the workers' stderr) or written without blocking (a FIFO access log) are
+# kept under it: the values from the wire are cut shorter until the line fits.
+PIPE_BUF = select.PIPE_BUF
+# Room for what logging puts before a line on stderr (time and level).
+PREFIX_ROOM = 64
+# The wire values are never cut shorter than this to make a line fit.
+MIN_FIELD_LIMIT = 64
+# Set in a worker whose stderr is a pipe: the longest line it writes there, in bytes.
+_stderr_limit: int | None = None
 
 
 @overload
-def _bounded(value: str) -> str: ...
+def _bounded(value: str, limit: int = FIELD_LIMIT) -> str: ...
 @overload
-def _bounded(value: None) -> None: ...
-def _bounded(value: str | None) -> str | None:
-    """A value from the wire as a line shows it: cut to FIELD_LIMIT characters, marked."""
-    if value is None or len(value) <= FIELD_LIMIT:
+def _bounded(value: None, limit: int = FIELD_LIMIT) -> None: ...
+def _bounded(value: str | None, limit: int = FIELD_LIMIT) -> str | None:
+    """A value from the wire as a line shows it: cut to `limit` characters, marked."""
+    if value is None or len(value) <= limit:
         return value
-    return value[:FIELD_LIMIT] + CUT_MARK
+    return value[:limit] + CUT_MARK
+
+
+def _encoded(line: str) -> bytes:
+    return line.encode("utf-8", "backslashreplace")
+
+
+class _BoundedFormatter(logging.Formatter):
+    """A stderr line cut to fit one whole write to a pipe. A record with a traceback is left
+    whole: it is rare, and a torn traceback says more than a cut one."""
+
+    def __init__(self, inner: logging.Formatter | None, limit: int) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+        self.limit = limit
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = self.inner.format(record)
+        if record.exc_info or record.stack_info:
+            return text
+        data = _encoded(text)
+        if len(data) < self.limit:  # and its newline
+            return text
+        room = self.limit - 1 - len(CUT_MARK)
+        return data[:room].decode("utf-8", "ignore") + CUT_MARK
+
+
+def bound_shared_stderr() -> bool:
+    """In a worker: when stderr is a pipe (a container runtime's, a shell's `|`), the workers
+    all write their lines to it, so each line is kept to one whole write (under PIPE_BUF).
+    journald's stream socket takes far longer lines whole and is left alone. True if bound."""
+    global _stderr_limit
+    try:
+        if not stat.S_ISFIFO(os.fstat(2).st_mode):
+            return False
+    except OSError:
+        return False
+    _stderr_limit = PIPE_BUF
+    for owner in (logging.getLogger(), logger):
+        for handler in owner.handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream in (
+                sys.stderr,
+                sys.__stderr__,
+            ):
+                inner = handler.formatter
+                if isinstance(inner, _BoundedFormatter):
+                    inner = inner.inner
+                handler.setFormatter(_BoundedFormatter(inner, PIPE_BUF))
+    return True
 
 
 def _quoted(value: str) -> str:
@@ -73,7 +135,10 @@ def _bare_json_on_stderr(on: bool) -> None:
     logger.propagate = not on
     if on:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        plain = logging.Formatter("%(message)s")
+        handler.setFormatter(
+            plain if _stderr_limit is None else _BoundedFormatter(plain, _stderr_limit)
+        )
         handler.rawproxy_bare = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
 
@@ -87,8 +152,10 @@ class AccessLog:
         self.fd: int | None = None
         self.failures = 0  # lines dropped because the file could not take them
         self.failure_logged = -WRITE_FAILURE_LOG_EVERY
+        self.fifo = False  # the file is a FIFO: lines kept under PIPE_BUF
         if path is not None:
             self.fd = self._open(path)
+            self.fifo = stat.S_ISFIFO(os.fstat(self.fd).st_mode)
         else:
             _bare_json_on_stderr(fmt == "json")
 
@@ -115,6 +182,7 @@ class AccessLog:
             return
         old = self.fd
         self.fd = self._open(self.path)
+        self.fifo = stat.S_ISFIFO(os.fstat(self.fd).st_mode)
         if old is not None:
             os.close(old)
 
@@ -126,11 +194,28 @@ class AccessLog:
     def enabled(self) -> bool:
         return self.fd is not None or logger.isEnabledFor(logging.INFO)
 
+    def _fitted(self, render: Callable[[int], str]) -> str:
+        """The line `render` makes with the wire values cut to FIELD_LIMIT characters, or
+        shorter where it must fit one whole write to a pipe."""
+        line = render(FIELD_LIMIT)
+        if self.fd is not None:
+            budget = PIPE_BUF - 1 if self.fifo else None
+        else:
+            budget = None if _stderr_limit is None else _stderr_limit - 1 - PREFIX_ROOM
+        limit = FIELD_LIMIT
+        while budget is not None and limit > MIN_FIELD_LIMIT and len(_encoded(line)) > budget:
+            limit //= 2
+            line = render(limit)
+        return line
+
     def _write(self, line: str, level: int = logging.INFO) -> None:
         if self.fd is None:
             logger.log(level, "%s", line)
             return
-        data = (line + "\n").encode("utf-8", "backslashreplace")
+        data = _encoded(line + "\n")
+        if self.fifo and len(data) > PIPE_BUF:  # still too long: whole or not at all
+            kept = data[: PIPE_BUF - 1 - len(CUT_MARK)].decode("utf-8", "ignore")
+            data = _encoded(kept + CUT_MARK + "\n")
         try:
             while data:
                 data = data[os.write(self.fd, data) :]
@@ -177,39 +262,40 @@ class AccessLog:
         if not self.enabled() and (error is None or not logger.isEnabledFor(level)):
             return
         now = time.time()
-        target, referer, user_agent = _bounded(target), _bounded(referer), _bounded(user_agent)
-        if self.fmt == "json":
-            self._write(
-                json.dumps(
+
+        def render(limit: int) -> str:
+            cut_target = _bounded(target, limit)
+            cut_referer, cut_agent = _bounded(referer, limit), _bounded(user_agent, limit)
+            if self.fmt == "json":
+                return json.dumps(
                     {
                         "type": "request",
                         "time": now,
                         "client": client,
                         "method": method,
-                        "target": target,
+                        "target": cut_target,
                         "version": version,
                         "status": status,
                         "bytes": size,
-                        "referer": referer,
-                        "user_agent": user_agent,
+                        "referer": cut_referer,
+                        "user_agent": cut_agent,
                         "duration": round(duration, 6),
                         "backend": backend,
                         **({"error": error} if error is not None else {}),
                     },
                     separators=(",", ":"),
-                ),
-                level,
+                )
+            request_line = "-" if method is None else f"{method} {cut_target} HTTP/{version}"
+            line = (
+                f'{client} - - [{_clf_time(now)}] "{_quoted(request_line)}" '
+                f"{status} {size if size else '-'} "
+                f'"{_quoted(cut_referer or "-")}" "{_quoted(cut_agent or "-")}"'
             )
-            return
-        request_line = "-" if method is None else f"{method} {target} HTTP/{version}"
-        line = (
-            f'{client} - - [{_clf_time(now)}] "{_quoted(request_line)}" '
-            f"{status} {size if size else '-'} "
-            f'"{_quoted(referer or "-")}" "{_quoted(user_agent or "-")}"'
-        )
-        if error is not None:
-            line += f' error="{_quoted(error)}"'
-        self._write(line, level)
+            if error is not None:
+                line += f' error="{_quoted(error)}"'
+            return line
+
+        self._write(self._fitted(render), level)
 
     def unparsed(
         self,
@@ -262,20 +348,22 @@ class AccessLog:
         if not self.enabled():
             return
         now = time.time()
-        target, referer, user_agent = _bounded(target), _bounded(referer), _bounded(user_agent)
-        if self.fmt == "json":
-            self._write(
-                json.dumps(
+
+        def render(limit: int) -> str:
+            cut_target = _bounded(target, limit)
+            cut_referer, cut_agent = _bounded(referer, limit), _bounded(user_agent, limit)
+            if self.fmt == "json":
+                return json.dumps(
                     {
                         "type": "tunnel",
                         "time": now,
                         "client": client,
                         "method": method,
-                        "target": target,
+                        "target": cut_target,
                         "version": version,
                         "status": 101,
-                        "referer": referer,
-                        "user_agent": user_agent,
+                        "referer": cut_referer,
+                        "user_agent": cut_agent,
                         "duration": round(duration, 6),
                         "bytes_client_to_backend": to_backend,
                         "bytes_backend_to_client": to_client,
@@ -284,12 +372,13 @@ class AccessLog:
                     },
                     separators=(",", ":"),
                 )
+            return (
+                f"{client} - - [{_clf_time(now)}] "
+                f'"{_quoted(f"{method} {cut_target} HTTP/{version}")}" '
+                f"101 {to_client if to_client else '-'} "
+                f'"{_quoted(cut_referer or "-")}" "{_quoted(cut_agent or "-")}" '
+                f"tunnel {duration:.3f}s client->backend={to_backend} backend->client={to_client} "
+                f'ended="{_quoted(ended)}" backend="{_quoted(backend or "-")}"'
             )
-            return
-        self._write(
-            f'{client} - - [{_clf_time(now)}] "{_quoted(f"{method} {target} HTTP/{version}")}" '
-            f"101 {to_client if to_client else '-'} "
-            f'"{_quoted(referer or "-")}" "{_quoted(user_agent or "-")}" '
-            f"tunnel {duration:.3f}s client->backend={to_backend} backend->client={to_client} "
-            f'ended="{_quoted(ended)}" backend="{_quoted(backend or "-")}"'
-        )
+
+        self._write(self._fitted(render))

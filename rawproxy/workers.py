@@ -25,6 +25,7 @@ import signal
 import socket
 from collections.abc import Callable
 
+from rawproxy import accesslog
 from rawproxy.config import Config, ConfigError
 from rawproxy.loop import READ, Loop
 from rawproxy.server import (
@@ -133,6 +134,7 @@ def run_workers(
                 os.close(serving_r)
                 for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
                     os.environ.pop(name, None)
+                accesslog.bound_shared_stderr()  # every worker writes to the one stderr
                 server = Server(
                     config,
                     reread=reread,

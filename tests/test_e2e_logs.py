@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import re
+import select
 import signal
 import socket
 import time
@@ -607,3 +608,55 @@ def test_fifo_access_log_without_reader_is_a_startup_error(tmp_path):
         f"rawproxy: error: cannot open --access-log {fifo}: a FIFO that no program reads: "
         "start its reader first"
     ), done.stderr
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("fmt", ["combined", "json"])
+def test_fifo_access_log_line_is_one_whole_write(proxies, backend, tmp_path, fmt):
+    """Fixed: a line longer than PIPE_BUF (long Referer and User-Agent, each 2,048
+    characters after the cut) was written to the non-blocking FIFO in pieces: with one page
+    free, the first 4,096 bytes went in and the rest met EAGAIN and was dropped, so the
+    reader got a torn line with the next one glued to it. Lines bound for a FIFO are now kept
+    under PIPE_BUF (the wire values cut shorter, marked), so each goes whole or not at all."""
+    fifo = tmp_path / "access.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        fcntl.fcntl(reader, F_SETPIPE_SZ, 4096)  # one page: room for PIPE_BUF bytes
+        proxy = proxies(
+            *proxy_args(backend.port, "--access-log", str(fifo), "--access-log-format", fmt)
+        )
+        head = (
+            b"GET /long HTTP/1.1\r\nHost: a\r\nUser-Agent: "
+            + b"A" * 3000
+            + b"\r\nReferer: "
+            + b"R" * 3000
+            + b"\r\nConnection: close\r\n\r\n"
+        )
+        assert exchange(proxy.port, head, timeout=5).startswith(b"HTTP/1.1 200 ")
+        got = b""
+        deadline = time.monotonic() + 5
+        while not got.endswith(b"\n") and time.monotonic() < deadline:
+            with contextlib.suppress(BlockingIOError):
+                got += os.read(reader, 65536)
+            time.sleep(0.02)
+    finally:
+        os.close(reader)
+    assert got.endswith(b"\n"), got[-200:]
+    assert got.count(b"\n") == 1, got
+    assert len(got) <= select.PIPE_BUF
+    line = got.decode()
+    if fmt == "json":
+        fields = json.loads(line)
+        referer, agent = fields["referer"], fields["user_agent"]
+        assert fields["target"] == "/long"
+        assert fields["status"] == 200
+    else:
+        m = CLF.fullmatch(line.rstrip("\n"))
+        assert m, line
+        referer, agent = m["referer"], m["agent"]
+        assert m["request"] == "GET /long HTTP/1.1"
+    # Cut alike, marked, and no shorter than they must be to fit.
+    assert referer == "R" * (len(referer) - 8) + "...[cut]", referer
+    assert agent == "A" * (len(referer) - 8) + "...[cut]", agent
+    assert len(referer) - 8 >= 1024
