@@ -93,8 +93,9 @@ signals:
                     tunnels get --drain-timeout, then exit 0; a second signal stops at once
   SIGHUP            re-read the config file (--config) and the certificates for new
                     connections; listeners added or removed (with --workers: only at a
-                    restart); open connections and tunnels keep the settings they started
-                    with; an error keeps the old ones (logged)
+                    restart); a kept-alive connection follows at its next request, open
+                    tunnels keep what they started with; an error keeps the old ones
+                    (logged)
 
 examples:
   rawproxy --listen :8080 --backend 127.0.0.1:9000

@@ -516,8 +516,8 @@ def _shown(sock: socket.socket) -> str:
 
 
 class Runtime:
-    """The settings connections work with. A reload builds a new one; every connection keeps
-    the one it started with until it ends."""
+    """The settings connections work with. A reload builds a new one; a connection takes it
+    at its next request (Session._follow_reload), a tunnel keeps the one it started with."""
 
     __slots__ = (
         "client_tls",
@@ -986,7 +986,7 @@ class Server:
 
     def _on_reload_signal(self, _signum: int) -> None:
         """SIGHUP: the configuration file and certificates read anew, for new connections;
-        open connections and tunnels keep the settings they started with. While draining
+        kept-alive connections at their next request, tunnels never. While draining
         only the access log is reopened (logrotate): the listeners stay closed, and systemd,
         told STOPPING, is not told READY again."""
         if self.draining:

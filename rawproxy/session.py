@@ -913,6 +913,7 @@ class Session:
             or (backend is not None and (self.backend_state != _READY or backend.backlog))
         ):
             return False
+        self._follow_reload()
         config = self.config
         raw = bytes(data)
         request = parse_simple_request(raw, config.max_header_size, config.max_header_count)
@@ -1306,7 +1307,20 @@ class Session:
         self.response_status = 0
         self.response_bytes = 0
 
+    def _follow_reload(self) -> None:
+        """A new request on a kept-alive connection follows the configuration reloaded
+        since the last one (routes, backends, headers, limits), as a new connection would:
+        a client that keeps its connection busy would otherwise never see a reload. Its
+        TLS, and a tunnel once upgraded, keep what they started with."""
+        runtime = self.server.runtime
+        if runtime is not self.runtime:
+            self.runtime = runtime
+            self.config = runtime.config
+            self.forwarded_cache = None
+            self.client_side_cache = None
+
     def _on_request(self, request: h11.Request) -> None:
+        self._follow_reload()
         self._begin_exchange(request, request_done=False)
         head = self.head_bytes
         self.head_bytes = None

@@ -408,11 +408,13 @@ def test_sighup_rereads_the_config_file_for_new_connections(
         assert c.request(simple_get("/ws")).status == 404  # the new routes: no /ws
         assert c.request(simple_get("/kept-2")).status == 404  # nor /
 
-    # What was open before keeps its settings: the kept-alive connection still goes to a,
-    # the tunnel still echoes.
+    # The kept-alive connection follows the new routes at its next request (no / any more:
+    # 404, and it stays open), as a new one does; the tunnel keeps its backend and echoes.
     before_a = len(a.heads)
-    assert kept.request(simple_get("/kept-2")).status == 200
-    assert len(a.heads) == before_a + 1, "an open connection changed backends at the reload"
+    assert kept.request(simple_get("/kept-2")).status == 404
+    assert kept.request(simple_get("/app/kept-3")).status == 200
+    assert b.heads[-1].target == b"/app/kept-3"
+    assert len(a.heads) == before_a, "a kept-alive connection ignored the reload"
     ws.send("after")
     assert ws.recv() == "after"
 
