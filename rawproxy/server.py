@@ -511,7 +511,10 @@ def _shown(sock: socket.socket) -> str:
         if isinstance(address, bytes):  # the abstract namespace: a NUL, then the name
             return "unix:@" + address[1:].decode("utf-8", "backslashreplace")
         return f"unix:{address}" if address else "unix:(unnamed)"
-    host, port = address[:2]
+    return _address_text(*address[:2])
+
+
+def _address_text(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -606,7 +609,7 @@ class Runtime:
                 "route %s -> %s (%s)",
                 route.prefix,
                 route.backend,
-                ", ".join(f"{a[0]}:{a[1]}" for _, a in self.target_for(route).addresses),
+                ", ".join(_address_text(*a[:2]) for _, a in self.target_for(route).addresses),
             )
 
 

@@ -260,6 +260,14 @@ def test_backend_is_shorthand_for_the_root_route(launch, make_backend, client):
     assert targets(root) == [b"/b", b"/api"]
 
 
+def test_start_up_route_line_brackets_ipv6_addresses(launch):
+    """Fixed (session 24): the start-up line naming a route's addresses wrote an IPv6 one
+    bare, `::1:9`, which reads as no address at all; it is bracketed as everywhere else."""
+    proxy = launch("--backend", "http://[::1]:9", "--route", "/v4/=http://127.0.0.1:9")
+    proxy.wait_for_log(re.escape("route / -> http://[::1]:9 ([::1]:9)"))
+    proxy.wait_for_log(re.escape("route /v4/ -> http://127.0.0.1:9 (127.0.0.1:9)"))
+
+
 # --- rewriting the request target -----------------------------------------------------------
 
 
