@@ -62,6 +62,12 @@ def _encoded(line: str) -> bytes:
     return line.encode("utf-8", "backslashreplace")
 
 
+def _cut(data: bytes, size: int) -> str:
+    """Encoded `data` cut, marked, to at most `size` bytes encoded (a character split by the
+    cut is dropped)."""
+    return data[: size - len(CUT_MARK)].decode("utf-8", "ignore") + CUT_MARK
+
+
 class _BoundedFormatter(logging.Formatter):
     """A stderr line cut to fit one whole write to a pipe. A record with a traceback is left
     whole: it is rare, and a torn traceback says more than a cut one."""
@@ -78,8 +84,7 @@ class _BoundedFormatter(logging.Formatter):
         data = _encoded(text)
         if len(data) < self.limit:  # and its newline
             return text
-        room = self.limit - 1 - len(CUT_MARK)
-        return data[:room].decode("utf-8", "ignore") + CUT_MARK
+        return _cut(data, self.limit - 1)
 
 
 def bound_shared_stderr() -> bool:
@@ -214,8 +219,7 @@ class AccessLog:
             return
         data = _encoded(line + "\n")
         if self.fifo and len(data) > PIPE_BUF:  # still too long: whole or not at all
-            kept = data[: PIPE_BUF - 1 - len(CUT_MARK)].decode("utf-8", "ignore")
-            data = _encoded(kept + CUT_MARK + "\n")
+            data = _encoded(_cut(data, PIPE_BUF - 1) + "\n")
         try:
             while data:
                 data = data[os.write(self.fd, data) :]

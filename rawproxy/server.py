@@ -511,11 +511,8 @@ def _shown(sock: socket.socket) -> str:
         if isinstance(address, bytes):  # the abstract namespace: a NUL, then the name
             return "unix:@" + address[1:].decode("utf-8", "backslashreplace")
         return f"unix:{address}" if address else "unix:(unnamed)"
-    return _address_text(*address[:2])
-
-
-def _address_text(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    host, port = address[:2]
+    return f"{_bracketed(host)}:{port}"
 
 
 class Runtime:
@@ -605,11 +602,12 @@ class Runtime:
                     else "sent as SNI",
                 )
         for route in self.routes:
+            addresses = (address for _, address in self.target_for(route).addresses)
             log.info(
                 "route %s -> %s (%s)",
                 route.prefix,
                 route.backend,
-                ", ".join(_address_text(*a[:2]) for _, a in self.target_for(route).addresses),
+                ", ".join(f"{_bracketed(host)}:{port}" for host, port, *_ in addresses),
             )
 
 
